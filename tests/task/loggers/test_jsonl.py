@@ -1,0 +1,74 @@
+"""Tests for the JSON-lines logger."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from xax.core.metric import LogImage
+from xax.task.loggers.base import LogRecord
+from xax.task.loggers.jsonl import JsonlLogger
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_writes_one_object_per_record(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "log.jsonl"
+    logger = JsonlLogger(path)
+    logger.write(
+        LogRecord(
+            step=5,
+            num_samples=2**40,
+            elapsed_time_s=1.5,
+            phase="train",
+            scalars={"loss": 0.25},
+            texts={"sample": "hi"},
+            images={"image": LogImage(np.zeros((2, 2, 3), dtype=np.uint8))},
+            histograms={"weights": np.ones(3, dtype=np.float32)},
+        )
+    )
+    logger.write(LogRecord(step=6, num_samples=10, elapsed_time_s=2.0, phase="valid"))
+    # Line-buffered: the first record is on disk before flush() or close().
+    assert _read(path)[0]["step"] == 5
+    logger.close()
+    rows = _read(path)
+    assert rows == [
+        {
+            "step": 5,
+            "num_samples": 2**40,
+            "elapsed_time_s": 1.5,
+            "phase": "train",
+            "scalars": {"loss": 0.25},
+            "texts": {"sample": "hi"},
+        },
+        {"step": 6, "num_samples": 10, "elapsed_time_s": 2.0, "phase": "valid", "scalars": {}, "texts": {}},
+    ]
+
+
+def test_non_finite_scalars_are_strings(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    logger = JsonlLogger(path)
+    scalars = {"a": float("nan"), "b": float("inf"), "c": float("-inf"), "d": 1.0}
+    logger.write(LogRecord(step=1, num_samples=1, elapsed_time_s=0.0, phase="train", scalars=scalars))
+    logger.close()
+    text = path.read_text()
+    assert "NaN" not in text
+    assert "Infinity" not in text
+    # Strict JSON parsing rejects bare NaN/Infinity constants.
+    row = json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+    assert row["scalars"] == {"a": "nan", "b": "inf", "c": "-inf", "d": 1.0}
+    assert math.isnan(float(row["scalars"]["a"]))
+    assert float(row["scalars"]["c"]) == float("-inf")
+
+
+def test_resumed_run_appends(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    for step in (1, 2):
+        logger = JsonlLogger(path)
+        logger.write(LogRecord(step=step, num_samples=step, elapsed_time_s=0.0, phase="train"))
+        logger.flush()
+        logger.close()
+    assert [row["step"] for row in _read(path)] == [1, 2]

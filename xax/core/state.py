@@ -1,0 +1,59 @@
+"""The training state: counters kept on the host and saved in every checkpoint."""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import jax
+
+Phase = Literal["train", "valid"]
+PHASES: tuple[Phase, ...] = get_args(Phase)
+
+
+@dataclass(frozen=True)
+class State:
+    """Where training stands.
+
+    The counters live on the host as Python integers (saved as int64) so that reading them never
+    waits on the device; a float32 counter would stop counting at 2**24 samples.
+
+    Attributes:
+        num_steps: Optimizer steps taken.
+        num_samples: Training samples consumed.
+        num_valid_steps: Validation passes run.
+        elapsed_time_s: Seconds of training, excluding time spent before the first step.
+        epoch: Full passes over the training data (for map-style datasets).
+        phase: The phase being run.
+    """
+
+    num_steps: int = 0
+    num_samples: int = 0
+    num_valid_steps: int = 0
+    elapsed_time_s: float = 0.0
+    epoch: int = 0
+    phase: Phase = "train"
+
+    def replace(self, **changes: object) -> "State":
+        return dataclasses.replace(self, **changes)  # ty: ignore[invalid-argument-type]
+
+    def to_dict(self) -> dict[str, int | float | str]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, int | float | str]) -> "State":
+        return cls(
+            num_steps=int(values["num_steps"]),
+            num_samples=int(values["num_samples"]),
+            num_valid_steps=int(values["num_valid_steps"]),
+            elapsed_time_s=float(values["elapsed_time_s"]),
+            epoch=int(values["epoch"]),
+            phase=str(values["phase"]),  # ty: ignore[invalid-argument-type]
+        )
+
+
+# Counters enter the jitted step as traced values (one compile for every step); phase is static.
+jax.tree_util.register_dataclass(
+    State,
+    data_fields=["num_steps", "num_samples", "num_valid_steps", "elapsed_time_s", "epoch"],
+    meta_fields=["phase"],
+)

@@ -1,0 +1,106 @@
+"""The record every logger receives and the interface every logger implements."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import jax
+import numpy as np
+
+from xax.core.metric import LogHistogram, LogImage, LogScalar, LogText, Metric
+from xax.core.state import Phase
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """Host values for one logging event of one phase.
+
+    Attributes:
+        step: The optimizer step the values belong to.
+        num_samples: Training samples consumed so far.
+        elapsed_time_s: Seconds of training so far.
+        phase: The namespace of the values: "train" or "valid".
+        scalars: Scalar values by name.
+        images: Images by name.
+        texts: Texts by name.
+        histograms: Flattened histogram values by name.
+    """
+
+    step: int
+    num_samples: int
+    elapsed_time_s: float
+    phase: Phase
+    scalars: dict[str, float] = field(default_factory=dict)
+    images: dict[str, LogImage] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+    histograms: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def from_metrics(
+        cls,
+        metrics: Mapping[str, Metric],
+        *,
+        step: int,
+        num_samples: int,
+        elapsed_time_s: float,
+        phase: Phase,
+    ) -> "LogRecord":
+        """Fetches metrics from the device in one transfer and sorts their host values by kind.
+
+        Args:
+            metrics: Metrics by name, as returned by a jitted step.
+            step: The optimizer step the metrics belong to.
+            num_samples: Training samples consumed so far.
+            elapsed_time_s: Seconds of training so far.
+            phase: "train" or "valid".
+
+        Returns:
+            The record to pass to every logger.
+        """
+        scalars: dict[str, float] = {}
+        images: dict[str, LogImage] = {}
+        texts: dict[str, str] = {}
+        histograms: dict[str, np.ndarray] = {}
+        for name, metric in jax.device_get(dict(metrics)).items():
+            match metric.to_log():
+                case LogScalar(value=value):
+                    scalars[name] = value
+                case LogImage() as image:
+                    images[name] = image
+                case LogText(text=text):
+                    texts[name] = text
+                case LogHistogram(values=values):
+                    histograms[name] = values
+        return cls(
+            step=int(step),
+            num_samples=int(num_samples),
+            elapsed_time_s=float(elapsed_time_s),
+            phase=phase,
+            scalars=scalars,
+            images=images,
+            texts=texts,
+            histograms=histograms,
+        )
+
+
+class Logger(ABC):
+    """Writes log records somewhere: a terminal, a file, a dashboard.
+
+    Attributes:
+        wants_heavy: Whether the logger writes images and histograms. The caller can skip the
+            (slow) evaluation that makes them when no logger wants them.
+    """
+
+    wants_heavy: ClassVar[bool] = False
+
+    @abstractmethod
+    def write(self, record: LogRecord) -> None:
+        """Writes one record."""
+
+    def flush(self) -> None:  # noqa: B027 (optional: loggers without a buffer keep this no-op)
+        """Pushes buffered records to their destination."""
+
+    def close(self) -> None:
+        """Flushes and releases the logger's resources; the logger is not used afterwards."""
+        self.flush()

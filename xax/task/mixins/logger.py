@@ -1,0 +1,234 @@
+"""Logging: light metrics and heavy media at their own cadences, written off the training thread."""
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field as dataclass_field
+from typing import Generic, TypeVar
+
+import jax
+import numpy as np
+from typing_extensions import override
+
+from xax.core.config import config_to_dict, config_to_yaml, field
+from xax.core.metric import LogImage, LogHistogram, LogScalar, LogText, Metric
+from xax.core.state import Phase, State
+from xax.task.loggers.base import Logger, LogRecord
+from xax.task.loggers.jsonl import JsonlLogger
+from xax.task.loggers.stdout import StdoutLogger
+from xax.task.loggers.tensorboard import TensorBoardLogger
+from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
+from xax.task.mixins.process import ProcessConfig, ProcessMixin
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LogOptions:
+    every_n_steps: int | None = field(100, help="Log training metrics every N steps (None: only by time)")
+    every_n_seconds: float | None = field(10.0, help="Log training metrics every N seconds (None: only by steps)")
+    heavy_every_n_steps: int | None = field(None, help="Log media (images, samples) every N steps")
+    heavy_every_n_seconds: float | None = field(300.0, help="Log media (images, samples) every N seconds")
+    stdout: bool = field(True, help="Print progress to standard output")
+    jsonl: bool = field(True, help="Append one JSON record per event to log.jsonl in the run directory")
+    tensorboard: bool = field(True, help="Write TensorBoard event files under tensorboard/ in the run directory")
+    wandb: bool = field(False, help="Log to Weights & Biases (install the `wandb` extra)")
+    wandb_project: str | None = field(None, help="W&B project; None uses the task name")
+    wandb_entity: str | None = field(None, help="W&B entity (team or user)")
+    wandb_mode: str = field("offline", help="W&B mode: offline (default, never contacts a server), online, disabled")
+
+
+@dataclass
+class LoggerConfig(ArtifactsConfig, ProcessConfig):
+    log: LogOptions = field(LogOptions(), help="Logging options")
+
+
+Config = TypeVar("Config", bound=LoggerConfig)
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(frozen=True)
+class LogItem:
+    """What the training thread hands over: device values are read on the logging thread."""
+
+    state: State
+    phase: Phase
+    sums: dict[str, jax.Array] = dataclass_field(default_factory=dict)
+    host_scalars: dict[str, float] = dataclass_field(default_factory=dict)
+    media: dict[str, Metric] = dataclass_field(default_factory=dict)
+
+
+def _to_record(item: LogItem) -> LogRecord:
+    """Reads device values (this is where the logging thread waits on the device) and averages."""
+    sums = jax.device_get(item.sums)
+    count = float(sums.pop("count", 1.0))
+    scalars = {name: float(value) / max(count, 1.0) for name, value in sums.items()}
+    scalars.update(item.host_scalars)
+    images: dict[str, LogImage] = {}
+    texts: dict[str, str] = {}
+    histograms: dict[str, np.ndarray] = {}
+    for name, metric in item.media.items():
+        value = metric.to_log()
+        if isinstance(value, LogScalar):
+            scalars[name] = value.value
+        elif isinstance(value, LogImage):
+            images[name] = value
+        elif isinstance(value, LogText):
+            texts[name] = value.text
+        elif isinstance(value, LogHistogram):
+            histograms[name] = value.values
+    return LogRecord(
+        step=item.state.num_steps,
+        num_samples=item.state.num_samples,
+        elapsed_time_s=item.state.elapsed_time_s,
+        phase=item.phase,
+        scalars=scalars,
+        images=images,
+        texts=texts,
+        histograms=histograms,
+    )
+
+
+class LogWorker:
+    """A thread that turns LogItems into records and writes them to every logger, in order."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self._loggers = loggers
+        self._queue: queue.Queue[LogItem | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="xax-log")
+        self._thread.start()
+
+    def submit(self, item: LogItem) -> None:
+        self._raise_if_failed()
+        self._queue.put(item)
+
+    def flush(self) -> None:
+        """Waits until every submitted item is written."""
+        self._queue.join()
+        for sink in self._loggers:
+            sink.flush()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        for sink in self._loggers:
+            sink.close()
+        self._loggers = []
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"Logging failed: {self._error}") from self._error
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    record = _to_record(item)
+                    for sink in self._loggers:
+                        sink.write(record)
+            except BaseException as error:  # surfaced on the training thread at the next submit
+                self._error = error
+            finally:
+                self._queue.task_done()
+
+
+class _Cadence:
+    """Decides when something is due, by steps or by seconds, whichever comes first."""
+
+    def __init__(self, every_n_steps: int | None, every_n_seconds: float | None) -> None:
+        self.every_n_steps = every_n_steps
+        self.every_n_seconds = every_n_seconds
+        self.last_step = 0
+        self.last_time = time.monotonic()
+
+    def is_due(self, step: int) -> bool:
+        if self.every_n_steps is not None and step - self.last_step >= self.every_n_steps:
+            return True
+        return self.every_n_seconds is not None and time.monotonic() - self.last_time >= self.every_n_seconds
+
+    def mark(self, step: int) -> None:
+        self.last_step = step
+        self.last_time = time.monotonic()
+
+
+class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config]):
+    """Sends metrics to stdout, JSONL, TensorBoard and W&B without stalling the training loop.
+
+    The training thread only hands over device arrays; the logging thread reads them (waiting on
+    the device there, not in the loop), averages them over the window and writes the record.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._log_worker: LogWorker | None = None
+        self._light_cadence = _Cadence(config.log.every_n_steps, config.log.every_n_seconds)
+        self._heavy_cadence = _Cadence(config.log.heavy_every_n_steps, config.log.heavy_every_n_seconds)
+
+    def make_loggers(self) -> list[Logger]:
+        """The loggers the config asks for; override to add your own."""
+        options = self.config.log
+        if options.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"log.wandb_mode={options.wandb_mode!r} is not one of {WANDB_MODES}")
+        sinks: list[Logger] = []
+        if jax.process_index() != 0:
+            return sinks
+        if options.stdout:
+            sinks.append(StdoutLogger(total_steps=self.expected_total_steps()))
+        if options.jsonl:
+            sinks.append(JsonlLogger(self.run_dir / "log.jsonl"))
+        if options.tensorboard:
+            sinks.append(TensorBoardLogger(self.run_dir / "tensorboard"))
+        if options.wandb:
+            from xax.task.loggers.wandb import WandbLogger
+
+            sinks.append(
+                WandbLogger(
+                    run_dir=self.run_dir,
+                    project=options.wandb_project or self.task_name(),
+                    name=self.run_dir.name,
+                    entity=options.wandb_entity,
+                    mode=options.wandb_mode,
+                    config=config_to_dict(self.config),
+                )
+            )
+        return sinks
+
+    def expected_total_steps(self) -> int | None:
+        """Total training steps if known in advance (for the progress bar's ETA)."""
+        return None
+
+    @override
+    def on_run_start(self) -> None:
+        super().on_run_start()
+        if jax.process_index() == 0:
+            self.write_run_metadata(config_to_yaml(self.config))
+        self._log_worker = LogWorker(self.make_loggers())
+        self.add_worker(self._log_worker)
+
+    def light_log_is_due(self, state: State) -> bool:
+        return self._light_cadence.is_due(state.num_steps)
+
+    def heavy_log_is_due(self, state: State) -> bool:
+        return self._heavy_cadence.is_due(state.num_steps)
+
+    def log_item(self, item: LogItem) -> None:
+        """Hands an item to the logging thread; marks the light or heavy cadence it satisfies."""
+        if self._log_worker is None:
+            raise RuntimeError("log_item() called before the run started")
+        if item.phase == "train" and item.sums:
+            self._light_cadence.mark(item.state.num_steps)
+        if item.media:
+            self._heavy_cadence.mark(item.state.num_steps)
+        self._log_worker.submit(item)
+
+    def flush_logs(self) -> None:
+        if self._log_worker is not None:
+            self._log_worker.flush()

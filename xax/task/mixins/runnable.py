@@ -1,0 +1,77 @@
+"""Launching a task from Python or the command line, with exit codes a scheduler can trust."""
+
+import logging
+import sys
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from jax.sharding import Mesh
+
+from xax.core.config import field, parse_cli
+from xax.core.errors import XaxError
+from xax.core.state import State
+from xax.task.base import BaseConfig, BaseTask
+
+logger = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class LauncherOptions:
+    kind: str = field(
+        "auto", help="single_device, multi_device, multi_cpu, or auto (multi_device when several devices exist)"
+    )
+    num_devices: int | None = field(None, help="multi_device: how many local devices to use (None: all)")
+    num_cpu_devices: int = field(4, help="multi_cpu: how many CPU devices to simulate")
+
+
+@dataclass
+class RunnableConfig(BaseConfig):
+    launcher: LauncherOptions = field(LauncherOptions(), help="How to place the task on devices")
+
+
+Config = TypeVar("Config", bound=RunnableConfig)
+
+
+class RunnableMixin(BaseTask[Config], Generic[Config]):
+    """Adds ``launch`` (parse the command line, pick a launcher, run) and the run lifecycle."""
+
+    mesh: Mesh | None = None
+
+    @abstractmethod
+    def run(self) -> State:
+        """Does the work of the task."""
+
+    def execute(self) -> State:
+        """Runs the task between ``on_run_start`` and ``on_run_end`` (the latter in every case)."""
+        try:
+            self.on_run_start()
+            return self.run()
+        finally:
+            self.on_run_end()
+
+    @classmethod
+    def launch(cls, config: Config | None = None, *, argv: Sequence[str] | None = None) -> State:
+        """Resolves the config (defaults < ``config`` < ``--config`` YAML files < ``key=value``) and runs.
+
+        A mistake in the config or launch settings ends the program with exit code 2 and one line
+        naming the key; Ctrl-C ends it with 130 after the background workers have stopped.
+        """
+        from xax.task.launchers import get_launcher
+
+        config_class = cls.get_config_class()
+        resolved = parse_cli(config_class, config, sys.argv[1:] if argv is None else list(argv))
+        try:
+            options = resolved.launcher
+            launcher = get_launcher(options.kind, options.num_devices, options.num_cpu_devices)
+            return launcher.launch(cls, resolved)
+        except XaxError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(EXIT_USAGE) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None

@@ -1,0 +1,356 @@
+"""The training loop: one jitted, buffer-donating step, validation, and metric hand-off."""
+
+import collections
+import logging
+import time
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, PRNGKeyArray, PyTree
+from typing_extensions import override
+
+from xax.core.config import field
+from xax.core.errors import ConfigError, LaunchError
+from xax.core.metric import Metric
+from xax.core.state import Phase, State
+from xax.task.mixins.compile import CompileConfig, CompileMixin
+from xax.task.mixins.data_loader import BatchSource, DataLoaderConfig, DataLoaderMixin, DevicePrefetcher
+from xax.task.mixins.logger import LogItem, LoggerConfig, LoggerMixin
+from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
+from xax.task.mixins.train_step import (
+    COMPUTE_DTYPES,
+    TrainState,
+    cast_floating,
+    make_eval_step,
+    make_train_step,
+)
+
+logger = logging.getLogger(__name__)
+
+DATA_AXIS = "data"
+
+
+@dataclass(frozen=True)
+class InitParams:
+    """What ``get_model`` receives: the PRNG key to initialize the weights with."""
+
+    key: PRNGKeyArray
+
+
+@dataclass
+class PrecisionOptions:
+    compute_dtype: str = field(
+        "float32", help="dtype of the forward and backward pass (float32, bfloat16, float16); weights stay float32"
+    )
+
+
+@dataclass
+class EMAOptions:
+    decay: float | None = field(None, help="Keep a moving average of the weights with this decay (e.g. 0.999)")
+    use_for_valid: bool = field(True, help="Validate with the moving average when it is on")
+
+
+@dataclass
+class TrainConfig(LoggerConfig, DataLoaderConfig, CompileConfig, StepContextConfig):
+    seed: int = field(0, help="Seed for weights, data order and every random draw in the step")
+    max_steps: int | None = field(None, help="Stop after this many optimizer steps")
+    max_samples: int | None = field(None, help="Stop after this many training samples")
+    max_epochs: int | None = field(None, help="Stop after this many passes over the training data")
+    max_seconds: float | None = field(None, help="Stop after this many seconds of training")
+    valid_every_n_steps: int | None = field(500, help="Validate every N steps (None: only by time)")
+    valid_every_n_seconds: float | None = field(None, help="Validate every N seconds (None: only by steps)")
+    grad_accum_steps: int = field(1, help="Split each batch into this many micro-batches and sum their gradients")
+    max_grad_norm: float | None = field(None, help="Clip gradients to this global norm (None: no clipping)")
+    max_inflight_steps: int = field(3, help="How many steps the host may dispatch ahead of the device")
+    precision: PrecisionOptions = field(PrecisionOptions(), help="Mixed-precision policy")
+    ema: EMAOptions = field(EMAOptions(), help="Exponential moving average of the weights")
+
+
+Config = TypeVar("Config", bound=TrainConfig)
+
+
+class TrainMixin(
+    DataLoaderMixin[Config],
+    LoggerMixin[Config],
+    CompileMixin[Config],
+    StepContextMixin[Config],
+    Generic[Config],
+):
+    """Trains a model: the user supplies the model, optimizer and loss; this supplies the loop."""
+
+    mesh: Mesh | None = None
+
+    @abstractmethod
+    def get_model(self, params: InitParams) -> PyTree:
+        """Builds the model (an Equinox module or any pytree of arrays) from a PRNG key."""
+
+    @abstractmethod
+    def get_optimizer(self) -> optax.GradientTransformation:
+        """The optax optimizer; learning-rate schedules go inside it as usual."""
+
+    @abstractmethod
+    def compute_loss_and_metrics(
+        self, model: PyTree, batch: PyTree, state: State, key: PRNGKeyArray
+    ) -> tuple[Array, dict[str, Metric]]:
+        """Runs inside the jitted step: the scalar loss to minimize and Scalar metrics to average."""
+
+    def log_media(self, model: PyTree, batch: PyTree, state: State) -> dict[str, Metric]:
+        """Heavy media (images, text) for one validation batch, at the heavy-logging cadence."""
+        return {}
+
+    # ---- set-up ----------------------------------------------------------------------------
+
+    def get_mesh(self) -> Mesh:
+        """The device mesh; the launcher sets ``self.mesh``, otherwise the first device alone."""
+        if self.mesh is None:
+            self.mesh = Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,))
+        return self.mesh
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The dtype the model computes in (cast inputs to it in ``get_output``)."""
+        return jnp.dtype(COMPUTE_DTYPES[self.config.precision.compute_dtype])
+
+    def validate_config(self) -> None:
+        """Checks values the type system cannot, before anything is compiled."""
+        config = self.config
+        if config.precision.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"precision.compute_dtype={config.precision.compute_dtype!r} is not one of {sorted(COMPUTE_DTYPES)}"
+            )
+        for key in ("max_steps", "max_samples", "max_epochs", "max_seconds", "valid_every_n_steps"):
+            value = getattr(config, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key}={value} must be positive (or None)")
+        if config.grad_accum_steps < 1:
+            raise ConfigError(f"grad_accum_steps={config.grad_accum_steps} must be at least 1")
+        if config.ema.decay is not None and not 0.0 <= config.ema.decay < 1.0:
+            raise ConfigError(f"ema.decay={config.ema.decay} must be in [0, 1)")
+        num_data = self.get_mesh().shape[DATA_AXIS]
+        per_step = config.grad_accum_steps * num_data
+        if config.batch_size % per_step != 0:
+            raise LaunchError(
+                f"batch_size={config.batch_size} is not divisible by grad_accum_steps x data-parallel devices "
+                f"= {config.grad_accum_steps} x {num_data}; use a multiple of {per_step}"
+            )
+
+    def full_optimizer(self) -> optax.GradientTransformation:
+        """The user's optimizer, behind global-norm clipping when ``max_grad_norm`` is set."""
+        optimizer = self.get_optimizer()
+        if self.config.max_grad_norm is not None:
+            optimizer = optax.chain(optax.clip_by_global_norm(self.config.max_grad_norm), optimizer)
+        return optimizer
+
+    def init_train_state(self, optimizer: optax.GradientTransformation) -> tuple[TrainState, PyTree]:
+        """Builds the model, splits it into arrays and structure, and places it on the mesh."""
+        model_key, train_key = jax.random.split(jax.random.key(self.config.seed))
+        model = self.get_model(InitParams(key=model_key))
+        arrays, static = eqx.partition(model, eqx.is_array)
+        params, frozen = eqx.partition(arrays, eqx.is_inexact_array)
+        params = cast_floating(params, jnp.dtype(jnp.float32))
+        ema = params if self.config.ema.decay is not None else None
+        state = TrainState(params, frozen, optimizer.init(params), ema, train_key)
+        return jax.device_put(state, self.replicated_sharding()), static
+
+    def replicated_sharding(self) -> NamedSharding:
+        return NamedSharding(self.get_mesh(), PartitionSpec())
+
+    def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
+        """Shards a host batch along the data axis; a batch the axis cannot split (a last, short
+        validation batch) is replicated instead, so no sample is dropped."""
+        num_data = self.get_mesh().shape[DATA_AXIS]
+        size = next(iter(batch.values())).shape[0]
+        if size % num_data == 0:
+            return jax.device_put(batch, NamedSharding(self.get_mesh(), PartitionSpec(DATA_AXIS)))
+        return jax.device_put(batch, self.replicated_sharding())
+
+    @override
+    def expected_total_steps(self) -> int | None:
+        config = self.config
+        limits = [config.max_steps]
+        if config.max_samples is not None:
+            limits.append(-(-config.max_samples // config.batch_size))
+        known = [limit for limit in limits if limit is not None]
+        return min(known) if known else None
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def is_training_over(self, state: State) -> bool:
+        config = self.config
+        return (
+            (config.max_steps is not None and state.num_steps >= config.max_steps)
+            or (config.max_samples is not None and state.num_samples >= config.max_samples)
+            or (config.max_epochs is not None and state.epoch >= config.max_epochs)
+            or (config.max_seconds is not None and state.elapsed_time_s >= config.max_seconds)
+        )
+
+    def run(self) -> State:
+        """Trains until a limit is reached; returns the final state."""
+        return self.train()
+
+    def train(self) -> State:
+        self.validate_config()
+        optimizer = self.full_optimizer()
+        ts, static = self.init_train_state(optimizer)
+        loss_fn = self.compute_loss_and_metrics
+        step = make_train_step(
+            loss_fn,
+            static,
+            optimizer,
+            compute_dtype=self.compute_dtype,
+            grad_accum_steps=self.config.grad_accum_steps,
+            ema_decay=self.config.ema.decay,
+        )
+        donate = (0, 1) if self.config.compile.donate else ()
+        train_step = jax.jit(step, donate_argnums=donate)
+        self._static = static
+        self._eval_step = jax.jit(
+            make_eval_step(loss_fn, static, compute_dtype=self.compute_dtype), donate_argnums=(2,) if donate else ()
+        )
+        self._valid_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
+        self._valid_cadence_last = (0, time.monotonic())
+
+        source = self.get_batch_source("train", seed=self.config.seed)
+        prefetcher = DevicePrefetcher(source, self.place_batch, self.config.data.prefetch)
+        self.add_worker(prefetcher)
+        state = State()
+        first_batch = next(prefetcher)
+        zero_sums = self._zero_sums_fn(train_step, ts, first_batch, state)
+
+        sums = zero_sums()
+        inflight: collections.deque[Array] = collections.deque()
+        start = time.perf_counter()
+        window_start, window_steps, window_wait = start, 0, prefetcher.wait_time_s
+        batch: PyTree | None = first_batch
+        while not self.is_training_over(state):
+            if batch is None:
+                with self.step_context("data"):
+                    batch = next(prefetcher)
+            ts, sums, loss = train_step(ts, sums, batch, state)
+            batch = None
+            inflight.append(loss)
+            if len(inflight) > self.config.max_inflight_steps:
+                inflight.popleft().block_until_ready()
+            if state.num_steps == 0:
+                jax.block_until_ready(loss)
+                first_step_s = time.perf_counter() - start
+                logger.info("First step (including compilation) took %.2f s", first_step_s)
+            state = state.replace(
+                num_steps=state.num_steps + 1,
+                num_samples=state.num_samples + self.config.batch_size,
+                elapsed_time_s=time.perf_counter() - start,
+                epoch=prefetcher.cursor.epoch,
+            )
+            window_steps += 1
+            over = self.is_training_over(state)
+            if self.light_log_is_due(state) or over:
+                now = time.perf_counter()
+                seconds = max(now - window_start, 1e-9)
+                host = {
+                    "steps_per_second": window_steps / seconds,
+                    "samples_per_second": window_steps * self.config.batch_size / seconds,
+                    "data_wait_fraction": (prefetcher.wait_time_s - window_wait) / seconds,
+                    "epoch": float(state.epoch),
+                    **self.pop_section_times(),
+                    **self.host_metrics(),
+                }
+                if state.num_steps == window_steps:
+                    host["time_to_first_step_s"] = first_step_s
+                self.log_item(LogItem(state=state, phase="train", sums=sums, host_scalars=host))
+                sums = zero_sums()
+                window_start, window_steps, window_wait = now, 0, prefetcher.wait_time_s
+            if self.valid_is_due(state) or over:
+                with self.step_context("valid"):
+                    self.validate(ts, state)
+                state = state.replace(num_valid_steps=state.num_valid_steps + 1)
+            if self.heavy_log_is_due(state) or over:
+                with self.step_context("media"):
+                    self.log_heavy(ts, state)
+        self.flush_logs()
+        self.final_train_state = ts
+        return state
+
+    def _zero_sums_fn(
+        self, train_step: Callable[..., Any], ts: TrainState, batch: PyTree, state: State
+    ) -> Callable[[], dict[str, Array]]:
+        """Returns a function making fresh zero metric sums with the step's full set of keys (a
+        fixed structure, so the step compiles once)."""
+        shapes = jax.eval_shape(train_step, ts, {"count": jnp.zeros((), jnp.float32)}, batch, state)[1]
+        sharding = self.replicated_sharding()
+        return jax.jit(lambda: {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}, out_shardings=sharding)
+
+    def valid_is_due(self, state: State) -> bool:
+        last_step, last_time = self._valid_cadence_last
+        config = self.config
+        due = (config.valid_every_n_steps is not None and state.num_steps - last_step >= config.valid_every_n_steps) or (
+            config.valid_every_n_seconds is not None and time.monotonic() - last_time >= config.valid_every_n_seconds
+        )
+        return due
+
+    def eval_params(self, ts: TrainState) -> PyTree:
+        if ts.ema is not None and self.config.ema.use_for_valid:
+            return ts.ema
+        return ts.params
+
+    def eval_model(self, ts: TrainState) -> PyTree:
+        """The model used for validation and media: the EMA weights if configured, in inference mode."""
+        params = cast_floating(self.eval_params(ts), self.compute_dtype)
+        return eqx.nn.inference_mode(eqx.combine(params, ts.frozen, self._static))
+
+    def _valid_source(self) -> BatchSource:
+        if not hasattr(self, "_valid_batches"):
+            self._valid_batches = self.get_batch_source("valid", seed=self.config.seed)
+        return self._valid_batches
+
+    def validate(self, ts: TrainState, state: State) -> None:
+        """One pass over the validation split; the averages are logged under ``valid``."""
+        self._valid_cadence_last = (state.num_steps, time.monotonic())
+        source = self._valid_source()
+        source.restore(type(source.cursor)(epoch=0, index=0))
+        valid_state = state.replace(phase="valid")
+        params = self.eval_params(ts)
+        sums: dict[str, Array] | None = None
+        with DevicePrefetcher(source, self.place_batch, self.config.data.prefetch) as batches:
+            for batch in batches:
+                if sums is None:
+                    shapes = jax.eval_shape(
+                        self._eval_step,
+                        params,
+                        ts.frozen,
+                        {"count": jnp.zeros((), jnp.float32)},
+                        batch,
+                        valid_state,
+                        self._valid_key,
+                    )
+                    sums = jax.device_put(
+                        {name: np.zeros(s.shape, s.dtype) for name, s in shapes.items()}, self.replicated_sharding()
+                    )
+                sums = self._eval_step(params, ts.frozen, sums, batch, valid_state, self._valid_key)
+        if sums is not None:
+            self.log_item(LogItem(state=state, phase="valid", sums=sums))
+
+    def log_heavy(self, ts: TrainState, state: State) -> None:
+        """Logs media for the first validation batch."""
+        source = self._valid_source()
+        source.restore(type(source.cursor)(epoch=0, index=0))
+        batch_np = next(iter(source))
+        batch = self.place_batch(batch_np)
+        media = self.log_media(self.eval_model(ts), batch, state.replace(phase="valid"))
+        if media:
+            self.log_item(LogItem(state=state, phase="valid", media=media))
+
+    @override
+    def on_run_start(self) -> None:
+        super().on_run_start()
+        self.get_mesh()
+
+    def phase_name(self, phase: Phase) -> str:
+        return phase

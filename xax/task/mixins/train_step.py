@@ -1,0 +1,165 @@
+"""The pure, jittable pieces of a training step: precision casts, gradient accumulation, EMA."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from xax.core.metric import Scalar
+from xax.core.state import State
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# (model, batch, state, key) -> (loss, metrics); the model is already cast to the compute dtype.
+LossFn = Callable[[Any, Any, State, PRNGKeyArray], tuple[Array, dict[str, Any]]]
+
+
+class TrainState(NamedTuple):
+    """Every array the training step carries from one step to the next (donated each step).
+
+    Attributes:
+        params: The model's floating-point arrays, in float32: what the optimizer updates.
+        frozen: The model's other arrays (integer buffers and the like), carried unchanged.
+        opt_state: The optimizer state.
+        ema: The moving average of ``params``, or None when the EMA is off.
+        key: The PRNG key; each step splits off a fresh key.
+    """
+
+    params: PyTree
+    frozen: PyTree
+    opt_state: optax.OptState
+    ema: PyTree | None
+    key: PRNGKeyArray
+
+
+def cast_floating(tree: PyTree, dtype: jnp.dtype) -> PyTree:
+    """Casts the floating-point leaves of a tree to ``dtype``, leaving the others alone."""
+
+    def cast(leaf: Any) -> Any:
+        if eqx.is_inexact_array(leaf) and leaf.dtype != dtype:
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree.map(cast, tree)
+
+
+def scalar_metrics(metrics: dict[str, Any], where: str) -> dict[str, Array]:
+    """Unwraps Scalar metrics to float32 arrays; anything else belongs in the media hook."""
+    values = {}
+    for name, metric in metrics.items():
+        if isinstance(metric, Scalar):
+            values[name] = jnp.mean(metric.value).astype(jnp.float32)
+        elif isinstance(metric, jax.Array):
+            values[name] = jnp.mean(metric).astype(jnp.float32)
+        else:
+            raise TypeError(
+                f"{where} returned a {type(metric).__name__} for '{name}'; only Scalar metrics are averaged "
+                "during training: return images, text and histograms from compute_media instead"
+            )
+    return values
+
+
+def split_microbatches(batch: PyTree, num_micro: int) -> PyTree:
+    """(B, ...) -> (num_micro, B / num_micro, ...), taking every num_micro-th sample.
+
+    Strided rather than contiguous micro-batches keep each one spread over all devices of the data
+    axis (the batch is sharded along B), so no device idles during accumulation.
+    """
+
+    def split(x: Array) -> Array:
+        x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])  # (B / A, A, ...)
+        return jnp.swapaxes(x, 0, 1)  # (A, B / A, ...)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    static: PyTree,
+    optimizer: optax.GradientTransformation,
+    *,
+    compute_dtype: jnp.dtype,
+    grad_accum_steps: int,
+    ema_decay: float | None,
+) -> Callable[[TrainState, dict[str, Array], PyTree, State], tuple[TrainState, dict[str, Array], Array]]:
+    """Builds the (unjitted) training step.
+
+    The step returns the new train state, the metric sums with this step added, and the step's loss
+    (a small output the host can wait on to bound how far it runs ahead of the device).
+    """
+
+    def forward(params: PyTree, frozen: PyTree, batch: PyTree, state: State, key: PRNGKeyArray) -> Any:
+        model = eqx.combine(cast_floating(params, compute_dtype), frozen, static)
+        loss, metrics = loss_fn(model, batch, state, key)
+        return loss.astype(jnp.float32), scalar_metrics(metrics, "compute_metrics")
+
+    grad_fn = jax.value_and_grad(forward, has_aux=True)
+
+    def step(
+        ts: TrainState, sums: dict[str, Array], batch: PyTree, state: State
+    ) -> tuple[TrainState, dict[str, Array], Array]:
+        key, step_key = jax.random.split(ts.key)
+        if grad_accum_steps == 1:
+            (loss, metrics), grads = grad_fn(ts.params, ts.frozen, batch, state, step_key)
+        else:
+            micro_batches = split_microbatches(batch, grad_accum_steps)
+            micro_keys = jax.random.split(step_key, grad_accum_steps)
+
+            def accumulate(carry: Any, inputs: Any) -> tuple[Any, None]:
+                (loss_i, metrics_i), grads_i = grad_fn(ts.params, ts.frozen, inputs[0], state, inputs[1])
+                return jax.tree.map(jnp.add, carry, (loss_i, metrics_i, grads_i)), None
+
+            _, first_metrics = jax.eval_shape(
+                forward, ts.params, ts.frozen, jax.tree.map(lambda x: x[0], micro_batches), state, step_key
+            )
+            zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), first_metrics, ts.params))
+            totals, _ = jax.lax.scan(accumulate, zeros, (micro_batches, micro_keys))
+            loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, totals)
+
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        params = optax.apply_updates(ts.params, updates)
+        ema = None
+        if ema_decay is not None:
+            ema = optax.incremental_update(params, ts.ema, step_size=1.0 - ema_decay)
+
+        values = {"loss": loss, "grad_norm": grad_norm, **metrics}
+        learning_rate = optax.tree_utils.tree_get(opt_state, "learning_rate")
+        if learning_rate is not None:
+            values["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+        new_sums = {name: sums.get(name, jnp.zeros((), jnp.float32)) + value for name, value in values.items()}
+        new_sums["count"] = sums["count"] + 1.0
+        return TrainState(params, ts.frozen, opt_state, ema, key), new_sums, loss
+
+    return step
+
+
+def make_eval_step(
+    loss_fn: LossFn, static: PyTree, *, compute_dtype: jnp.dtype
+) -> Callable[[PyTree, PyTree, dict[str, Array], PyTree, State, PRNGKeyArray], dict[str, Array]]:
+    """Builds the (unjitted) validation step: sums of loss and metrics weighted by batch size.
+
+    Weighting by the number of samples makes the average over a pass exact, including the last,
+    smaller batch, so every validation sample counts once.
+    """
+
+    def step(
+        params: PyTree, frozen: PyTree, sums: dict[str, Array], batch: PyTree, state: State, key: PRNGKeyArray
+    ) -> dict[str, Array]:
+        model = eqx.nn.inference_mode(eqx.combine(cast_floating(params, compute_dtype), frozen, static))
+        loss, metrics = loss_fn(model, batch, state, key)
+        num = jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
+        values = {"loss": loss.astype(jnp.float32), **scalar_metrics(metrics, "compute_metrics")}
+        new_sums = {name: sums.get(name, jnp.zeros((), jnp.float32)) + value * num for name, value in values.items()}
+        new_sums["count"] = sums["count"] + num
+        return new_sums
+
+    return step
+
+
+def empty_sums() -> dict[str, Array]:
+    return {"count": jnp.zeros((), jnp.float32)}
