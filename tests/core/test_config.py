@@ -235,6 +235,14 @@ def test_unknown_key_in_yaml_names_file(tmp_path: Path) -> None:
     assert "did you mean 'log.every'" in message
 
 
+def test_dotted_key_in_yaml(tmp_path: Path) -> None:
+    path = _write(tmp_path, "dotted.yaml", "log.every: 3\n")
+    message = _error(Config, ["--config", path])
+    assert path in message
+    assert "'log.every'" in message
+    assert "nest it" in message
+
+
 def test_wrong_type_in_yaml_names_file(tmp_path: Path) -> None:
     path = _write(tmp_path, "bad.yaml", "batch_size: many\n")
     message = _error(Config, ["--config", path])

@@ -285,6 +285,11 @@ def _check_keys(layer: Mapping[Any, Any], cls: type, root: type, source: str, pr
     names = {f.name for f in _fields(cls)}
     for name, value in layer.items():
         key = f"{prefix}{name}"
+        if isinstance(name, str) and "." in name:
+            head, _, rest = name.partition(".")
+            raise ConfigError(
+                f"config key '{key}' {source} is written with a dot; nest it instead ({head}: {{{rest}: ...}})"
+            )
         if name not in names:
             # A single chain below the unknown key (as from a.b=value) is named in full.
             while isinstance(value, Mapping) and len(value) == 1:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import jax
+from jax import Array
 
 Phase = Literal["train", "valid"]
 PHASES: tuple[Phase, ...] = get_args(Phase)
@@ -15,7 +16,8 @@ class State:
     """Where training stands.
 
     The counters live on the host as Python integers (saved as int64) so that reading them never
-    waits on the device; a float32 counter would stop counting at 2**24 samples.
+    waits on the device; a float32 counter would stop counting at 2**24 samples. Inside the jitted
+    step the same fields arrive as traced scalars (int32 and float32).
 
     Attributes:
         num_steps: Optimizer steps taken.
@@ -26,11 +28,11 @@ class State:
         phase: The phase being run.
     """
 
-    num_steps: int = 0
-    num_samples: int = 0
-    num_valid_steps: int = 0
-    elapsed_time_s: float = 0.0
-    epoch: int = 0
+    num_steps: int | Array = 0
+    num_samples: int | Array = 0
+    num_valid_steps: int | Array = 0
+    elapsed_time_s: float | Array = 0.0
+    epoch: int | Array = 0
     phase: Phase = "train"
 
     def replace(self, **changes: object) -> "State":

@@ -4,9 +4,12 @@ import json
 import math
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from xax.core.metric import LogImage
+from xax.core.metric import Histogram, Images, LogImage, Metric, Scalar, Text
 from xax.task.loggers.base import LogRecord
 from xax.task.loggers.jsonl import JsonlLogger
 
@@ -72,3 +75,29 @@ def test_resumed_run_appends(tmp_path: Path) -> None:
         logger.flush()
         logger.close()
     assert [row["step"] for row in _read(path)] == [1, 2]
+
+
+def test_record_from_jitted_metrics(tmp_path: Path) -> None:
+    @jax.jit
+    def step(x: jax.Array) -> dict[str, Metric]:
+        return {
+            "loss": Scalar(jnp.mean(x)),
+            "weights": Histogram(x),
+            "grid": Images(x.reshape(1, 2, 2), labels=("a",)),
+            "sample": Text("to be"),
+        }
+
+    metrics = step(jnp.array([0.0, 0.25, 0.5, 1.0]))
+    record = LogRecord.from_metrics(metrics, step=4, num_samples=128, elapsed_time_s=2.0, phase="valid")
+    assert record.scalars == {"loss": pytest.approx(0.4375)}
+    assert record.texts == {"sample": "to be"}
+    assert set(record.images) == {"grid"}
+    assert record.images["grid"].pixels.dtype == np.uint8
+    np.testing.assert_array_equal(record.histograms["weights"], [0.0, 0.25, 0.5, 1.0])
+
+    logger = JsonlLogger(tmp_path / "log.jsonl")
+    logger.write(record)
+    logger.close()
+    (row,) = _read(tmp_path / "log.jsonl")
+    assert row["phase"] == "valid"
+    assert row["scalars"]["loss"] == pytest.approx(0.4375)

@@ -4,11 +4,12 @@ import io
 
 import pytest
 
+from xax.core.state import Phase
 from xax.task.loggers.base import LogRecord
 from xax.task.loggers.stdout import StdoutLogger
 
 
-def _record(step: int, elapsed: float, phase: str = "train", **scalars: float) -> LogRecord:
+def _record(step: int, elapsed: float, phase: Phase = "train", **scalars: float) -> LogRecord:
     return LogRecord(step=step, num_samples=step * 32, elapsed_time_s=elapsed, phase=phase, scalars=scalars)
 
 

@@ -2,9 +2,10 @@
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.event_pb2 import Event  # ty: ignore[missing-module-member]
 
 from xax.core.metric import LogImage
 from xax.task.loggers.base import LogRecord
@@ -27,9 +28,9 @@ def _read_events(directory: Path) -> list[Event]:
     return events
 
 
-def _values(events: list[Event]) -> dict[str, list[tuple[int, object]]]:
+def _values(events: list[Event]) -> dict[str, list[tuple[int, Any]]]:
     """Summary values by tag, with their steps."""
-    found: dict[str, list[tuple[int, object]]] = {}
+    found: dict[str, list[tuple[int, Any]]] = {}
     for event in events:
         for value in event.summary.value:
             found.setdefault(value.tag, []).append((event.step, value))

@@ -63,8 +63,6 @@ class WandbLogger(Logger):
         if mode not in WANDB_MODES:
             raise ConfigError(f"W&B mode must be one of {', '.join(WANDB_MODES)}; got {mode!r}")
         self._wandb = wandb = _import_wandb()
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(
             silent=True,
             quiet=True,
@@ -84,6 +82,8 @@ class WandbLogger(Logger):
                 "W&B mode 'online' needs credentials: set WANDB_API_KEY or run `wandb login`, "
                 "or log offline (mode 'offline') and upload later with `wandb sync`"
             )
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(
             project=project,
             name=name,
@@ -104,8 +104,11 @@ class WandbLogger(Logger):
         prefix = f"{record.phase}/"
         data: dict[str, Any] = {"step": int(record.step), f"{prefix}num_samples": int(record.num_samples)}
         data.update({prefix + key: float(value) for key, value in record.scalars.items()})
-        data.update({prefix + key: wandb.Image(image.pixels) for key, image in record.images.items()})
-        data.update({prefix + key: wandb.Html(f"<pre>{_escape(text)}</pre>") for key, text in record.texts.items()})
+        for key, image in record.images.items():
+            data[prefix + key] = wandb.Image(image.pixels)
+        for key, text in record.texts.items():
+            # HTML media keeps one text per step, browsable with the step slider.
+            data[prefix + key] = wandb.Html(f"<pre>{_escape(text)}</pre>", inject=False)
         for key, values in record.histograms.items():
             # Binning fails on NaN and infinity; an empty histogram has nothing to show.
             finite = values[np.isfinite(values)]

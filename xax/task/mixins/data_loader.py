@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -23,7 +23,6 @@ import datasets
 import jax
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from xax.core.config import field
 from xax.core.errors import ConfigError, DataError
@@ -43,9 +42,7 @@ _JOIN_TIMEOUT_S = 5.0
 class DataOptions:
     prefetch: int = field(2, help="Batches prepared ahead by a background worker and kept on the devices")
     shuffle_buffer: int = field(10_000, help="Examples in the shuffle buffer when streaming an IterableDataset")
-    in_memory_max_mb: int = field(
-        4096, help="Load a map-style dataset's columns into numpy arrays up to this size (MB); larger ones stay in Arrow"
-    )
+    in_memory_max_mb: int = field(4096, help="Load map-style datasets up to this size (MB) into numpy arrays")
 
 
 @dataclass
@@ -118,12 +115,11 @@ def _flatten_lists(name: str, array: pa.Array) -> tuple[pa.Array, tuple[int, ...
         if pa.types.is_fixed_size_list(kind):
             shape.append(kind.list_size)
         elif len(array):
-            lengths = pc.list_value_length(array)
-            extremes = pc.min_max(lengths)
-            low, high = extremes["min"], extremes["max"]
-            if low.as_py() != high.as_py():
-                raise _ragged_error(name, f"lengths from {low.as_py()} to {high.as_py()}")
-            shape.append(low.as_py())
+            lengths = array.value_lengths().to_numpy()
+            low, high = int(lengths.min()), int(lengths.max())
+            if low != high:
+                raise _ragged_error(name, f"lengths from {low} to {high}")
+            shape.append(low)
         else:
             shape.append(0)
         array = array.flatten()
@@ -222,12 +218,13 @@ def check_columns(dataset: datasets.Dataset | datasets.IterableDataset, columns:
     for name in columns:
         if name not in available:
             raise _missing_error(name, available)
-    features = dataset.features
+    features = dataset.features or {}
     for name in columns:
-        kind = _feature_kind(features[name]) if features is not None else "variable"
+        feature = features.get(name)
+        kind = "variable" if feature is None else _feature_kind(feature)
         if kind == "unsupported":
             raise DataError(
-                f"column {name!r} holds {features[name]}, not numbers; convert it to numeric arrays in a map() "
+                f"column {name!r} holds {feature}, not numbers; convert it to numeric arrays in a map() "
                 "(tokenize text, decode images) or leave it out of batch_columns()"
             )
         if kind == "variable" and isinstance(dataset, datasets.Dataset):
@@ -407,7 +404,8 @@ class IterableBatchSource(BatchSource):
         self.columns = None if columns is None else list(columns)
         self.batch_size, self.seed, self.shuffle, self.shuffle_buffer = batch_size, seed, shuffle, shuffle_buffer
         self.drop_last, self.repeat = drop_last, repeat
-        self._dataset = dataset
+        # Formatting first: with_format() forgets an earlier shuffle's seed and epoch.
+        self._dataset = dataset.with_format("arrow")
         self._cursor = Cursor()
 
     @property
@@ -420,7 +418,7 @@ class IterableBatchSource(BatchSource):
             # shuffle() returns a new dataset, so set_epoch never touches the caller's object.
             dataset = dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             dataset.set_epoch(epoch)
-        return iter(dataset.with_format("arrow").iter(batch_size=self.batch_size, drop_last_batch=self.drop_last))
+        return iter(dataset.iter(batch_size=self.batch_size, drop_last_batch=self.drop_last))
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, index = self._cursor.epoch, self._cursor.index
@@ -574,7 +572,8 @@ class DevicePrefetcher:
 Config = TypeVar("Config", bound=DataLoaderConfig)
 
 
-def _split_for(dataset: datasets.DatasetDict | datasets.IterableDatasetDict, phase: Phase) -> str:
+def _split_for(dataset: Mapping[Any, Any], phase: Phase) -> str:
+    # Typed as a Mapping: runtime type checkers cannot resolve DatasetDict's generic parameters.
     names = ("train",) if phase == "train" else VALID_SPLITS
     for name in names:
         if name in dataset:
@@ -633,7 +632,8 @@ class DataLoaderMixin(BaseTask[Config], Generic[Config]):
                 dataset, batch_size, repeat=train, shuffle_buffer=config.data.shuffle_buffer, **kwargs
             )
         if isinstance(dataset, datasets.Dataset):
-            return MapBatchSource(dataset, batch_size, repeat=train, in_memory_max_mb=config.data.in_memory_max_mb, **kwargs)
+            max_mb = config.data.in_memory_max_mb
+            return MapBatchSource(dataset, batch_size, repeat=train, in_memory_max_mb=max_mb, **kwargs)
         raise DataError(
             f"get_dataset({phase!r}) returned a {type(dataset).__name__}; return a datasets.Dataset, "
             "IterableDataset or DatasetDict"

@@ -156,7 +156,8 @@ class TrainMixin(
         arrays, static = eqx.partition(model, eqx.is_array)
         params, frozen = eqx.partition(arrays, eqx.is_inexact_array)
         params = cast_floating(params, jnp.dtype(jnp.float32))
-        ema = params if self.config.ema.decay is not None else None
+        # A copy, not the same buffers: both trees are donated to the step.
+        ema = jax.tree.map(jnp.copy, params) if self.config.ema.decay is not None else None
         state = TrainState(params, frozen, optimizer.init(params), ema, train_key)
         return jax.device_put(state, self.replicated_sharding()), static
 

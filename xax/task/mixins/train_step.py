@@ -77,6 +77,14 @@ def split_microbatches(batch: PyTree, num_micro: int) -> PyTree:
     return jax.tree.map(split, batch)
 
 
+def find_learning_rate(opt_state: optax.OptState) -> Array | None:
+    """The current learning rate, where the optimizer exposes one (``optax.inject_hyperparams``)."""
+    found = optax.tree_utils.tree_get_all_with_path(
+        opt_state, "learning_rate", filtering=lambda _, value: isinstance(value, jax.Array) and value.ndim == 0
+    )
+    return jnp.asarray(found[0][1], jnp.float32) if found else None
+
+
 def make_train_step(
     loss_fn: LossFn,
     static: PyTree,
@@ -120,7 +128,7 @@ def make_train_step(
             totals, _ = jax.lax.scan(accumulate, zeros, (micro_batches, micro_keys))
             loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, totals)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
         ema = None
@@ -128,9 +136,9 @@ def make_train_step(
             ema = optax.incremental_update(params, ts.ema, step_size=1.0 - ema_decay)
 
         values = {"loss": loss, "grad_norm": grad_norm, **metrics}
-        learning_rate = optax.tree_utils.tree_get(opt_state, "learning_rate")
+        learning_rate = find_learning_rate(opt_state)
         if learning_rate is not None:
-            values["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+            values["learning_rate"] = learning_rate
         new_sums = {name: sums.get(name, jnp.zeros((), jnp.float32)) + value for name, value in values.items()}
         new_sums["count"] = sums["count"] + 1.0
         return TrainState(params, ts.frozen, opt_state, ema, key), new_sums, loss

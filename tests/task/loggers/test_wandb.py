@@ -1,0 +1,141 @@
+"""Tests for the W&B logger: an offline run, in a subprocess so that a hang fails instead of blocking."""
+
+import glob
+import importlib.util
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import xax.task.loggers.wandb as wandb_logger
+from xax.core.errors import ConfigError
+from xax.task.loggers.wandb import WandbLogger
+
+WANDB_INSTALLED = importlib.util.find_spec("wandb") is not None
+REPO_ROOT = Path(wandb_logger.__file__).resolve().parents[3]
+
+# The .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) chunks.
+_BLOCK = 32768
+_FULL, _LAST = 1, 4
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import numpy as np
+
+    from xax.core.errors import ConfigError
+    from xax.core.metric import LogImage
+    from xax.task.loggers.base import LogRecord
+    from xax.task.loggers.wandb import WandbLogger
+
+    root = sys.argv[1]
+    try:
+        WandbLogger(root + "/online", project="xax-test", mode="online")
+    except ConfigError as e:
+        print("online refused:", e)
+
+    logger = WandbLogger(root + "/run", project="xax-test", name="offline", config={"lr": 0.1})
+    pixels = np.zeros((4, 6, 3), dtype=np.uint8)
+    logger.write(
+        LogRecord(
+            step=3,
+            num_samples=96,
+            elapsed_time_s=1.0,
+            phase="train",
+            scalars={"loss": 0.5},
+            images={"grid": LogImage(pixels)},
+            texts={"sample": "a<b"},
+            histograms={"weights": np.arange(5, dtype=np.float32)},
+        )
+    )
+    logger.write(LogRecord(step=3, num_samples=96, elapsed_time_s=1.5, phase="valid", scalars={"loss": 0.75}))
+    logger.close()
+    logger.close()
+    print("finished")
+    """
+)
+
+
+def _history(path: Path) -> Iterator[dict[str, str]]:
+    """Yields each history row of a .wandb file as {key: JSON value}."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # Block trailer padding.
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record.FromString(pending)  # ty: ignore[missing-attribute]
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                yield {"/".join(item.nested_key): item.value_json for item in record.history.item}
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials, no user config, and every W&B file under tmp_path."""
+    for key in list(os.environ):
+        if key.startswith("WANDB_"):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "data"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+
+
+@pytest.mark.skipif(not WANDB_INSTALLED, reason="wandb is not installed")
+@pytest.mark.usefixtures("wandb_env")
+def test_offline_run_writes_its_files(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "online refused: W&B mode 'online' needs credentials" in result.stdout
+    assert result.stdout.rstrip().endswith("finished")
+    assert not (tmp_path / "online").exists()
+
+    (run_dir,) = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*"))
+    (run_file,) = Path(run_dir).glob("run-*.wandb")
+    rows = list(_history(run_file))
+    train = next(row for row in rows if "train/loss" in row)
+    valid = next(row for row in rows if "valid/loss" in row)
+    assert (train["step"], train["train/loss"], train["train/num_samples"]) == ("3", "0.5", "96")
+    assert (valid["step"], valid["valid/loss"]) == ("3", "0.75")
+    assert train["train/weights/_type"] == '"histogram"'
+    assert train["train/grid/_type"] == '"image-file"'
+    assert (train["train/grid/width"], train["train/grid/height"]) == ("6", "4")
+    (html,) = Path(run_dir).glob("files/media/html/train/sample_*.html")
+    assert "<pre>a&lt;b</pre>" in html.read_text()
+
+
+def test_missing_wandb_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry makes `import wandb` raise ImportError.
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ImportError, match=r"pip install 'xax\[wandb\]'"):
+        WandbLogger(tmp_path, project="xax-test")
+
+
+def test_unknown_mode_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="W&B mode must be one of online, offline, disabled; got 'cloud'"):
+        WandbLogger(tmp_path, project="xax-test", mode="cloud")

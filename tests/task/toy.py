@@ -1,0 +1,109 @@
+"""Small real tasks shared by the tests: a linear regression and an MNIST-sized CNN."""
+
+from dataclasses import dataclass
+
+import datasets
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, PRNGKeyArray
+
+import xax
+
+WEIGHTS = np.array([1.0, -2.0, 3.0, 0.5], np.float32)
+
+
+def regression_dataset(num: int, seed: int) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num, 4)).astype(np.float32)
+    y = (x @ WEIGHTS + 0.1 * rng.normal(size=num)).astype(np.float32)
+    return datasets.Dataset.from_dict({"x": x, "y": y})
+
+
+@dataclass
+class RegressionConfig(xax.SupervisedConfig):
+    learning_rate: float = xax.field(0.05, help="SGD learning rate")
+    num_train: int = xax.field(512, help="Training samples")
+    num_valid: int = xax.field(100, help="Validation samples")
+
+
+class Regression(xax.SupervisedTask[RegressionConfig]):
+    def get_model(self, params: xax.InitParams) -> eqx.nn.Linear:
+        return eqx.nn.Linear(4, "scalar", key=params.key)
+
+    def get_optimizer(self) -> optax.GradientTransformation:
+        return optax.sgd(self.config.learning_rate)
+
+    def get_output(self, model: eqx.nn.Linear, batch: dict[str, Array], state: xax.State, key: PRNGKeyArray) -> Array:
+        return jax.vmap(model)(batch["x"].astype(self.compute_dtype))
+
+    def compute_loss(
+        self, model: eqx.nn.Linear, batch: dict[str, Array], output: Array, state: xax.State, key: PRNGKeyArray
+    ) -> Array:
+        return jnp.mean((output - batch["y"]) ** 2)
+
+    def compute_metrics(
+        self, model: eqx.nn.Linear, batch: dict[str, Array], output: Array, loss: Array, state: xax.State
+    ) -> dict[str, xax.Metric]:
+        return {"abs_error": xax.Scalar(jnp.mean(jnp.abs(output - batch["y"])))}
+
+    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
+        if phase == "train":
+            return regression_dataset(self.config.num_train, 0)
+        return regression_dataset(self.config.num_valid, 1)
+
+
+class SmallCNN(eqx.Module):
+    conv: eqx.nn.Conv2d
+    head: eqx.nn.Linear
+
+    def __init__(self, *, key: PRNGKeyArray) -> None:
+        k1, k2 = jax.random.split(key)
+        self.conv = eqx.nn.Conv2d(1, 8, 3, stride=2, padding=1, key=k1)
+        self.head = eqx.nn.Linear(8 * 14 * 14, 10, key=k2)
+
+    def __call__(self, x: Array) -> Array:
+        return self.head(jax.nn.relu(self.conv(x[None])).reshape(-1))
+
+
+def digits_dataset(num: int, seed: int) -> datasets.Dataset:
+    """MNIST-shaped data (uint8 28x28 images, 10 classes) whose label is learnable from the pixels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=num)
+    images = rng.integers(0, 64, size=(num, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 2 * label : 2 * label + 4, 4:24] = 255
+    return datasets.Dataset.from_dict({"image": images, "label": labels.astype(np.int32)}).with_format("numpy")
+
+
+@dataclass
+class DigitsConfig(xax.SupervisedConfig):
+    num_train: int = xax.field(1024, help="Training samples")
+
+
+class Digits(xax.SupervisedTask[DigitsConfig]):
+    def get_model(self, params: xax.InitParams) -> SmallCNN:
+        return SmallCNN(key=params.key)
+
+    def get_optimizer(self) -> optax.GradientTransformation:
+        return optax.adam(1e-3)
+
+    def get_output(self, model: SmallCNN, batch: dict[str, Array], state: xax.State, key: PRNGKeyArray) -> Array:
+        return jax.vmap(model)(batch["image"].astype(self.compute_dtype) / 255.0)
+
+    def compute_loss(
+        self, model: SmallCNN, batch: dict[str, Array], output: Array, state: xax.State, key: PRNGKeyArray
+    ) -> Array:
+        return optax.softmax_cross_entropy_with_integer_labels(output, batch["label"]).mean()
+
+    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
+        return digits_dataset(self.config.num_train if phase == "train" else 200, 0 if phase == "train" else 1)
+
+
+def read_jsonl(path: "object") -> list[dict]:
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in Path(str(path)).read_text().splitlines()]
