@@ -86,10 +86,6 @@ def shuffle_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng((seed, epoch)).permutation(num_samples)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Arrow to numpy
-
-
 def _ragged_error(name: str, lengths: object) -> DataError:
     return DataError(
         f"column {name!r} has variable-length values ({lengths}); batches need fixed shapes: pad or "
@@ -160,10 +156,6 @@ def table_to_batch(table: pa.Table, columns: Sequence[str]) -> Batch:
     return {name: column_to_numpy(name, table.column(name)) for name in columns}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Column checks
-
-
 def _missing_error(name: str, available: Sequence[str]) -> DataError:
     return DataError(
         f"column {name!r} is not in the dataset; available columns: {', '.join(map(repr, available))}; "
@@ -229,10 +221,6 @@ def check_columns(dataset: datasets.Dataset | datasets.IterableDataset, columns:
             )
         if kind == "variable" and isinstance(dataset, datasets.Dataset):
             _scan_ragged(dataset, name)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Batch sources
 
 
 class BatchSource(ABC):
@@ -314,13 +302,8 @@ class MapBatchSource(BatchSource):
                 f"the dataset has {self.num_samples} samples, fewer than one batch of {batch_size}; "
                 "lower the batch size or add data"
             )
-        self.batch_size, self.seed, self.shuffle, self.drop_last, self.repeat = (
-            batch_size,
-            seed,
-            shuffle,
-            drop_last,
-            repeat,
-        )
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.drop_last, self.repeat = drop_last, repeat
         self._cursor = Cursor()
         self._rows = dataset.select_columns(self.columns).with_format("arrow")
         self._arrays: Batch | None = None
@@ -446,9 +429,6 @@ class IterableBatchSource(BatchSource):
                 return
 
 
-# ---------------------------------------------------------------------------------------------------
-# Device prefetching
-
 _BATCH, _END, _ERROR = "batch", "end", "error"
 
 
@@ -565,9 +545,6 @@ class DevicePrefetcher:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-
-# ---------------------------------------------------------------------------------------------------
-# The mixin
 
 Config = TypeVar("Config", bound=DataLoaderConfig)
 

@@ -129,8 +129,11 @@ def make_train_step(
             loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, totals)
 
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-        params = optax.apply_updates(ts.params, updates)
+        # optax's internals (e.g. Adam's bias correction, float ** int32 count) rely on standard
+        # promotion; the user's own code keeps whatever promotion mode they run with.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+            params = optax.apply_updates(ts.params, updates)
         ema = None
         if ema_decay is not None:
             ema = optax.incremental_update(params, ts.ema, step_size=1.0 - ema_decay)

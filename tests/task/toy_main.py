@@ -1,0 +1,35 @@
+"""Command-line entry for the subprocess tests: ``python -m tests.task.toy_main key=value ...``."""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import datasets
+import jax
+import numpy as np
+
+import xax
+from tests.task.toy import Regression, RegressionConfig
+
+
+@dataclass
+class FaultyConfig(RegressionConfig):
+    fail_after_rows: int | None = xax.field(None, help="Make the training data raise after this many rows")
+
+
+class FaultyRegression(Regression, xax.SupervisedTask[FaultyConfig]):
+    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset | datasets.IterableDataset:
+        limit = self.config.fail_after_rows
+        if phase == "valid" or limit is None:
+            return super().get_dataset(phase)
+
+        def rows() -> Iterator[dict[str, np.ndarray]]:
+            for i in range(limit):
+                yield {"x": np.full(4, i, np.float32), "y": np.float32(i)}
+            raise RuntimeError(f"the data source broke after {limit} rows")
+
+        return datasets.IterableDataset.from_generator(rows)
+
+
+if __name__ == "__main__":
+    state = FaultyRegression.launch(FaultyConfig(batch_size=32))
+    print(f"devices={jax.device_count()} steps={state.num_steps}")
