@@ -28,7 +28,9 @@ class Config(xax.SupervisedConfig):
     learning_rate: float = xax.field(2e-3, help="Peak learning rate of the warmup-cosine schedule")
     weight_decay: float = xax.field(1e-4, help="AdamW weight decay")
     warmup_steps: int = xax.field(200, help="Linear warmup steps before the cosine decay")
-    data_source: str = xax.field("local", help="'local' reads the MNIST files shipped in examples/data; 'hub' downloads")
+    data_source: str = xax.field(
+        "local", help="'local' reads the MNIST files shipped in examples/data; 'hub' downloads"
+    )
     num_media_images: int = xax.field(32, help="Test images in the logged grid of predictions")
 
 
@@ -117,7 +119,7 @@ class MnistClassification(xax.SupervisedTask[Config]):
         source = self.config.data_source
         if source not in ("local", "hub"):
             raise xax.ConfigError(f"data_source={source!r} is not one of ['hub', 'local']")
-        return load_mnist("train" if phase == "train" else "test", source=source)  # ty: ignore[invalid-argument-type]
+        return load_mnist("train" if phase == "train" else "test", source=source)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Small real tasks shared by the tests: a linear regression and an MNIST-sized CNN."""
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import datasets
 import equinox as eqx
@@ -29,7 +30,10 @@ class RegressionConfig(xax.SupervisedConfig):
     num_valid: int = xax.field(100, help="Validation samples")
 
 
-class Regression(xax.SupervisedTask[RegressionConfig]):
+RegressionConfigT = TypeVar("RegressionConfigT", bound=RegressionConfig)
+
+
+class RegressionBase(xax.SupervisedTask[RegressionConfigT], Generic[RegressionConfigT]):
     def get_model(self, params: xax.InitParams) -> eqx.nn.Linear:
         return eqx.nn.Linear(4, "scalar", key=params.key)
 
@@ -49,10 +53,20 @@ class Regression(xax.SupervisedTask[RegressionConfig]):
     ) -> dict[str, xax.Metric]:
         return {"abs_error": xax.Scalar(jnp.mean(jnp.abs(output - batch["y"])))}
 
-    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
+    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset | datasets.IterableDataset:
         if phase == "train":
             return regression_dataset(self.config.num_train, 0)
         return regression_dataset(self.config.num_valid, 1)
+
+
+class Regression(RegressionBase[RegressionConfig]):
+    pass
+
+
+def final_params(task: xax.SupervisedTask) -> xax.TrainState:
+    """The train state a finished run left behind."""
+    assert task.final_train_state is not None
+    return task.final_train_state
 
 
 class SmallCNN(eqx.Module):

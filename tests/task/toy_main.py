@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 import xax
-from tests.task.toy import Regression, RegressionConfig
+from tests.task.toy import RegressionBase, RegressionConfig
 
 
 @dataclass
@@ -16,7 +16,7 @@ class FaultyConfig(RegressionConfig):
     fail_after_rows: int | None = xax.field(None, help="Make the training data raise after this many rows")
 
 
-class FaultyRegression(Regression, xax.SupervisedTask[FaultyConfig]):
+class FaultyRegression(RegressionBase[FaultyConfig]):
     def get_dataset(self, phase: xax.Phase) -> datasets.Dataset | datasets.IterableDataset:
         limit = self.config.fail_after_rows
         if phase == "valid" or limit is None:
@@ -24,7 +24,7 @@ class FaultyRegression(Regression, xax.SupervisedTask[FaultyConfig]):
 
         def rows() -> Iterator[dict[str, np.ndarray]]:
             for i in range(limit):
-                yield {"x": np.full(4, i, np.float32), "y": np.float32(i)}
+                yield {"x": np.full(4, i, np.float32), "y": np.array(i, np.float32)}
             raise RuntimeError(f"the data source broke after {limit} rows")
 
         return datasets.IterableDataset.from_generator(rows)

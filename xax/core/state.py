@@ -1,16 +1,18 @@
 """The training state: counters kept on the host and saved in every checkpoint."""
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import jax
-from jax import Array
 
 Phase = Literal["train", "valid"]
 PHASES: tuple[Phase, ...] = get_args(Phase)
 
 
+# Not runtime type-checked: inside the jitted step the same fields hold traced scalars.
+@typing.no_type_check
 @dataclass(frozen=True)
 class State:
     """Where training stands.
@@ -28,15 +30,15 @@ class State:
         phase: The phase being run.
     """
 
-    num_steps: int | Array = 0
-    num_samples: int | Array = 0
-    num_valid_steps: int | Array = 0
-    elapsed_time_s: float | Array = 0.0
-    epoch: int | Array = 0
+    num_steps: int = 0
+    num_samples: int = 0
+    num_valid_steps: int = 0
+    elapsed_time_s: float = 0.0
+    epoch: int = 0
     phase: Phase = "train"
 
     def replace(self, **changes: object) -> "State":
-        return dataclasses.replace(self, **changes)  # ty: ignore[invalid-argument-type]
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, int | float | str]:
         return dataclasses.asdict(self)

@@ -12,7 +12,7 @@ from xax.task.loggers.base import LogRecord
 from xax.task.loggers.tensorboard import TensorBoardLogger
 
 
-def _read_events(directory: Path) -> list[Event]:
+def read_events(directory: Path) -> list[Event]:
     """Reads every event of the event files in a directory (TFRecord framing)."""
     events = []
     for path in sorted(directory.glob("events.out.tfevents.*")):
@@ -28,7 +28,7 @@ def _read_events(directory: Path) -> list[Event]:
     return events
 
 
-def _values(events: list[Event]) -> dict[str, list[tuple[int, Any]]]:
+def tag_values(events: list[Event]) -> dict[str, list[tuple[int, Any]]]:
     """Summary values by tag, with their steps."""
     found: dict[str, list[tuple[int, Any]]] = {}
     for event in events:
@@ -57,7 +57,7 @@ def test_writes_each_phase_to_its_own_directory(tmp_path: Path) -> None:
     logger.write(LogRecord(step=7, num_samples=224, elapsed_time_s=2.5, phase="valid", scalars={"loss": 0.75}))
     logger.close()
 
-    train = _values(_read_events(tmp_path / "tb" / "train"))
+    train = tag_values(read_events(tmp_path / "tb" / "train"))
     assert [(step, value.simple_value) for step, value in train["loss"]] == [(3, 0.5), (7, 0.25)]
     ((step, img),) = train["samples"]
     assert step == 3
@@ -73,6 +73,6 @@ def test_writes_each_phase_to_its_own_directory(tmp_path: Path) -> None:
     assert hist.histo.num == 3
     assert (hist.histo.min, hist.histo.max) == (0.0, 2.0)
 
-    valid = _values(_read_events(tmp_path / "tb" / "valid"))
+    valid = tag_values(read_events(tmp_path / "tb" / "valid"))
     assert [(step, value.simple_value) for step, value in valid["loss"]] == [(7, 0.75)]
     assert set(valid) == {"loss"}

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import xax
-from tests.task.toy import Regression, RegressionConfig, read_jsonl, regression_dataset
+from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl, regression_dataset
 
 
 def run(tmp_path: Path, *overrides: str, config: RegressionConfig | None = None) -> tuple[Regression, xax.State]:
@@ -71,7 +71,7 @@ def test_seconds_limit(tmp_path: Path) -> None:
 def test_validation_counts_every_sample(tmp_path: Path) -> None:
     # 100 validation samples at batch 32: three full batches and a last one of 4.
     task, _ = run(tmp_path, "max_steps=5", "valid_every_n_steps=5", "batch_size=32")
-    params = task.final_train_state.params
+    params = final_params(task).params
     data = regression_dataset(100, 1).with_format("numpy")[:]
     predictions = data["x"] @ np.asarray(params.weight)[0] + np.asarray(params.bias)[0]
     expected = float(np.mean((predictions - data["y"]) ** 2))
@@ -82,7 +82,7 @@ def test_validation_counts_every_sample(tmp_path: Path) -> None:
 def test_gradient_accumulation_equals_full_batch(tmp_path: Path) -> None:
     full, _ = run(tmp_path / "full", "max_steps=8", "batch_size=32")
     accum, _ = run(tmp_path / "accum", "max_steps=8", "batch_size=32", "grad_accum_steps=4")
-    for a, b in zip(jax.tree.leaves(full.final_train_state.params), jax.tree.leaves(accum.final_train_state.params)):
+    for a, b in zip(jax.tree.leaves(final_params(full).params), jax.tree.leaves(final_params(accum).params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(train_losses(tmp_path / "full"), train_losses(tmp_path / "accum"), rtol=1e-5)
 
@@ -98,7 +98,7 @@ def test_ema_follows_its_formula(tmp_path: Path) -> None:
     task, _ = run(tmp_path, "max_steps=1", f"ema.decay={decay}")
     initial = eqx.filter(task.get_model(xax.InitParams(jax.random.split(jax.random.key(0))[0])), eqx.is_array)
     params_history.append(initial)
-    final = task.final_train_state
+    final = final_params(task)
     for ema_leaf, p0, p1 in zip(
         jax.tree.leaves(final.ema), jax.tree.leaves(initial), jax.tree.leaves(final.params), strict=True
     ):
@@ -109,7 +109,7 @@ def test_gradient_clipping(tmp_path: Path) -> None:
     # With SGD (lr 0.05) and clipping to 0.01, one update moves the parameters by exactly lr * 0.01.
     task, _ = run(tmp_path, "max_steps=1", "max_grad_norm=0.01", "log.every_n_steps=1")
     initial = eqx.filter(task.get_model(xax.InitParams(jax.random.split(jax.random.key(0))[0])), eqx.is_array)
-    delta = optax.tree.norm(jax.tree.map(jnp.subtract, task.final_train_state.params, initial))
+    delta = optax.tree.norm(jax.tree.map(jnp.subtract, final_params(task).params, initial))
     assert float(delta) == pytest.approx(0.05 * 0.01, rel=1e-4)
     assert read_jsonl(tmp_path / "log.jsonl")[0]["scalars"]["grad_norm"] > 0.01
 
@@ -142,7 +142,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_loss(tmp_path: Path) -> None
     assert seen["weight"] == jnp.bfloat16
     assert seen["output"] == jnp.bfloat16
     assert seen["loss_input"] == jnp.float32
-    assert tasks[0].final_train_state.params.weight.dtype == jnp.float32
+    assert final_params(tasks[0]).params.weight.dtype == jnp.float32
 
 
 def test_learning_rate_schedule_is_logged(tmp_path: Path) -> None:
@@ -186,7 +186,7 @@ def test_non_scalar_training_metric_is_rejected(tmp_path: Path) -> None:
 
 
 def test_task_without_config_type_shows_the_right_form() -> None:
-    class Untyped(xax.SupervisedTask):  # ty: ignore[invalid-type-arguments]
+    class Untyped(xax.SupervisedTask):
         pass
 
     with pytest.raises(TypeError, match=r"Untyped\(xax.SupervisedTask\[Config\]\)"):

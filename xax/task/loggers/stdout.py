@@ -106,7 +106,9 @@ class StdoutLogger(Logger):
 
     @override
     def write(self, record: LogRecord) -> None:
-        rate = self._update_rate(record)
+        if not record.scalars and not record.texts:
+            return  # media only: nothing to print
+        rate = self._update_rate(record) if record.phase == "train" else None
         if not self._is_tty:
             # Flushed per record so that a log file read while the run goes on is current.
             self._stream.write(self._line(record, rate) + "\n" + self._texts(record))

@@ -4,7 +4,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field as dataclass_field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Generic, TypeVar
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 from typing_extensions import override
 
 from xax.core.config import config_to_dict, config_to_yaml, field
-from xax.core.metric import LogImage, LogHistogram, LogScalar, LogText, Metric
+from xax.core.metric import LogHistogram, LogImage, LogScalar, LogText, Metric
 from xax.core.state import Phase, State
 from xax.task.loggers.base import Logger, LogRecord
 from xax.task.loggers.jsonl import JsonlLogger

@@ -2,7 +2,7 @@
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -32,7 +32,7 @@ class StepContextMixin(BaseTask[Config], Generic[Config]):
         self._section_seconds: defaultdict[str, float] = defaultdict(float)
 
     @contextmanager
-    def step_context(self, name: str) -> Iterator[None]:
+    def step_context(self, name: str) -> Generator[None]:
         """Times the enclosed block under ``name`` and labels it in profiler traces."""
         start = time.perf_counter()
         with jax.profiler.TraceAnnotation(f"xax/{name}"):

@@ -20,10 +20,10 @@ from typing_extensions import override
 from xax.core.config import field
 from xax.core.errors import ConfigError, LaunchError
 from xax.core.metric import Metric
-from xax.core.state import Phase, State
+from xax.core.state import State
 from xax.task.mixins.compile import CompileConfig, CompileMixin
 from xax.task.mixins.data_loader import BatchSource, DataLoaderConfig, DataLoaderMixin, DevicePrefetcher
-from xax.task.mixins.logger import LogItem, LoggerConfig, LoggerMixin
+from xax.task.mixins.logger import LoggerConfig, LoggerMixin, LogItem
 from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
 from xax.task.mixins.train_step import (
     COMPUTE_DTYPES,
@@ -87,6 +87,12 @@ class TrainMixin(
     """Trains a model: the user supplies the model, optimizer and loss; this supplies the loop."""
 
     mesh: Mesh | None = None
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self._valid_batches: BatchSource | None = None
+        self._valid_cadence_last = (0, time.monotonic())
+        self.final_train_state: TrainState | None = None
 
     @abstractmethod
     def get_model(self, params: InitParams) -> PyTree:
@@ -158,7 +164,9 @@ class TrainMixin(
         params = cast_floating(params, jnp.dtype(jnp.float32))
         # A copy, not the same buffers: both trees are donated to the step.
         ema = jax.tree.map(jnp.copy, params) if self.config.ema.decay is not None else None
-        state = TrainState(params, frozen, optimizer.init(params), ema, train_key)
+        with jax.numpy_dtype_promotion("standard"):  # as in the step: optax relies on it
+            opt_state = optimizer.init(params)
+        state = TrainState(params, frozen, opt_state, ema, train_key)
         return jax.device_put(state, self.replicated_sharding()), static
 
     def replicated_sharding(self) -> NamedSharding:
@@ -286,15 +294,15 @@ class TrainMixin(
         fixed structure, so the step compiles once)."""
         shapes = jax.eval_shape(train_step, ts, {"count": jnp.zeros((), jnp.float32)}, batch, state)[1]
         sharding = self.replicated_sharding()
-        return jax.jit(lambda: {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}, out_shardings=sharding)
+        return jax.jit(lambda: {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}, out_shardings=sharding)
 
     def valid_is_due(self, state: State) -> bool:
         last_step, last_time = self._valid_cadence_last
         config = self.config
-        due = (config.valid_every_n_steps is not None and state.num_steps - last_step >= config.valid_every_n_steps) or (
-            config.valid_every_n_seconds is not None and time.monotonic() - last_time >= config.valid_every_n_seconds
-        )
-        return due
+        if config.valid_every_n_steps is not None and state.num_steps - last_step >= config.valid_every_n_steps:
+            return True
+        seconds = config.valid_every_n_seconds
+        return seconds is not None and time.monotonic() - last_time >= seconds
 
     def eval_params(self, ts: TrainState) -> PyTree:
         if ts.ema is not None and self.config.ema.use_for_valid:
@@ -307,7 +315,7 @@ class TrainMixin(
         return eqx.nn.inference_mode(eqx.combine(params, ts.frozen, self._static))
 
     def _valid_source(self) -> BatchSource:
-        if not hasattr(self, "_valid_batches"):
+        if self._valid_batches is None:
             self._valid_batches = self.get_batch_source("valid", seed=self.config.seed)
         return self._valid_batches
 
@@ -352,6 +360,3 @@ class TrainMixin(
     def on_run_start(self) -> None:
         super().on_run_start()
         self.get_mesh()
-
-    def phase_name(self, phase: Phase) -> str:
-        return phase

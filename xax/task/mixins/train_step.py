@@ -135,7 +135,7 @@ def make_train_step(
             updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
             params = optax.apply_updates(ts.params, updates)
         ema = None
-        if ema_decay is not None:
+        if ema_decay is not None and ts.ema is not None:
             ema = optax.incremental_update(params, ts.ema, step_size=1.0 - ema_decay)
 
         values = {"loss": loss, "grad_norm": grad_norm, **metrics}

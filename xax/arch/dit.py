@@ -1,0 +1,303 @@
+"""Diffusion transformers: DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers") and the
+two-stream mmDiT block of Stable Diffusion 3 (Esser et al. 2024, "Scaling Rectified Flow Transformers").
+
+DiT patchifies a ``(C, H, W)`` input into ``(H / p) (W / p)`` tokens with a fixed 2-D sine-cosine positional
+embedding, runs transformer blocks conditioned by adaLN-Zero on ``c = embed(t) + embed(y)``, and unpatchifies
+a final linear projection. The adaLN-Zero modulation (shift, scale, gate per branch) is a zero-initialized
+linear map of ``SiLU(c)``, so every block, and the final layer's output, start as the identity and zero.
+The blocks are stored stacked along a leading ``depth`` axis and applied with ``lax.scan``.
+"""
+
+from dataclasses import dataclass
+from typing import Any, final
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from xax.arch.diffusion.embeddings import TimestepEmbedder, sincos_2d
+from xax.arch.unet import zero_init
+from xax.core.config import field
+
+
+@dataclass
+class DiTConfig:
+    """Defaults are DiT-B/2 on 32x32x4 latents (256x256 images through an 8x-downsampling VAE)."""
+
+    input_size: int = field(32, help="Side of the square input: 32 for the latents of 256x256 images")
+    patch_size: int = field(2, help="Side of a patch; 2 gives 256 tokens at 32x32, the paper's best trade-off")
+    in_channels: int = field(4, help="Input channels: 4 for Stable Diffusion VAE latents")
+    out_channels: int | None = field(None, help="Output channels; None repeats in_channels (eps/x0/v prediction)")
+    hidden_dim: int = field(768, help="Token width (DiT-B)")
+    depth: int = field(12, help="Transformer blocks (DiT-B)")
+    num_heads: int = field(12, help="Attention heads, 64 channels each (DiT-B)")
+    mlp_ratio: float = field(4.0, help="MLP hidden width over hidden_dim, as in ViT")
+    num_classes: int | None = field(1000, help="Class labels (ImageNet), plus a null label for CFG; None: none")
+    frequency_dim: int = field(256, help="Sinusoidal timestep features fed to the timestep MLP (DiT's value)")
+    attention_impl: str | None = field(None, help="jax.nn.dot_product_attention implementation: xla, cudnn or None")
+
+    def validate(self) -> None:
+        if self.input_size % self.patch_size:
+            raise ValueError(f"DiTConfig.patch_size={self.patch_size} must divide input_size={self.input_size}")
+        if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
+            raise ValueError(
+                f"DiTConfig.hidden_dim={self.hidden_dim} must be divisible by num_heads={self.num_heads} and by 4"
+            )
+        if self.attention_impl not in ("xla", "cudnn", None):
+            raise ValueError(f"DiTConfig.attention_impl={self.attention_impl!r} must be 'xla', 'cudnn' or None")
+
+
+# (depth, hidden_dim, num_heads) of the DiT model sizes (Peebles & Xie 2023, Table 1).
+DIT_SIZES: dict[str, tuple[int, int, int]] = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def dit_config(name: str, **overrides: Any) -> DiTConfig:
+    """A named DiT preset such as "DiT-B/2" (size S, B, L or XL; patch 2, 4 or 8), with fields overridden.
+
+    Example: ``dit_config("DiT-S/2", input_size=28, in_channels=1, num_classes=10)``.
+    """
+    size, _, patch = name.removeprefix("DiT-").partition("/")
+    if not name.startswith("DiT-") or size not in DIT_SIZES or patch not in ("2", "4", "8"):
+        raise ValueError(f"DiT preset {name!r} is unknown; use DiT-<{'|'.join(DIT_SIZES)}>/<2|4|8>, e.g. 'DiT-B/2'")
+    depth, hidden, heads = DIT_SIZES[size]
+    config = DiTConfig(patch_size=int(patch), hidden_dim=hidden, depth=depth, num_heads=heads)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"DiTConfig has no field {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def layer_norm(x: Float[Array, "t d"], eps: float = 1e-6) -> Float[Array, "t d"]:
+    """LayerNorm without affine parameters (adaLN supplies them), computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    var = jnp.mean((x32 - mean) ** 2, axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: Float[Array, "t d"], shift: Float[Array, " d"], scale: Float[Array, " d"]) -> Float[Array, "t d"]:
+    """``x (1 + scale) + shift``, the adaptive LayerNorm's affine map."""
+    return x * (1 + scale) + shift
+
+
+def attention(q: Array, k: Array, v: Array, num_heads: int, impl: str | None) -> Float[Array, "t d"]:
+    """Multi-head softmax attention of ``(T, D)`` queries over ``(S, D)`` keys and values."""
+    split = lambda a: a.reshape(a.shape[0], num_heads, a.shape[1] // num_heads)  # noqa: E731
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=impl)  # ty: ignore[invalid-argument-type]
+    return out.reshape(q.shape[0], q.shape[1])  # (T, D)
+
+
+@final
+class Mlp(eqx.Module):
+    fc1: eqx.nn.Linear
+    fc2: eqx.nn.Linear
+
+    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray) -> None:
+        key1, key2 = jax.random.split(key)
+        self.fc1, self.fc2 = eqx.nn.Linear(dim, hidden, key=key1), eqx.nn.Linear(hidden, dim, key=key2)
+
+    def __call__(self, x: Float[Array, "t d"]) -> Float[Array, "t d"]:
+        return jax.vmap(self.fc2)(jax.nn.gelu(jax.vmap(self.fc1)(x), approximate=True))
+
+
+@final
+class DiTBlock(eqx.Module):
+    """``x += g1 * attn(modulate(LN(x), s1, c1)); x += g2 * mlp(modulate(LN(x), s2, c2))``, where
+    ``(s1, c1, g1, s2, c2, g2) = W SiLU(c) + b`` starts at zero (adaLN-Zero, Peebles & Xie 2023, section 3.2)."""
+
+    modulation: eqx.nn.Linear
+    qkv: eqx.nn.Linear
+    proj: eqx.nn.Linear
+    mlp: Mlp
+    num_heads: int = eqx.field(static=True)
+    impl: str | None = eqx.field(static=True)
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, impl: str | None, *, key: PRNGKeyArray) -> None:
+        keys = jax.random.split(key, 4)
+        self.modulation = zero_init(eqx.nn.Linear(dim, 6 * dim, key=keys[0]))
+        self.qkv = eqx.nn.Linear(dim, 3 * dim, key=keys[1])
+        self.proj = eqx.nn.Linear(dim, dim, key=keys[2])
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), key=keys[3])
+        self.num_heads, self.impl = num_heads, impl
+
+    def __call__(self, x: Float[Array, "t d"], c: Float[Array, " d"]) -> Float[Array, "t d"]:
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(jax.nn.silu(c)), 6)
+        q, k, v = jnp.split(jax.vmap(self.qkv)(modulate(layer_norm(x), shift1, scale1)), 3, axis=-1)
+        x = x + gate1 * jax.vmap(self.proj)(attention(q, k, v, self.num_heads, self.impl))
+        return x + gate2 * self.mlp(modulate(layer_norm(x), shift2, scale2))
+
+
+@final
+class FinalLayer(eqx.Module):
+    """``linear(modulate(LN(x), shift, scale))`` with zero-initialized modulation and projection."""
+
+    modulation: eqx.nn.Linear
+    linear: eqx.nn.Linear
+
+    def __init__(self, dim: int, out: int, *, key: PRNGKeyArray) -> None:
+        key1, key2 = jax.random.split(key)
+        self.modulation = zero_init(eqx.nn.Linear(dim, 2 * dim, key=key1))
+        self.linear = zero_init(eqx.nn.Linear(dim, out, key=key2))
+
+    def __call__(self, x: Float[Array, "t d"], c: Float[Array, " d"]) -> Float[Array, "t o"]:
+        shift, scale = jnp.split(self.modulation(jax.nn.silu(c)), 2)
+        return jax.vmap(self.linear)(modulate(layer_norm(x), shift, scale))
+
+
+def patchify(x: Float[Array, "c h w"], patch: int) -> Float[Array, "t pc"]:
+    """``(C, H, W) -> (H/p * W/p, p * p * C)``, token ``r * W/p + s`` holding patch ``(r, s)`` in (p, p, C) order."""
+    c, height, width = x.shape
+    x = x.reshape(c, height // patch, patch, width // patch, patch)
+    return jnp.einsum("chpwq->hwpqc", x).reshape((height // patch) * (width // patch), patch * patch * c)
+
+
+def unpatchify(tokens: Float[Array, "t pc"], patch: int, height: int, width: int) -> Float[Array, "c h w"]:
+    """The inverse of :func:`patchify` (Peebles & Xie 2023's ``unpatchify``)."""
+    h, w = height // patch, width // patch
+    c = tokens.shape[1] // (patch * patch)
+    x = tokens.reshape(h, w, patch, patch, c)
+    return jnp.einsum("hwpqc->chpwq", x).reshape(c, height, width)
+
+
+@final
+class DiT(eqx.Module):
+    """The DiT denoiser; see :class:`DiTConfig`. Class label ``num_classes`` is the null label of CFG."""
+
+    patch_embed: eqx.nn.Conv2d
+    time_embed: TimestepEmbedder
+    class_embed: eqx.nn.Embedding | None
+    blocks: DiTBlock  # stacked: every leaf has a leading (depth,) axis
+    final: FinalLayer
+    config: DiTConfig = eqx.field(static=True)
+
+    def __init__(self, config: DiTConfig, *, key: PRNGKeyArray) -> None:
+        config.validate()
+        keys = jax.random.split(key, 5)
+        dim, patch = config.hidden_dim, config.patch_size
+        self.config = config
+        self.patch_embed = eqx.nn.Conv2d(config.in_channels, dim, patch, stride=patch, key=keys[0])
+        self.time_embed = TimestepEmbedder(config.frequency_dim, dim, key=keys[1])
+        self.class_embed = None
+        if config.num_classes is not None:
+            self.class_embed = eqx.nn.Embedding(config.num_classes + 1, dim, key=keys[2])
+        make = lambda k: DiTBlock(dim, config.num_heads, config.mlp_ratio, config.attention_impl, key=k)  # noqa: E731
+        self.blocks = eqx.filter_vmap(make)(jax.random.split(keys[3], config.depth))
+        out = config.out_channels or config.in_channels
+        self.final = FinalLayer(dim, patch * patch * out, key=keys[4])
+
+    @property
+    def null_label(self) -> int:
+        """The label that stands for "no class" in classifier-free guidance."""
+        if self.config.num_classes is None:
+            raise ValueError("this DiT has num_classes=None, so it has no null label; set DiTConfig.num_classes")
+        return self.config.num_classes
+
+    def block(self, index: int) -> DiTBlock:
+        """The ``index``-th transformer block, unstacked."""
+        arrays, static = eqx.partition(self.blocks, eqx.is_array)
+        return eqx.combine(jax.tree.map(lambda a: a[index], arrays), static)
+
+    def condition(self, t: Float[Array, ""], y: Int[Array, ""] | None) -> Float[Array, " d"]:
+        """``c = embed(t) + embed(y)``; no label (or the null label) is unconditional."""
+        c = self.time_embed(t)
+        if self.class_embed is not None:
+            c = c + self.class_embed(jnp.asarray(self.null_label) if y is None else y)
+        elif y is not None:
+            raise ValueError("a class label was given to a DiT with num_classes=None; set DiTConfig.num_classes")
+        return c
+
+    def __call__(
+        self, x: Float[Array, "c h w"], t: Float[Array, ""], y: Int[Array, ""] | None = None
+    ) -> Float[Array, "c h w"]:
+        """Predicts the network target for one input ``x`` at time ``t`` in [0, 1], with class ``y``."""
+        size, patch = self.config.input_size, self.config.patch_size
+        if x.shape[1:] != (size, size):
+            raise ValueError(f"DiT input is {x.shape[1:]} but DiTConfig.input_size={size}; resize or change the config")
+        tokens = self.patch_embed(x)  # (D, H/p, W/p)
+        dim, grid_h, grid_w = tokens.shape
+        tokens = tokens.reshape(dim, grid_h * grid_w).T  # (T, D)
+        tokens = tokens + jnp.asarray(sincos_2d(dim, grid_h, grid_w), x.dtype)
+        c = self.condition(t, y).astype(x.dtype)
+        arrays, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def body(h: Array, layer: Any) -> tuple[Array, None]:
+            return eqx.combine(layer, static)(h, c), None
+
+        tokens, _ = jax.lax.scan(body, tokens, arrays)
+        return unpatchify(self.final(tokens, c), patch, size, size)
+
+
+@final
+class StreamWeights(eqx.Module):
+    """One stream's weights in an mmDiT block: adaLN modulation, qkv, output projection and MLP."""
+
+    modulation: eqx.nn.Linear
+    qkv: eqx.nn.Linear
+    proj: eqx.nn.Linear
+    mlp: Mlp
+
+    def __init__(self, dim: int, mlp_ratio: float, *, key: PRNGKeyArray) -> None:
+        keys = jax.random.split(key, 4)
+        self.modulation = zero_init(eqx.nn.Linear(dim, 6 * dim, key=keys[0]))
+        self.qkv = eqx.nn.Linear(dim, 3 * dim, key=keys[1])
+        self.proj = eqx.nn.Linear(dim, dim, key=keys[2])
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), key=keys[3])
+
+    def modulations(self, vec: Float[Array, " d"]) -> tuple[Array, ...]:
+        """``(shift1, scale1, gate1, shift2, scale2, gate2)``, zero at initialization."""
+        return tuple(jnp.split(self.modulation(jax.nn.silu(vec)), 6))
+
+    def qkv_of(self, x: Float[Array, "t d"], vec: Float[Array, " d"]) -> tuple[Array, Array, Array]:
+        shift, scale = self.modulations(vec)[:2]
+        q, k, v = jnp.split(jax.vmap(self.qkv)(modulate(layer_norm(x), shift, scale)), 3, axis=-1)
+        return q, k, v
+
+    def finish(self, x: Float[Array, "t d"], attended: Float[Array, "t d"], vec: Float[Array, " d"]) -> Array:
+        """The residual updates after attention: ``x += g1 proj(a)``, then ``x += g2 mlp(modulate(LN(x)))``."""
+        _, _, gate1, shift2, scale2, gate2 = self.modulations(vec)
+        x = x + gate1 * jax.vmap(self.proj)(attended)
+        return x + gate2 * self.mlp(modulate(layer_norm(x), shift2, scale2))
+
+
+@final
+class MMDiTBlock(eqx.Module):
+    """The SD3 block: image and context tokens keep separate weights but attend jointly over the
+    concatenated sequence ``[context, image]`` (Esser et al. 2024, section 4 and Figure 2b)."""
+
+    image: StreamWeights
+    context: StreamWeights
+    num_heads: int = eqx.field(static=True)
+    impl: str | None = eqx.field(static=True)
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, impl: str | None = None, *, key: PRNGKeyArray
+    ) -> None:
+        if dim % num_heads:
+            raise ValueError(f"MMDiTBlock dim={dim} must be divisible by num_heads={num_heads}")
+        key1, key2 = jax.random.split(key)
+        self.image = StreamWeights(dim, mlp_ratio, key=key1)
+        self.context = StreamWeights(dim, mlp_ratio, key=key2)
+        self.num_heads, self.impl = num_heads, impl
+
+    def __call__(
+        self, x: Float[Array, "tx d"], context: Float[Array, "tc d"], vec: Float[Array, " d"]
+    ) -> tuple[Float[Array, "tx d"], Float[Array, "tc d"]]:
+        """Updates both streams given the conditioning vector ``vec`` (timestep and pooled text embedding)."""
+        qx, kx, vx = self.image.qkv_of(x, vec)
+        qc, kc, vc = self.context.qkv_of(context, vec)
+        cat = lambda a, b: jnp.concatenate([a, b], axis=0)  # noqa: E731  (Tc + Tx, D)
+        attended = attention(cat(qc, qx), cat(kc, kx), cat(vc, vx), self.num_heads, self.impl)
+        num_context = context.shape[0]
+        return (
+            self.image.finish(x, attended[num_context:], vec),
+            self.context.finish(context, attended[:num_context], vec),
+        )
+
+
+def num_tokens(config: DiTConfig) -> int:
+    """Tokens per input: ``(input_size / patch_size)^2``."""
+    return (config.input_size // config.patch_size) ** 2
+
+

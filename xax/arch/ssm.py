@@ -1,0 +1,272 @@
+"""A language model built from state-space layers (S4D/S5-style diagonal or Mamba-style selective).
+
+    tokens -> embedding -> N × [x + SSM(RMSNorm(x)), optionally x + MLP(RMSNorm(x))] -> RMSNorm
+           -> unembedding (tied to the embedding or separate) -> logits
+
+It runs in two equivalent modes: ``model(tokens)`` processes whole sequences in parallel (training);
+``init_cache(batch)`` then ``decode_step(token, cache)`` advances one token at a time with a
+fixed-size state per layer (generation), and ``prefill(tokens, cache)`` consumes a prompt in
+parallel and returns the state after it. With ``layer="selective"``, ``mlp_ratio=0`` and tied
+embeddings the model is the Mamba language model (Gu & Dao 2023) layer for layer.
+
+Parameters are float32; ``compute_dtype="bfloat16"`` runs matrix products and activations in
+bfloat16 while normalization statistics and the recurrences stay in float32. Logits are float32.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import final
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+
+from xax.core.config import field, register_config
+from xax.core.errors import ConfigError
+from xax.nn.embeddings import Embedding
+from xax.nn.norms import RMSNorm
+from xax.nn.ssm import DIAGONAL_INITS, DT_MAX, DT_MIN, DiagonalSSM, SelectiveSSM, SSMLayer
+
+_COMPUTE_DTYPES: dict[str, jnp.dtype] = {"float32": jnp.dtype(jnp.float32), "bfloat16": jnp.dtype(jnp.bfloat16)}
+
+
+@register_config
+@dataclass
+class SSMConfig:
+    """The shape of an ``SSMLanguageModel``."""
+
+    vocab_size: int = field(256, help="Number of token ids; 256 covers any byte-level text")
+    d_model: int = field(256, help="Residual width; small enough to train on one GPU in minutes")
+    num_layers: int = field(4, help="Number of residual blocks; enough depth for character-level text")
+    layer: str = field(
+        "selective",
+        help="SSM layer kind: 'selective' (Mamba, input-dependent; the stronger language model) or 'diagonal' (S4D/S5)",
+    )
+    d_state: int = field(16, help="State size per channel (selective) or in total (diagonal); Mamba's default")
+    d_conv: int = field(4, help="Selective layer: causal convolution width; Mamba's default")
+    expand: int = field(2, help="Selective layer: inner width / d_model; Mamba's default")
+    diagonal_init: str = field("lin", help="Diagonal layer: 'lin' (S4D-Lin), 'inv' (S4D-Inv) or 'real' (S4D-Real)")
+    dt_min: float = field(DT_MIN, help="Smallest initial step size; S4D, S5 and Mamba use 1e-3")
+    dt_max: float = field(DT_MAX, help="Largest initial step size; S4D, S5 and Mamba use 1e-1")
+    mlp_ratio: int = field(
+        0, help="MLP hidden width / d_model after each SSM layer; 0 for none (Mamba has none: its layer expands)"
+    )
+    tie_embeddings: bool = field(True, help="Share the embedding and unembedding matrices, as Mamba and GPT-2 do")
+    norm_eps: float = field(1e-5, help="RMSNorm epsilon; Mamba's value")
+    compute_dtype: str = field("float32", help="Activation dtype: 'float32' or 'bfloat16' (parameters stay float32)")
+
+    def __post_init__(self) -> None:
+        _check_choice("layer", self.layer, SSM_LAYERS)
+        _check_choice("diagonal_init", self.diagonal_init, DIAGONAL_INITS)
+        _check_choice("compute_dtype", self.compute_dtype, _COMPUTE_DTYPES)
+        for name in ("vocab_size", "d_model", "num_layers", "d_state", "d_conv", "expand"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"SSMConfig.{name}={getattr(self, name)} must be at least 1")
+        if self.mlp_ratio < 0:
+            raise ConfigError(f"SSMConfig.mlp_ratio={self.mlp_ratio} must be >= 0 (0 disables the MLP)")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ConfigError(f"SSMConfig dt_min={self.dt_min}, dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
+        if self.layer == "diagonal" and self.diagonal_init != "real" and self.d_state % 2:
+            raise ConfigError(
+                f"SSMConfig.d_state={self.d_state} must be even for diagonal_init={self.diagonal_init!r} "
+                "(complex modes come in conjugate pairs); use an even d_state or diagonal_init='real'"
+            )
+
+
+def _check_choice(name: str, value: str, choices: dict) -> None:
+    if value not in choices:
+        raise ConfigError(f"SSMConfig.{name}={value!r} is unknown; expected one of {sorted(choices)}")
+
+
+def _diagonal(config: SSMConfig, key: PRNGKeyArray) -> SSMLayer:
+    return DiagonalSSM(
+        config.d_model,
+        config.d_state,
+        init=config.diagonal_init,
+        dt_min=config.dt_min,
+        dt_max=config.dt_max,
+        key=key,
+    )
+
+
+def _selective(config: SSMConfig, key: PRNGKeyArray) -> SSMLayer:
+    return SelectiveSSM(
+        config.d_model,
+        d_state=config.d_state,
+        d_conv=config.d_conv,
+        expand=config.expand,
+        dt_min=config.dt_min,
+        dt_max=config.dt_max,
+        key=key,
+    )
+
+
+# SSMConfig.layer -> the layer constructor.
+SSM_LAYERS: dict[str, Callable[[SSMConfig, PRNGKeyArray], SSMLayer]] = {
+    "diagonal": _diagonal,
+    "selective": _selective,
+}
+
+# One layer state per block; each leaf has a leading batch axis.
+SSMCache = tuple[PyTree[Array], ...]
+
+
+@final
+class _MLP(eqx.Module):
+    """``W_2 gelu(W_1 x + b_1) + b_2``, computed in the dtype of ``x``."""
+
+    w1: Float[Array, "hidden d_model"]
+    b1: Float[Array, " hidden"]
+    w2: Float[Array, "d_model hidden"]
+    b2: Float[Array, " d_model"]
+
+    def __init__(self, d_model: int, hidden: int, *, key: PRNGKeyArray) -> None:
+        k1, k2 = jax.random.split(key)
+        self.w1 = jax.random.uniform(k1, (hidden, d_model), jnp.float32, -1, 1) / math.sqrt(d_model)
+        self.b1 = jnp.zeros((hidden,), jnp.float32)
+        self.w2 = jax.random.uniform(k2, (d_model, hidden), jnp.float32, -1, 1) / math.sqrt(hidden)
+        self.b2 = jnp.zeros((d_model,), jnp.float32)
+
+    def __call__(self, x: Float[Array, "*seq d_model"]) -> Float[Array, "*seq d_model"]:
+        h = x @ self.w1.astype(x.dtype).T
+        h = jax.nn.gelu(h + jnp.broadcast_to(self.b1.astype(x.dtype), h.shape))
+        y = h @ self.w2.astype(x.dtype).T
+        return y + jnp.broadcast_to(self.b2.astype(x.dtype), y.shape)
+
+
+@final
+class _Block(eqx.Module):
+    """``x + SSM(norm(x))``, then ``x + MLP(norm(x))`` when there is an MLP."""
+
+    norm: RMSNorm
+    ssm: SSMLayer
+    mlp_norm: RMSNorm | None
+    mlp: _MLP | None
+
+    def __init__(self, config: SSMConfig, *, key: PRNGKeyArray) -> None:
+        k_ssm, k_mlp = jax.random.split(key)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.ssm = SSM_LAYERS[config.layer](config, k_ssm)
+        has_mlp = config.mlp_ratio > 0
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps) if has_mlp else None
+        self.mlp = _MLP(config.d_model, config.mlp_ratio * config.d_model, key=k_mlp) if has_mlp else None
+
+    def parallel(self, x: Float[Array, "seq d_model"], state: PyTree[Array]) -> tuple[Array, PyTree[Array]]:
+        # The norms act on one vector; vmapped over positions.
+        y, state = self.ssm.parallel(jax.vmap(self.norm)(x), state)
+        x = x + y
+        if self.mlp is not None and self.mlp_norm is not None:
+            x = x + self.mlp(jax.vmap(self.mlp_norm)(x))
+        return x, state
+
+    def step(self, x: Float[Array, " d_model"], state: PyTree[Array]) -> tuple[Array, PyTree[Array]]:
+        y, state = self.ssm.step(self.norm(x), state)
+        x = x + y
+        if self.mlp is not None and self.mlp_norm is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, state
+
+
+@final
+class SSMLanguageModel(eqx.Module):
+    """A causal language model of stacked SSM layers, with parallel and recurrent modes.
+
+    Attributes:
+        embed: The token embedding, shape (vocab, d_model).
+        blocks: The residual blocks.
+        norm: The final normalization.
+        unembed: The output projection, shape (vocab, d_model); None when tied to ``embed``.
+        compute_dtype: The activation dtype name.
+    """
+
+    embed: Embedding
+    blocks: tuple[_Block, ...]
+    norm: RMSNorm
+    unembed: Float[Array, "vocab d_model"] | None
+    compute_dtype: str = eqx.field(static=True)
+
+    def __init__(self, config: SSMConfig, *, key: PRNGKeyArray) -> None:
+        """Initializes the model.
+
+        Args:
+            config: The model shape.
+            key: The PRNG key for initialization.
+        """
+        k_embed, k_unembed, k_blocks = jax.random.split(key, 3)
+        self.embed = Embedding(config.vocab_size, config.d_model, key=k_embed)
+        self.blocks = tuple(_Block(config, key=k) for k in jax.random.split(k_blocks, config.num_layers))
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.unembed = (
+            None
+            if config.tie_embeddings
+            else 0.02 * jax.random.normal(k_unembed, (config.vocab_size, config.d_model), jnp.float32)
+        )
+        self.compute_dtype = config.compute_dtype
+
+    def _dtype(self) -> jnp.dtype:
+        return _COMPUTE_DTYPES[self.compute_dtype]
+
+    def _logits(self, h: Float[Array, " d_model"]) -> Float[Array, " vocab"]:
+        w = self.embed.weight if self.unembed is None else self.unembed
+        return (self.norm(h) @ w.astype(h.dtype).T).astype(jnp.float32)
+
+    def init_cache(self, batch: int) -> SSMCache:
+        """The zero state of every layer, for ``batch`` sequences.
+
+        Args:
+            batch: The number of sequences decoded together.
+
+        Returns:
+            One state pytree per block, each leaf with a leading batch axis.
+        """
+        return tuple(
+            jax.tree.map(lambda s: jnp.broadcast_to(s, (batch, *s.shape)), b.ssm.init_state()) for b in self.blocks
+        )
+
+    def _prefill_one(self, tokens: Int[Array, " seq"], cache: SSMCache) -> tuple[Array, SSMCache]:
+        h = self.embed(tokens).astype(self._dtype())  # (T, D)
+        states = []
+        for block, state in zip(self.blocks, cache, strict=True):
+            h, state = block.parallel(h, state)
+            states.append(state)
+        return jax.vmap(self._logits)(h), tuple(states)
+
+    def _step_one(self, token: Int[Array, ""], cache: SSMCache) -> tuple[Array, SSMCache]:
+        h = self.embed(token).astype(self._dtype())  # (D,)
+        states = []
+        for block, state in zip(self.blocks, cache, strict=True):
+            h, state = block.step(h, state)
+            states.append(state)
+        return self._logits(h), tuple(states)
+
+    def prefill(
+        self, tokens: Int[Array, "batch seq"], cache: SSMCache
+    ) -> tuple[Float[Array, "batch seq vocab"], SSMCache]:
+        """Processes whole sequences in parallel, starting from ``cache``.
+
+        Args:
+            tokens: Token ids.
+            cache: The state before the first token (``init_cache`` for a fresh start).
+
+        Returns:
+            The float32 logits of every position, and the state after the last token.
+        """
+        return jax.vmap(self._prefill_one)(tokens, cache)
+
+    def __call__(self, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq vocab"]:
+        """The float32 logits of every position, computed in parallel (training mode)."""
+        return self.prefill(tokens, self.init_cache(tokens.shape[0]))[0]
+
+    def decode_step(self, token: Int[Array, " batch"], cache: SSMCache) -> tuple[Float[Array, "batch vocab"], SSMCache]:
+        """Advances every sequence by one token (recurrent mode).
+
+        Args:
+            token: The next token of each sequence.
+            cache: The state before it.
+
+        Returns:
+            The float32 logits for the token after it, and the updated state.
+        """
+        return jax.vmap(self._step_one)(token, cache)

@@ -1,0 +1,446 @@
+"""A decoder-only transformer covering GPT-2 and Llama/Qwen/Mistral styles, set by ``TransformerConfig``.
+
+Parameter names mirror the Hugging Face Llama layout, so a checkpoint table maps them one to one
+(``[i]`` is index ``i`` of the leading layer axis when ``scan_layers=True``; with the Python loop,
+``layers`` is a tuple and the path is ``layers.{i}.…``). Linear weights are (out, in), like
+``torch.nn.Linear``; GPT-2's ``Conv1D`` weights are (in, out) and need a transpose, and its fused
+``c_attn`` splits into q, k, v along the output axis.
+
+=================================== ================================ ==================================
+xax                                 GPT-2 (``GPT2LMHeadModel``)      Llama / Qwen2 (``*ForCausalLM``)
+=================================== ================================ ==================================
+embed_tokens.weight                 transformer.wte.weight           model.embed_tokens.weight
+embed_positions.weight              transformer.wpe.weight           (none: RoPE)
+layers.input_layernorm.{weight,bias}[i]  transformer.h.{i}.ln_1.*    model.layers.{i}.input_layernorm.weight
+layers.self_attn.{q,k,v}_proj.*[i]  transformer.h.{i}.attn.c_attn.*  model.layers.{i}.self_attn.{q,k,v}_proj.*
+layers.self_attn.o_proj.*[i]        transformer.h.{i}.attn.c_proj.*  model.layers.{i}.self_attn.o_proj.weight
+layers.post_attention_layernorm.*[i]  transformer.h.{i}.ln_2.*       model.layers.{i}.post_attention_layernorm.weight
+layers.mlp.gate_proj.weight[i]      (none: plain MLP)                model.layers.{i}.mlp.gate_proj.weight
+layers.mlp.up_proj.*[i]             transformer.h.{i}.mlp.c_fc.*     model.layers.{i}.mlp.up_proj.weight
+layers.mlp.down_proj.*[i]           transformer.h.{i}.mlp.c_proj.*   model.layers.{i}.mlp.down_proj.weight
+norm.{weight,bias}                  transformer.ln_f.*               model.norm.weight
+lm_head.weight (None when tied)     lm_head.weight (tied to wte)     lm_head.weight
+=================================== ================================ ==================================
+
+Dtype policy: parameters stay in float32; with ``compute_dtype="bfloat16"`` they are cast at call
+time, activations and the KV cache are bfloat16, norms and softmax compute in float32, and logits
+are float32.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from xax.nn.attention import IMPLEMENTATIONS, KVCache, MultiHeadAttention
+from xax.nn.embeddings import Embedding, RopeScaling, RotaryEmbedding
+from xax.nn.lora import AnyLinear, make_linear
+from xax.nn.mlp import ACTIVATIONS, MLP, SwiGLU
+from xax.nn.norms import NORM_TYPES, LayerNorm, RMSNorm, make_norm
+
+POSITION_TYPES = ("learned", "rope", "none")
+MLP_TYPES = ("mlp", "swiglu")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Rematerialization policies by name: None means no rematerialization.
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# The cache of a whole model: one KVCache with a leading layer axis (scanned layers) or one per layer.
+TransformerCache = KVCache | tuple[KVCache, ...]
+
+
+def _check_choice(name: str, value: object, choices: Any) -> None:
+    if value not in choices:
+        raise ValueError(f"TransformerConfig.{name}={value!r} is unknown; expected one of {sorted(choices)}")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The shape and style of a decoder-only transformer. Defaults are GPT-2 small (124M).
+
+    Attributes:
+        vocab_size: Token vocabulary size; 50257 is GPT-2's byte-level BPE.
+        max_seq_len: Context length; sizes the learned position table (GPT-2: 1024) and is the
+            reference length of RoPE's "dynamic" scaling.
+        d_model: Residual stream width; 768 is GPT-2 small.
+        num_layers: Transformer blocks; 12 is GPT-2 small.
+        num_heads: Query heads; 12 gives GPT-2's 64-wide heads.
+        num_kv_heads: Key/value heads; None means ``num_heads`` (multi-head, as in GPT-2). Fewer
+            gives grouped-query attention (Llama 2 70B, Llama 3, Qwen2), 1 gives multi-query.
+        head_dim: Width of a head; None means ``d_model // num_heads``, the usual choice.
+        mlp_dim: Feed-forward hidden width; None means ``4 * d_model`` (GPT-2). SwiGLU models
+            set it explicitly (Llama uses about 8/3 * d_model, rounded).
+        positions: "learned" (GPT-2's absolute table), "rope" (Llama, Qwen) or "none".
+        rope_theta: The RoPE base; 10000 is the original (Llama 2); Llama 3 uses 500000, Qwen2 1e6.
+        rope_scaling: Context-extension scaling of RoPE; None keeps the plain frequencies.
+        norm: "layernorm" (GPT-2) or "rmsnorm" (Llama, Qwen).
+        norm_eps: Norm epsilon; 1e-5 is GPT-2's LayerNorm (Llama 2 also uses 1e-5 for RMSNorm).
+        mlp: "mlp" (GPT-2's two-layer MLP) or "swiglu" (Llama's gated MLP).
+        activation: A key of ``xax.nn.mlp.ACTIVATIONS``; "gelu_tanh" is GPT-2's "gelu_new",
+            Llama uses "silu".
+        qkv_bias: Biases on q/k/v projections; True for GPT-2 and Qwen2, False for Llama.
+        bias: Biases on the attention output, the MLP and LayerNorm; True for GPT-2, False for Llama.
+        tie_embeddings: Reuse the token embedding as the output projection (GPT-2, small Qwen2).
+        sliding_window: If set, attention sees only that many most recent tokens (Mistral);
+            None is full causal attention.
+        dropout: Residual and embedding dropout rate; 0.0 since modern pretraining uses none
+            (GPT-2 used 0.1).
+        init_std: Weight initialization standard deviation; 0.02 as GPT-2 and Llama.
+        scaled_residual_init: Divide the init of each residual branch's output projection by
+            sqrt(2 * num_layers) (GPT-2), keeping the residual stream's variance bounded.
+        attention_impl: "auto" (cuDNN flash attention on GPU when supported, else XLA), "xla" or
+            "cudnn"; "auto" because it is never slower and falls back by itself.
+        scan_layers: Stack the blocks' weights and apply them with ``jax.lax.scan``; True because
+            compile time then stays flat in depth. False runs a Python loop over a tuple of blocks.
+        remat: A key of ``REMAT_POLICIES``; "none" keeps all activations (fastest when memory
+            allows), "full" recomputes each block in the backward pass, "dots_saveable" keeps
+            matmul outputs only.
+        compute_dtype: "float32", "bfloat16" or "float16": the activation dtype; parameters stay
+            float32 and are cast at call time. float32 by default so results are exact on CPU.
+    """
+
+    vocab_size: int = 50257
+    max_seq_len: int = 1024
+    d_model: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_dim: int | None = None
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: str = "mlp"
+    activation: str = "gelu_tanh"
+    qkv_bias: bool = True
+    bias: bool = True
+    tie_embeddings: bool = True
+    sliding_window: int | None = None
+    dropout: float = 0.0
+    init_std: float = 0.02
+    scaled_residual_init: bool = True
+    attention_impl: str = "auto"
+    scan_layers: bool = True
+    remat: str = "none"
+    compute_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_choice("positions", self.positions, POSITION_TYPES)
+        _check_choice("norm", self.norm, NORM_TYPES)
+        _check_choice("mlp", self.mlp, MLP_TYPES)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("attention_impl", self.attention_impl, IMPLEMENTATIONS)
+        _check_choice("remat", self.remat, REMAT_POLICIES)
+        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        if self.num_heads % self.kv_heads != 0:
+            raise ValueError(
+                f"TransformerConfig: num_heads={self.num_heads} is not divisible by num_kv_heads={self.kv_heads}"
+            )
+        if self.head_dim is None and self.d_model % self.num_heads != 0:
+            raise ValueError(
+                f"TransformerConfig: d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "set head_dim explicitly"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TransformerConfig.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_dim or 4 * self.d_model
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(COMPUTE_DTYPES[self.compute_dtype])
+
+    def with_updates(self, **changes: Any) -> "TransformerConfig":
+        """Returns a copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def gpt2_small(cls) -> "TransformerConfig":
+        """GPT-2 small: 12 layers, 768 wide, 12 heads, 124M parameters (Radford et al. 2019)."""
+        return cls()
+
+    @classmethod
+    def gpt2_tiny(cls) -> "TransformerConfig":
+        """A GPT-2-style model small enough for tests: 2 layers, 64 wide, vocabulary 128."""
+        return cls(vocab_size=128, max_seq_len=64, d_model=64, num_layers=2, num_heads=4)
+
+    @classmethod
+    def llama_tiny(cls) -> "TransformerConfig":
+        """A Llama-style model for tests: RoPE, RMSNorm, SwiGLU, GQA (4 query / 2 kv heads), untied."""
+        return cls(
+            vocab_size=128,
+            max_seq_len=64,
+            d_model=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            mlp_dim=160,
+            positions="rope",
+            norm="rmsnorm",
+            mlp="swiglu",
+            activation="silu",
+            qkv_bias=False,
+            bias=False,
+            tie_embeddings=False,
+            scaled_residual_init=False,
+        )
+
+    @classmethod
+    def qwen_tiny(cls) -> "TransformerConfig":
+        """A Qwen2-style model for tests: Llama's layout plus q/k/v biases, theta 1e6, tied embeddings."""
+        return cls.llama_tiny().with_updates(qkv_bias=True, rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True)
+
+    @classmethod
+    def mistral_tiny(cls) -> "TransformerConfig":
+        """A Mistral-style model for tests: Llama's layout with multi-query attention and a sliding window."""
+        return cls.llama_tiny().with_updates(num_kv_heads=1, sliding_window=8)
+
+
+def _dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
+    """Inverted dropout; identity when ``key`` is None (inference) or the rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class TransformerBlock(eqx.Module):
+    """One pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    input_layernorm: LayerNorm | RMSNorm
+    self_attn: MultiHeadAttention
+    post_attention_layernorm: LayerNorm | RMSNorm
+    mlp: MLP | SwiGLU
+    dropout: float = eqx.field(static=True)
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray) -> None:
+        k_attn, k_mlp = jax.random.split(key)
+        scale = math.sqrt(2 * config.num_layers) if config.scaled_residual_init else 1.0
+        out_std = config.init_std / scale
+        self.input_layernorm = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        self.self_attn = MultiHeadAttention(
+            config.d_model,
+            config.num_heads,
+            key=k_attn,
+            num_kv_heads=config.kv_heads,
+            head_dim=config.head_size,
+            qkv_bias=config.qkv_bias,
+            out_bias=config.bias,
+            sliding_window=config.sliding_window,
+            implementation=config.attention_impl,
+            init_std=config.init_std,
+            out_init_std=out_std,
+        )
+        self.post_attention_layernorm = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        mlp_cls = SwiGLU if config.mlp == "swiglu" else MLP
+        self.mlp = mlp_cls(
+            config.d_model,
+            config.hidden_dim,
+            key=k_mlp,
+            activation=config.activation,
+            use_bias=config.bias,
+            init_std=config.init_std,
+            out_init_std=out_std,
+        )
+        self.dropout = config.dropout
+
+    def __call__(
+        self,
+        x: Float[Array, "batch seq dim"],
+        *,
+        rotary: tuple[Array, Array] | None,
+        padding_mask: Bool[Array, "batch seq"] | None,
+        cache: KVCache | None,
+        key: PRNGKeyArray | None,
+    ) -> tuple[Float[Array, "batch seq dim"], KVCache | None]:
+        k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
+        h, cache = self.self_attn(self.input_layernorm(x), rotary=rotary, padding_mask=padding_mask, cache=cache)
+        x = x + _dropout(h, self.dropout, k_attn)  # (B, T, D)
+        x = x + _dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, k_mlp)
+        return x, cache
+
+
+def _cast_floating(tree: Any, dtype: DTypeLike) -> Any:
+    """Casts every floating-point array leaf of ``tree`` to ``dtype``."""
+
+    def cast(leaf: Any) -> Any:
+        if eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree.map(cast, tree)
+
+
+class Transformer(eqx.Module):
+    """A decoder-only language model; see the module docstring for parameter names.
+
+    Attributes:
+        embed_tokens: The token embedding (vocab, d_model).
+        embed_positions: The learned position table (max_seq_len, d_model), or None.
+        rotary: RoPE settings, or None.
+        layers: The blocks: one block with a leading layer axis on every weight (scanned), or a tuple.
+        norm: The final norm.
+        lm_head: The output projection (vocab <- d_model), or None when tied to ``embed_tokens``.
+        config: The configuration.
+    """
+
+    embed_tokens: Embedding
+    embed_positions: Embedding | None
+    rotary: RotaryEmbedding | None
+    layers: TransformerBlock | tuple[TransformerBlock, ...]
+    norm: LayerNorm | RMSNorm
+    lm_head: AnyLinear | None
+    config: TransformerConfig = eqx.field(static=True)
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray) -> None:
+        k_tok, k_pos, k_layers, k_head = jax.random.split(key, 4)
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.d_model, key=k_tok, init_std=config.init_std)
+        self.embed_positions = None
+        self.rotary = None
+        if config.positions == "learned":
+            # GPT-2 initializes its position table with a smaller std than the token table.
+            self.embed_positions = Embedding(config.max_seq_len, config.d_model, key=k_pos, init_std=0.01)
+        elif config.positions == "rope":
+            self.rotary = RotaryEmbedding(config.head_size, config.rope_theta, config.rope_scaling, config.max_seq_len)
+        layer_keys = jax.random.split(k_layers, config.num_layers)
+        if config.scan_layers:
+            self.layers = eqx.filter_vmap(lambda k: TransformerBlock(config, key=k))(layer_keys)
+        else:
+            self.layers = tuple(TransformerBlock(config, key=k) for k in layer_keys)
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
+        self.lm_head = None
+        if not config.tie_embeddings:
+            self.lm_head = make_linear(config.d_model, config.vocab_size, False, config.init_std, k_head)
+
+    def unembedding(self) -> Float[Array, "vocab dim"]:
+        """The output projection matrix (vocab, d_model), for ``chunked_cross_entropy``."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_cache(self, batch: int, slots: int) -> TransformerCache:
+        """An empty KV cache for ``batch`` sequences of up to ``slots`` tokens, in the compute dtype."""
+        cfg = self.config
+        cache = KVCache.empty(batch, slots, cfg.kv_heads, cfg.head_size, cfg.dtype)
+        if cfg.scan_layers:
+            return jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers, *x.shape)), cache)
+        return tuple(cache for _ in range(cfg.num_layers))
+
+    def hidden_states(
+        self,
+        tokens: Int[Array, "batch seq"],
+        *,
+        positions: Int[Array, "batch seq"] | None = None,
+        padding_mask: Bool[Array, "batch seq"] | None = None,
+        cache: TransformerCache | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "batch seq dim"], TransformerCache | None]:
+        """Runs the model up to the final norm.
+
+        Args:
+            tokens: Token ids (B, T).
+            positions: Position ids (B, T); by default ``arange(T)`` shifted by the cache index.
+            padding_mask: False at pad tokens (B, T); None when there is no padding.
+            cache: The KV cache from ``init_cache`` (or a previous call), or None.
+            key: A PRNG key enables dropout (training); None disables it.
+
+        Returns:
+            ``(hidden states (B, T, d_model) in the compute dtype, updated cache or None)``.
+        """
+        cfg = self.config
+        model = _cast_floating(self, cfg.dtype)
+        batch, seq = tokens.shape
+        if positions is None:
+            start = jnp.zeros((), jnp.int32) if cache is None else _cache_index(cache)
+            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        k_embed, k_layers = (None, None) if key is None else jax.random.split(key)
+
+        x = model.embed_tokens(tokens)  # (B, T, D)
+        if model.embed_positions is not None:
+            x = x + model.embed_positions(positions)
+        x = _dropout(x, cfg.dropout, k_embed)
+        rotary = None if model.rotary is None else model.rotary(positions)  # 2 x (B, T, head_dim) float32
+
+        def block(layer: TransformerBlock, x: Array, layer_cache: KVCache | None, layer_key: Array | None) -> tuple:
+            return layer(x, rotary=rotary, padding_mask=padding_mask, cache=layer_cache, key=layer_key)
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if policy is not None:
+            block = jax.checkpoint(block, policy=policy)
+        layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.num_layers)
+        if cfg.scan_layers:
+            x, cache = _scan_layers(block, model.layers, x, cache, layer_keys)
+        else:
+            x, cache = _loop_layers(block, model.layers, x, cache, layer_keys)
+        return model.norm(x), cache
+
+    def __call__(
+        self,
+        tokens: Int[Array, "batch seq"],
+        *,
+        positions: Int[Array, "batch seq"] | None = None,
+        padding_mask: Bool[Array, "batch seq"] | None = None,
+        cache: TransformerCache | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "batch seq vocab"], TransformerCache | None]:
+        """Returns float32 logits (B, T, vocab) and the updated cache; arguments as ``hidden_states``."""
+        hidden, cache = self.hidden_states(tokens, positions=positions, padding_mask=padding_mask, cache=cache, key=key)
+        unembedding = self.unembedding().astype(hidden.dtype)
+        logits = jnp.einsum("btd,vd->btv", hidden, unembedding, preferred_element_type=jnp.float32)
+        return logits, cache
+
+
+def _cache_index(cache: TransformerCache) -> Int[Array, ""]:
+    """The number of filled slots (the same in every layer)."""
+    first = cache[0] if isinstance(cache, tuple) else cache
+    return first.index.reshape(-1)[0]
+
+
+def _scan_layers(
+    block: Callable[..., tuple], layers: TransformerBlock, x: Array, cache: KVCache | None, keys: Array | None
+) -> tuple[Array, KVCache | None]:
+    """Applies stacked blocks with ``jax.lax.scan``; weights, caches and keys share the leading layer axis."""
+    params, static = eqx.partition(layers, eqx.is_array)
+
+    def step(x: Array, xs: tuple) -> tuple[Array, KVCache | None]:
+        layer_params, layer_cache, layer_key = xs
+        return block(eqx.combine(layer_params, static), x, layer_cache, layer_key)
+
+    return jax.lax.scan(step, x, (params, cache, keys))
+
+
+def _loop_layers(
+    block: Callable[..., tuple],
+    layers: tuple[TransformerBlock, ...],
+    x: Array,
+    cache: tuple[KVCache, ...] | None,
+    keys: Array | None,
+) -> tuple[Array, tuple[KVCache, ...] | None]:
+    """Applies a tuple of blocks one after another."""
+    new_caches = []
+    for i, layer in enumerate(layers):
+        x, layer_cache = block(layer, x, None if cache is None else cache[i], None if keys is None else keys[i])
+        new_caches.append(layer_cache)
+    return x, None if cache is None else tuple(new_caches)

@@ -1,0 +1,124 @@
+"""Position-wise feed-forward blocks: the two-layer MLP (GPT-2) and the gated SwiGLU (Llama, Qwen).
+
+Attribute names follow Llama's (``gate_proj``, ``up_proj``, ``down_proj``) so that checkpoint name
+tables stay short. Both apply over any number of leading axes.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from xax.nn.lora import AnyLinear, apply_linear, make_linear
+
+
+def _gelu_exact(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# Activations by name. "gelu_tanh" is GPT-2's "gelu_new"; "silu" (swish) is Llama's.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": _gelu_exact,
+    "gelu_tanh": _gelu_tanh,
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """Looks up an activation by name in ``ACTIVATIONS``."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLP(eqx.Module):
+    """``down_proj(act(up_proj(x)))``, the transformer feed-forward block of Vaswani et al. and GPT-2.
+
+    Attributes:
+        up_proj: d_model -> hidden.
+        down_proj: hidden -> d_model.
+        activation: A key of ``ACTIVATIONS``.
+    """
+
+    up_proj: AnyLinear
+    down_proj: AnyLinear
+    activation: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        key: PRNGKeyArray,
+        activation: str = "gelu",
+        use_bias: bool = True,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+    ) -> None:
+        """Builds the block.
+
+        Args:
+            dim: The input and output width.
+            hidden_dim: The hidden width.
+            key: The PRNG key.
+            activation: A key of ``ACTIVATIONS``.
+            use_bias: Whether the projections have biases.
+            init_std: The standard deviation of the input projection's weights.
+            out_init_std: The same for ``down_proj``; defaults to ``init_std``.
+        """
+        get_activation(activation)
+        k1, k2 = jax.random.split(key)
+        self.up_proj = make_linear(dim, hidden_dim, use_bias, init_std, k1)
+        self.down_proj = make_linear(hidden_dim, dim, use_bias, out_init_std or init_std, k2)
+        self.activation = activation
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        hidden = get_activation(self.activation)(apply_linear(self.up_proj, x))  # (*batch, hidden)
+        return apply_linear(self.down_proj, hidden)
+
+
+class SwiGLU(eqx.Module):
+    """The gated feed-forward block ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Shazeer 2020).
+
+    With ``act = silu`` this is SwiGLU (https://arxiv.org/abs/2002.05202), used by Llama and Qwen.
+
+    Attributes:
+        gate_proj: d_model -> hidden, passed through the activation.
+        up_proj: d_model -> hidden, the linear branch.
+        down_proj: hidden -> d_model.
+        activation: A key of ``ACTIVATIONS``.
+    """
+
+    gate_proj: AnyLinear
+    up_proj: AnyLinear
+    down_proj: AnyLinear
+    activation: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        key: PRNGKeyArray,
+        activation: str = "silu",
+        use_bias: bool = False,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+    ) -> None:
+        """Builds the block; arguments as for ``MLP`` (Llama uses no biases, hence the default)."""
+        get_activation(activation)
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.gate_proj = make_linear(dim, hidden_dim, use_bias, init_std, k1)
+        self.up_proj = make_linear(dim, hidden_dim, use_bias, init_std, k2)
+        self.down_proj = make_linear(hidden_dim, dim, use_bias, out_init_std or init_std, k3)
+        self.activation = activation
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        gate = get_activation(self.activation)(apply_linear(self.gate_proj, x))  # (*batch, hidden)
+        return apply_linear(self.down_proj, gate * apply_linear(self.up_proj, x))
