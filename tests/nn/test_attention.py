@@ -55,7 +55,7 @@ def _layer(kv_heads: int, window: int | None) -> MultiHeadAttention:
     )
 
 
-@pytest.mark.parametrize(("kv_heads", "window"), [(4, None), (2, None), (1, 3)])
+@pytest.mark.parametrize(("kv_heads", "window"), [(2, None), (1, 3)])
 def test_cached_decoding_equals_full_pass(kv_heads: int, window: int | None) -> None:
     layer = _layer(kv_heads, window)
     rotary = RotaryEmbedding(4, 10000.0)
@@ -65,7 +65,7 @@ def test_cached_decoding_equals_full_pass(kv_heads: int, window: int | None) -> 
 
     cache = KVCache.empty(2, 12, kv_heads, 4, jnp.float32)
     outs = []
-    for start, stop in [(0, 5), (5, 6), (6, 7), (7, 9)]:
+    for start, stop in [(0, 5), (5, 6), (6, 9)]:
         out, cache = eqx.filter_jit(layer)(x[:, start:stop], rotary=rotary(positions[:, start:stop]), cache=cache)
         outs.append(out)
     assert int(cache.index) == 9

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from xax.arch.diffusion.embeddings import TimestepEmbedder, sincos_2d
-from xax.arch.unet import zero_init
+from xax.arch.diffusion.layers import attention, zero_init
 from xax.core.config import field
 
 
@@ -79,14 +79,7 @@ def layer_norm(x: Float[Array, "t d"], eps: float = 1e-6) -> Float[Array, "t d"]
 
 def modulate(x: Float[Array, "t d"], shift: Float[Array, " d"], scale: Float[Array, " d"]) -> Float[Array, "t d"]:
     """``x (1 + scale) + shift``, the adaptive LayerNorm's affine map."""
-    return x * (1 + scale) + shift
-
-
-def attention(q: Array, k: Array, v: Array, num_heads: int, impl: str | None) -> Float[Array, "t d"]:
-    """Multi-head softmax attention of ``(T, D)`` queries over ``(S, D)`` keys and values."""
-    split = lambda a: a.reshape(a.shape[0], num_heads, a.shape[1] // num_heads)  # noqa: E731
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=impl)  # ty: ignore[invalid-argument-type]
-    return out.reshape(q.shape[0], q.shape[1])  # (T, D)
+    return x * (1 + scale[None, :]) + shift[None, :]
 
 
 @final
@@ -125,8 +118,8 @@ class DiTBlock(eqx.Module):
     def __call__(self, x: Float[Array, "t d"], c: Float[Array, " d"]) -> Float[Array, "t d"]:
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(jax.nn.silu(c)), 6)
         q, k, v = jnp.split(jax.vmap(self.qkv)(modulate(layer_norm(x), shift1, scale1)), 3, axis=-1)
-        x = x + gate1 * jax.vmap(self.proj)(attention(q, k, v, self.num_heads, self.impl))
-        return x + gate2 * self.mlp(modulate(layer_norm(x), shift2, scale2))
+        x = x + gate1[None, :] * jax.vmap(self.proj)(attention(q, k, v, self.num_heads, self.impl))
+        return x + gate2[None, :] * self.mlp(modulate(layer_norm(x), shift2, scale2))
 
 
 @final
@@ -257,8 +250,8 @@ class StreamWeights(eqx.Module):
     def finish(self, x: Float[Array, "t d"], attended: Float[Array, "t d"], vec: Float[Array, " d"]) -> Array:
         """The residual updates after attention: ``x += g1 proj(a)``, then ``x += g2 mlp(modulate(LN(x)))``."""
         _, _, gate1, shift2, scale2, gate2 = self.modulations(vec)
-        x = x + gate1 * jax.vmap(self.proj)(attended)
-        return x + gate2 * self.mlp(modulate(layer_norm(x), shift2, scale2))
+        x = x + gate1[None, :] * jax.vmap(self.proj)(attended)
+        return x + gate2[None, :] * self.mlp(modulate(layer_norm(x), shift2, scale2))
 
 
 @final

@@ -8,7 +8,7 @@ of the image's shape; ``jax.vmap`` it over a batch.
 
 import math
 from dataclasses import dataclass
-from typing import Literal, final
+from typing import final
 
 import equinox as eqx
 import jax
@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from xax.arch.diffusion.embeddings import TimestepEmbedder
+from xax.arch.diffusion.layers import attention, zero_init
 from xax.core.config import field
 
-AttentionImpl = Literal["xla", "cudnn"] | None
 
 
 @dataclass
@@ -54,14 +54,6 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig.num_heads={self.num_heads} does not divide the width {widths[level]}")
         if self.attention_impl not in ("xla", "cudnn", None):
             raise ValueError(f"UNetConfig.attention_impl={self.attention_impl!r} must be 'xla', 'cudnn' or None")
-
-
-def zero_init(layer: eqx.nn.Linear | eqx.nn.Conv2d) -> eqx.nn.Linear | eqx.nn.Conv2d:
-    """The layer with zero weights and bias, so that a residual branch starts as the identity (Goyal et al. 2017)."""
-    layer = eqx.tree_at(lambda m: m.weight, layer, jnp.zeros_like(layer.weight))
-    if layer.bias is not None:
-        layer = eqx.tree_at(lambda m: m.bias, layer, jnp.zeros_like(layer.bias))
-    return layer
 
 
 def _conv3(cin: int, cout: int, key: PRNGKeyArray) -> eqx.nn.Conv2d:
@@ -107,9 +99,9 @@ class AttentionBlock(eqx.Module):
     qkv: eqx.nn.Linear
     proj: eqx.nn.Linear
     num_heads: int = eqx.field(static=True)
-    impl: AttentionImpl = eqx.field(static=True)
+    impl: str | None = eqx.field(static=True)
 
-    def __init__(self, channels: int, num_heads: int, groups: int, impl: AttentionImpl, *, key: PRNGKeyArray) -> None:
+    def __init__(self, channels: int, num_heads: int, groups: int, impl: str | None, *, key: PRNGKeyArray) -> None:
         key1, key2 = jax.random.split(key)
         self.norm = eqx.nn.GroupNorm(groups, channels)
         self.qkv = eqx.nn.Linear(channels, 3 * channels, key=key1)
@@ -120,9 +112,7 @@ class AttentionBlock(eqx.Module):
         c, height, width = x.shape
         tokens = self.norm(x).reshape(c, height * width).T  # (HW, C)
         q, k, v = jnp.split(jax.vmap(self.qkv)(tokens), 3, axis=-1)  # (HW, C) each
-        heads = lambda a: a.reshape(height * width, self.num_heads, c // self.num_heads)  # noqa: E731
-        out = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), implementation=self.impl)  # (HW, N, D)
-        out = jax.vmap(self.proj)(out.reshape(height * width, c))  # (HW, C)
+        out = jax.vmap(self.proj)(attention(q, k, v, self.num_heads, self.impl))  # (HW, C)
         return x + out.T.reshape(c, height, width)
 
 
@@ -165,7 +155,7 @@ def _attentions(config: UNetConfig, level: int, width: int, count: int, key: PRN
     impl = config.attention_impl
     keys = jax.random.split(key, count)
     return tuple(
-        AttentionBlock(width, config.num_heads, config.norm_groups, impl, key=k)  # ty: ignore[invalid-argument-type]
+        AttentionBlock(width, config.num_heads, config.norm_groups, impl, key=k)
         for k in keys
     )
 
@@ -214,7 +204,7 @@ class UNet(eqx.Module):
         impl = config.attention_impl
         self.mid = (
             ResBlock(width, width, emb, groups, key=next(keys)),
-            AttentionBlock(width, config.num_heads, groups, impl, key=next(keys)),  # ty: ignore[invalid-argument-type]
+            AttentionBlock(width, config.num_heads, groups, impl, key=next(keys)),
             ResBlock(width, width, emb, groups, key=next(keys)),
         )
 

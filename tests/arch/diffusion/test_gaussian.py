@@ -133,7 +133,7 @@ def test_loss_of_a_zero_eps_network_is_the_noise_variance() -> None:
 
 def test_unknown_prediction_names_the_choices() -> None:
     with pytest.raises(ValueError, match=r"prediction='score' is unknown; use one of \['eps', 'x0', 'v'\]"):
-        g.diffusion_loss(lambda x, t: x, SCHEDULE, jnp.zeros((2, 2)), jax.random.key(0), "score")  # ty: ignore[invalid-argument-type]
+        g.check_prediction("score")
 
 
 def _noise(batch: int = 2048, dim: int = 2) -> Array:
@@ -149,20 +149,21 @@ def test_ddpm_samples_gaussian_data() -> None:
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_ddim_follows_the_probability_flow_map(prediction: str) -> None:
-    # For Gaussian data the probability-flow ODE is linear and maps x_T to mu + s x_T exactly.
+    # For Gaussian data the probability-flow ODE is linear and maps x_T to mu + s x_T exactly; DDIM is a
+    # first-order solver of it, 0.012 off at 200 steps.
     noise = _noise(256)
-    sample = ddim_sample(gaussian_oracle(SCHEDULE, prediction), SCHEDULE, noise, jax.random.key(0), 100, 0.0, prediction)
+    sample = ddim_sample(gaussian_oracle(SCHEDULE, prediction), SCHEDULE, noise, jax.random.key(0), 200, 0.0, prediction)
     np.testing.assert_allclose(sample, MU + S * noise, atol=2e-2)
 
 
-def test_ddim_error_shrinks_with_more_steps() -> None:
+def test_ddim_is_first_order() -> None:
     noise = _noise(256)
 
     def error(num_steps: int) -> float:
         sample = ddim_sample(gaussian_oracle(SCHEDULE), SCHEDULE, noise, jax.random.key(0), num_steps)
         return float(jnp.abs(sample - (MU + S * noise)).max())
 
-    assert error(200) < 0.6 * error(25)
+    assert 0.4 < error(200) / error(100) < 0.6
 
 
 def test_ddim_eta_zero_is_deterministic_and_eta_one_is_not() -> None:
@@ -192,9 +193,10 @@ def test_clipped_ddpm_stays_in_range() -> None:
 def test_ddim_inversion_round_trips() -> None:
     x = MU + S * _noise(256)
     oracle = gaussian_oracle(SCHEDULE)
-    latent = ddim_invert(oracle, SCHEDULE, x, num_steps=100)
-    assert abs(float(latent.std()) - 1.0) < 0.1  # it lands on (nearly) standard noise
-    back = ddim_sample(oracle, SCHEDULE, latent, jax.random.key(0), num_steps=100)
+    latent = ddim_invert(oracle, SCHEDULE, x, num_steps=200)
+    # The exact flow maps x back to (x - mu) / s; inverting with the network at the current point is first order.
+    np.testing.assert_allclose(latent, (x - MU) / S, atol=3e-2)
+    back = ddim_sample(oracle, SCHEDULE, latent, jax.random.key(0), num_steps=200)
     np.testing.assert_allclose(back, x, atol=3e-2)
 
 

@@ -35,3 +35,20 @@ def test_one_and_four_devices_give_the_same_losses(tmp_path: Path) -> None:
     assert train_1[-1] < 0.7 * train_1[0]  # it learns, so the comparison is not between constants
     np.testing.assert_allclose(train_4, train_1, rtol=1e-5)
     np.testing.assert_allclose(valid_4, valid_1, rtol=1e-5)
+
+
+def test_frequent_validation_and_media_on_simulated_devices(tmp_path: Path) -> None:
+    # Training, validation and media programs interleaving on 4 CPU devices once deadlocked in
+    # their all-reduces; each program now finishes before the next one starts there.
+    Digits.launch(
+        DigitsConfig(batch_size=32, max_steps=30, valid_every_n_steps=2),
+        argv=[
+            "launcher.kind=multi_device",
+            f"artifacts.run_dir={tmp_path}",
+            "log.every_n_steps=1",
+            "log.heavy_every_n_steps=1",
+            "log.stdout=false",
+        ],
+    )
+    valid = [r for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "valid"]
+    assert [r["step"] for r in valid] == list(range(2, 31, 2))

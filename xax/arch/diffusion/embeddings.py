@@ -23,7 +23,7 @@ def timestep_embedding(t: Float[Array, "*batch"], dim: int, max_period: float = 
     """
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)  # (half,)
-    angles = TIME_SCALE * t.astype(jnp.float32)[..., None] * freqs  # (*batch, half)
+    angles = TIME_SCALE * t.astype(jnp.float32)[..., None] * freqs.reshape((1,) * t.ndim + (half,))  # (*batch, half)
     features = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
     if dim % 2:
         features = jnp.concatenate([features, jnp.zeros((*features.shape[:-1], 1), features.dtype)], axis=-1)

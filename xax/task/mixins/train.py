@@ -29,6 +29,7 @@ from xax.task.mixins.train_step import (
     COMPUTE_DTYPES,
     TrainState,
     cast_floating,
+    empty_sums,
     make_eval_step,
     make_train_step,
 )
@@ -36,6 +37,27 @@ from xax.task.mixins.train_step import (
 logger = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
+
+
+class _Window:
+    """Host-side rates over one logging window (no device reads)."""
+
+    def __init__(self, start: float, wait_time_s: float) -> None:
+        self.start = start
+        self.wait_time_s = wait_time_s
+        self.steps = 0
+        self.first_step_s: float | None = None
+
+    def close(self, prefetcher: DevicePrefetcher, batch_size: int) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        scalars = {
+            "steps_per_second": self.steps / seconds,
+            "samples_per_second": self.steps * batch_size / seconds,
+            "data_wait_fraction": (prefetcher.wait_time_s - self.wait_time_s) / seconds,
+        }
+        if self.first_step_s is not None:
+            scalars["time_to_first_step_s"] = self.first_step_s
+        return scalars
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,7 @@ class TrainMixin(
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._valid_batches: BatchSource | None = None
+        self._valid_zeros: Callable[[], dict[str, Array]] | None = None
         self._valid_cadence_last = (0, time.monotonic())
         self.final_train_state: TrainState | None = None
 
@@ -209,6 +232,58 @@ class TrainMixin(
         self.validate_config()
         optimizer = self.full_optimizer()
         ts, static = self.init_train_state(optimizer)
+        self._static = static
+        train_step = self._build_steps(optimizer, static)
+        source = self.get_batch_source("train", seed=self.config.seed)
+        prefetcher = DevicePrefetcher(source, self.place_batch, self.config.data.prefetch)
+        self.add_worker(prefetcher)
+
+        state = State()
+        batch: PyTree | None = next(prefetcher)
+        zero_sums = self._zero_sums_fn(train_step, ts, empty_sums(), batch, state)
+        sums = zero_sums()
+        inflight: collections.deque[Array] = collections.deque()
+        max_inflight = self._max_inflight_steps()
+        start = time.perf_counter()
+        window = _Window(start, prefetcher.wait_time_s)
+        while not self.is_training_over(state):
+            if batch is None:
+                with self.step_context("data"):
+                    batch = next(prefetcher)
+            ts, sums, loss = train_step(ts, sums, batch, state)
+            batch = None
+            inflight.append(loss)
+            if len(inflight) > max_inflight:
+                inflight.popleft().block_until_ready()
+            if state.num_steps == 0:
+                loss.block_until_ready()
+                window.first_step_s = time.perf_counter() - start
+                logger.info("First step (including compilation) took %.2f s", window.first_step_s)
+            state = state.replace(
+                num_steps=state.num_steps + 1,
+                num_samples=state.num_samples + self.config.batch_size,
+                elapsed_time_s=time.perf_counter() - start,
+                epoch=prefetcher.cursor.epoch,
+            )
+            window.steps += 1
+            over = self.is_training_over(state)
+            if self.light_log_is_due(state) or over:
+                host = {
+                    **window.close(prefetcher, self.config.batch_size),
+                    "epoch": float(state.epoch),
+                    **self.pop_section_times(),
+                    **self.host_metrics(),
+                }
+                self.log_item(LogItem(state=state, phase="train", sums=sums, host_scalars=host))
+                sums = zero_sums()
+                window = _Window(time.perf_counter(), prefetcher.wait_time_s)
+            state = self._between_steps(ts, state, over)
+        self.flush_logs()
+        self.final_train_state = ts
+        return state
+
+    def _build_steps(self, optimizer: optax.GradientTransformation, static: PyTree) -> Callable[..., Any]:
+        """Jits the training step (returned) and the validation step (kept on self)."""
         loss_fn = self.compute_loss_and_metrics
         step = make_train_step(
             loss_fn,
@@ -218,81 +293,47 @@ class TrainMixin(
             grad_accum_steps=self.config.grad_accum_steps,
             ema_decay=self.config.ema.decay,
         )
-        donate = (0, 1) if self.config.compile.donate else ()
-        train_step = jax.jit(step, donate_argnums=donate)
-        self._static = static
-        self._eval_step = jax.jit(
-            make_eval_step(loss_fn, static, compute_dtype=self.compute_dtype), donate_argnums=(2,) if donate else ()
-        )
+        donate = self.config.compile.donate
+        eval_step = make_eval_step(loss_fn, static, compute_dtype=self.compute_dtype)
+        self._eval_step = jax.jit(eval_step, donate_argnums=(2,) if donate else ())
         self._valid_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
         self._valid_cadence_last = (0, time.monotonic())
+        return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
-        source = self.get_batch_source("train", seed=self.config.seed)
-        prefetcher = DevicePrefetcher(source, self.place_batch, self.config.data.prefetch)
-        self.add_worker(prefetcher)
-        state = State()
-        first_batch = next(prefetcher)
-        zero_sums = self._zero_sums_fn(train_step, ts, first_batch, state)
+    def _max_inflight_steps(self) -> int:
+        """How many steps may be queued on the devices.
 
-        sums = zero_sums()
-        inflight: collections.deque[Array] = collections.deque()
-        start = time.perf_counter()
-        window_start, window_steps, window_wait = start, 0, prefetcher.wait_time_s
-        batch: PyTree | None = first_batch
-        while not self.is_training_over(state):
-            if batch is None:
-                with self.step_context("data"):
-                    batch = next(prefetcher)
-            ts, sums, loss = train_step(ts, sums, batch, state)
-            batch = None
-            inflight.append(loss)
-            if len(inflight) > self.config.max_inflight_steps:
-                inflight.popleft().block_until_ready()
-            if state.num_steps == 0:
-                jax.block_until_ready(loss)
-                first_step_s = time.perf_counter() - start
-                logger.info("First step (including compilation) took %.2f s", first_step_s)
-            state = state.replace(
-                num_steps=state.num_steps + 1,
-                num_samples=state.num_samples + self.config.batch_size,
-                elapsed_time_s=time.perf_counter() - start,
-                epoch=prefetcher.cursor.epoch,
-            )
-            window_steps += 1
-            over = self.is_training_over(state)
-            if self.light_log_is_due(state) or over:
-                now = time.perf_counter()
-                seconds = max(now - window_start, 1e-9)
-                host = {
-                    "steps_per_second": window_steps / seconds,
-                    "samples_per_second": window_steps * self.config.batch_size / seconds,
-                    "data_wait_fraction": (prefetcher.wait_time_s - window_wait) / seconds,
-                    "epoch": float(state.epoch),
-                    **self.pop_section_times(),
-                    **self.host_metrics(),
-                }
-                if state.num_steps == window_steps:
-                    host["time_to_first_step_s"] = first_step_s
-                self.log_item(LogItem(state=state, phase="train", sums=sums, host_scalars=host))
-                sums = zero_sums()
-                window_start, window_steps, window_wait = now, 0, prefetcher.wait_time_s
-            if self.valid_is_due(state) or over:
-                with self.step_context("valid"):
-                    self.validate(ts, state)
-                state = state.replace(num_valid_steps=state.num_valid_steps + 1)
-            if self.heavy_log_is_due(state) or over:
-                with self.step_context("media"):
-                    self.log_heavy(ts, state)
-        self.flush_logs()
-        self.final_train_state = ts
+        Simulated CPU devices run each program's collectives on one shared thread pool; with two
+        programs in flight their all-reduces can take every thread and wait on each other forever.
+        There, each program finishes before the next starts (the host and the "devices" share the
+        same cores, so nothing is lost by not overlapping them).
+        """
+        mesh = self.get_mesh()
+        if mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu":
+            return 0
+        return self.config.max_inflight_steps
+
+    def _between_steps(self, ts: TrainState, state: State, over: bool) -> State:
+        """Validation and media, when due; both wait for the training step in flight first."""
+        valid_due = self.valid_is_due(state) or over
+        heavy_due = self.heavy_log_is_due(state) or over
+        if valid_due or heavy_due:
+            jax.block_until_ready(ts)
+        if valid_due:
+            with self.step_context("valid"):
+                self.validate(ts, state)
+            state = state.replace(num_valid_steps=state.num_valid_steps + 1)
+        if heavy_due:
+            with self.step_context("media"):
+                self.log_heavy(ts, state)
         return state
 
-    def _zero_sums_fn(
-        self, train_step: Callable[..., Any], ts: TrainState, batch: PyTree, state: State
-    ) -> Callable[[], dict[str, Array]]:
-        """Returns a function making fresh zero metric sums with the step's full set of keys (a
-        fixed structure, so the step compiles once)."""
-        shapes = jax.eval_shape(train_step, ts, {"count": jnp.zeros((), jnp.float32)}, batch, state)[1]
+    def _zero_sums_fn(self, step: Callable[..., Any], *args: Any) -> Callable[[], dict[str, Array]]:
+        """Returns a function making fresh zero metric sums with the full set of keys ``step``
+        returns (a fixed structure, so the step compiles once); the sums are its argument after
+        the first one (training) or its only dict output (validation)."""
+        out = jax.eval_shape(step, *args)
+        shapes = out if isinstance(out, dict) else out[1]
         sharding = self.replicated_sharding()
         return jax.jit(lambda: {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}, out_shardings=sharding)
 
@@ -326,23 +367,17 @@ class TrainMixin(
         source.restore(type(source.cursor)(epoch=0, index=0))
         valid_state = state.replace(phase="valid")
         params = self.eval_params(ts)
+        serial = self._max_inflight_steps() == 0
         sums: dict[str, Array] | None = None
         with DevicePrefetcher(source, self.place_batch, self.config.data.prefetch) as batches:
             for batch in batches:
-                if sums is None:
-                    shapes = jax.eval_shape(
-                        self._eval_step,
-                        params,
-                        ts.frozen,
-                        {"count": jnp.zeros((), jnp.float32)},
-                        batch,
-                        valid_state,
-                        self._valid_key,
-                    )
-                    sums = jax.device_put(
-                        {name: np.zeros(s.shape, s.dtype) for name, s in shapes.items()}, self.replicated_sharding()
-                    )
+                if self._valid_zeros is None:
+                    args = (params, ts.frozen, empty_sums(), batch, valid_state, self._valid_key)
+                    self._valid_zeros = self._zero_sums_fn(self._eval_step, *args)
+                sums = self._valid_zeros() if sums is None else sums
                 sums = self._eval_step(params, ts.frozen, sums, batch, valid_state, self._valid_key)
+                if serial:
+                    jax.block_until_ready(sums)
         if sums is not None:
             self.log_item(LogItem(state=state, phase="valid", sums=sums))
 

@@ -1,0 +1,72 @@
+"""Classifier-free guidance: the mix of conditional and unconditional outputs, label dropout, and the
+choice of EMA weights for sampling."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from xax.arch.diffusion.guidance import conditioned, drop_labels, guided
+from xax.arch.diffusion.samplers import sampling_model, sampling_params
+from xax.arch.dit import DiT, dit_config
+from xax.task.mixins.train_step import TrainState
+
+
+def randomized(model: eqx.Module, key: jax.Array) -> eqx.Module:
+    """Every float leaf redrawn, so that the zero-initialized layers make the output depend on the label."""
+    leaves, treedef = jax.tree.flatten(model)
+    keys = iter(jax.random.split(key, len(leaves)))
+    new = [
+        0.2 * jax.random.normal(next(keys), leaf.shape) if eqx.is_inexact_array(leaf) else leaf for leaf in leaves
+    ]
+    return jax.tree.unflatten(treedef, new)
+
+
+def tiny_dit() -> DiT:
+    config = dit_config("DiT-S/2", input_size=4, in_channels=1, hidden_dim=16, depth=1, num_heads=2, num_classes=3)
+    config.frequency_dim = 8
+    return randomized(DiT(config, key=jax.random.key(0)), jax.random.key(1))  # ty: ignore[invalid-return-type]
+
+
+def test_guidance_scale_zero_is_unconditional_and_one_conditional() -> None:
+    model = tiny_dit()
+    net = jax.vmap(model)
+    x = jax.random.normal(jax.random.key(2), (4, 1, 4, 4))
+    t = jnp.array([0.1, 0.4, 0.6, 0.9])
+    labels = jnp.array([0, 1, 2, 1])
+    null = jnp.full((4,), model.null_label)
+    cond, uncond = net(x, t, labels), net(x, t, null)
+    assert float(jnp.abs(cond - uncond).max()) > 1e-2
+    np.testing.assert_allclose(guided(net, labels, model.null_label, 0.0)(x, t), uncond, atol=1e-5)
+    np.testing.assert_allclose(guided(net, labels, model.null_label, 1.0)(x, t), cond, atol=1e-5)
+    np.testing.assert_allclose(guided(net, labels, model.null_label, 4.0)(x, t), uncond + 4.0 * (cond - uncond), atol=1e-4)
+    np.testing.assert_allclose(conditioned(net, labels)(x, t), cond, atol=1e-6)
+    # No label at all is the null label.
+    np.testing.assert_allclose(jax.vmap(lambda a, b: model(a, b))(x, t), uncond, atol=1e-6)
+
+
+def test_drop_labels() -> None:
+    labels = jax.random.randint(jax.random.key(0), (20_000,), 0, 10)
+    np.testing.assert_array_equal(drop_labels(labels, jax.random.key(1), 0.0, 10), labels)
+    np.testing.assert_array_equal(drop_labels(labels, jax.random.key(1), 1.0, 10), jnp.full_like(labels, 10))
+    dropped = drop_labels(labels, jax.random.key(1), 0.1, 10)
+    is_null = dropped == 10
+    assert abs(float(is_null.mean()) - 0.1) < 0.01  # standard error 0.002
+    np.testing.assert_array_equal(dropped[~is_null], labels[~is_null])
+    assert dropped.dtype == labels.dtype
+
+
+def test_sampling_uses_the_ema_weights_when_kept() -> None:
+    model = eqx.nn.Linear(2, 3, key=jax.random.key(0))
+    arrays, static = eqx.partition(model, eqx.is_array)
+    params, frozen = eqx.partition(arrays, eqx.is_inexact_array)
+    ema = jax.tree.map(lambda a: a + 1.0, params)
+    opt_state = optax.sgd(0.1).init(params)
+    with_ema = TrainState(params, frozen, opt_state, ema, jax.random.key(0))
+    without = with_ema._replace(ema=None)
+    assert sampling_params(with_ema) is ema
+    assert sampling_params(without) is params
+    x = jnp.ones(2)
+    np.testing.assert_allclose(sampling_model(with_ema, static)(x), model(x) + 1.0 + 2.0, rtol=1e-6)
+    np.testing.assert_allclose(sampling_model(without, static)(x), model(x), rtol=1e-6)

@@ -1,0 +1,111 @@
+"""The contract battery applied to every transformer preset (at tiny sizes).
+
+Other model families add their cases to ``CASES``.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tests.arch.contracts import CHECKS, ContractCase, Equivalence
+from xax.arch.transformer import Transformer, TransformerConfig
+from xax.nn.losses import chunked_cross_entropy, cross_entropy
+
+BATCH, SEQ = 2, 8
+
+
+def _tokens(config: TransformerConfig) -> Callable[[jax.Array], tuple]:
+    return lambda key: (jax.random.randint(key, (BATCH, SEQ), 0, config.vocab_size),)
+
+
+def _logits(model: Transformer, inputs: tuple) -> jax.Array:
+    return model(inputs[0])[0]
+
+
+def _next_token_loss(model: Transformer, inputs: tuple) -> jax.Array:
+    (tokens,) = inputs
+    logits, _ = model(tokens[:, :-1])
+    return cross_entropy(logits, tokens[:, 1:])
+
+
+def _cached_logits(model: Transformer, tokens: jax.Array, prefill: int) -> jax.Array:
+    """Prefills ``prefill`` tokens, then feeds the rest one at a time."""
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1])
+    logits, cache = eqx.filter_jit(model.__call__)(tokens[:, :prefill], cache=cache)
+    steps = [logits]
+    step = eqx.filter_jit(lambda m, t, c: m(t, cache=c))
+    for i in range(prefill, tokens.shape[1]):
+        logits, cache = step(model, tokens[:, i : i + 1], cache)
+        steps.append(logits)
+    return jnp.concatenate(steps, axis=1)
+
+
+def _transformer_equivalences(config: TransformerConfig) -> Callable[[], list[Equivalence]]:
+    def build() -> list[Equivalence]:
+        model = Transformer(config, key=jax.random.key(0))
+        (tokens,) = _tokens(config)(jax.random.key(1))
+        full = eqx.filter_jit(_logits)(model, (tokens,))
+        loop = Transformer(config.with_updates(scan_layers=False), key=jax.random.key(0))
+        remat = Transformer(config.with_updates(remat="full"), key=jax.random.key(0))
+        dots = Transformer(config.with_updates(remat="dots_saveable"), key=jax.random.key(0))
+        loss_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_next_token_loss))
+
+        def chunked_loss(m: Transformer) -> jax.Array:
+            hidden, _ = m.hidden_states(tokens[:, :-1])
+            return chunked_cross_entropy(hidden, m.unembedding(), tokens[:, 1:], chunk_size=3)
+
+        return [
+            Equivalence("scan equals loop", lambda: (full, eqx.filter_jit(_logits)(loop, (tokens,))), atol=1e-5),
+            Equivalence("cache equals full forward", lambda: (full, _cached_logits(model, tokens, 5)), atol=1e-5),
+            Equivalence(
+                "remat 'full' equals none", lambda: (loss_and_grad(model, (tokens,)), loss_and_grad(remat, (tokens,))), 1e-6
+            ),
+            Equivalence(
+                "remat 'dots_saveable' equals none",
+                lambda: (loss_and_grad(model, (tokens,)), loss_and_grad(dots, (tokens,))),
+                atol=1e-6,
+            ),
+            Equivalence(
+                "chunked loss equals full-logits loss",
+                lambda: (_next_token_loss(model, (tokens,)), eqx.filter_jit(chunked_loss)(model)),
+                atol=1e-6,
+            ),
+        ]
+
+    return build
+
+
+def transformer_cases() -> list[ContractCase]:
+    """One case per transformer preset."""
+    presets = {
+        "gpt2": TransformerConfig.gpt2_tiny(),
+        "llama": TransformerConfig.llama_tiny(),
+        "qwen": TransformerConfig.qwen_tiny(),
+        "mistral": TransformerConfig.mistral_tiny(),
+    }
+    return [
+        ContractCase(
+            name=f"transformer-{name}",
+            make_model=lambda key, c=config: Transformer(c, key=key),
+            make_inputs=_tokens(config),
+            apply=_logits,
+            loss=_next_token_loss,
+            make_low_precision_model=lambda key, c=config: Transformer(c.with_updates(compute_dtype="bfloat16"), key=key),
+            output_dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            equivalences=_transformer_equivalences(config),
+        )
+        for name, config in presets.items()
+    ]
+
+
+CASES = [*transformer_cases()]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_contract(case: ContractCase, check: Callable[[ContractCase], None]) -> None:
+    check(case)

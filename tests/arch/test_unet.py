@@ -1,0 +1,116 @@
+"""The UNet: shapes at MNIST sizes, zero-initialized residual branches, attention against a hand-written
+softmax, the timestep embedding against its formula, conditioning, gradients and the bf16 dtype policy."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xax.arch.diffusion.embeddings import timestep_embedding
+from xax.arch.unet import AttentionBlock, ResBlock, UNet, UNetConfig, count_params
+
+TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2, norm_groups=4)
+
+
+def randomized(model: eqx.Module, key: jax.Array, scale: float = 0.2) -> eqx.Module:
+    leaves, treedef = jax.tree.flatten(model)
+    keys = iter(jax.random.split(key, len(leaves)))
+    new = [scale * jax.random.normal(next(keys), x.shape) if eqx.is_inexact_array(x) else x for x in leaves]
+    return jax.tree.unflatten(treedef, new)
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_shapes_at_mnist_sizes(size: int) -> None:
+    model = UNet(UNetConfig(), key=jax.random.key(0))
+    x = jax.ShapeDtypeStruct((3, 1, size, size), jnp.float32)
+    out = jax.eval_shape(jax.vmap(model), x, jnp.array([0.1, 0.5, 1.0]), jnp.array([0, 5, 10]))
+    assert (out.shape, out.dtype) == (x.shape, x.dtype)
+
+
+def test_zero_output_at_init() -> None:
+    model = UNet(TINY, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (1, 8, 8))
+    out = model(x, jnp.float32(0.5), jnp.int32(3))
+    np.testing.assert_array_equal(out, jnp.zeros_like(out))  # zero-initialized output convolution
+
+
+def test_default_config_size() -> None:
+    # The MNIST default: about 7M parameters, from 28x28 down to 7x7.
+    model = eqx.filter_eval_shape(UNet, UNetConfig(), key=jax.random.key(0))
+    assert 6e6 < count_params(model) < 8e6
+
+
+def test_res_block_starts_as_identity_and_conditions_on_the_embedding() -> None:
+    block = ResBlock(8, 8, 16, 4, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (8, 6, 6))
+    emb = jax.random.normal(jax.random.key(2), (16,))
+    np.testing.assert_array_equal(block(x, emb), x)
+    block = randomized(block, jax.random.key(3))
+    other = jax.random.normal(jax.random.key(4), (16,))
+    assert float(jnp.abs(block(x, emb) - block(x, other)).max()) > 1e-2  # ty: ignore[call-non-callable]
+
+
+def test_attention_block_matches_hand_written_softmax() -> None:
+    block = randomized(AttentionBlock(8, 2, 4, None, key=jax.random.key(0)), jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (8, 3, 5))
+    out = np.asarray(block(x), np.float64)  # ty: ignore[call-non-callable]
+    tokens = np.asarray(block.norm(x), np.float64).reshape(8, 15).T  # ty: ignore[unresolved-attribute]
+    w, b = np.asarray(block.qkv.weight, np.float64), np.asarray(block.qkv.bias, np.float64)  # ty: ignore[unresolved-attribute]
+    q, k, v = np.split(tokens @ w.T + b, 3, axis=1)
+    heads = []
+    for h in range(2):
+        cols = slice(4 * h, 4 * h + 4)
+        logits = q[:, cols] @ k[:, cols].T / math.sqrt(4)
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        heads.append((p / p.sum(axis=1, keepdims=True)) @ v[:, cols])
+    pw, pb = np.asarray(block.proj.weight, np.float64), np.asarray(block.proj.bias, np.float64)  # ty: ignore[unresolved-attribute]
+    expected = np.asarray(x, np.float64) + (np.concatenate(heads, axis=1) @ pw.T + pb).T.reshape(8, 3, 5)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_timestep_embedding_formula() -> None:
+    t = np.array([0.0, 0.013, 0.5, 1.0])
+    got = np.asarray(timestep_embedding(jnp.asarray(t, jnp.float32), 8))
+    freqs = np.exp(-np.log(10_000.0) * np.arange(4) / 4)
+    angles = 1000 * t[:, None] * freqs
+    np.testing.assert_allclose(got, np.concatenate([np.cos(angles), np.sin(angles)], axis=1), atol=2e-4)
+
+
+def test_time_and_class_change_the_output() -> None:
+    model = randomized(UNet(TINY, key=jax.random.key(0)), jax.random.key(1), 0.1)
+    x = jnp.broadcast_to(jax.random.normal(jax.random.key(2), (1, 8, 8)), (4, 1, 8, 8))
+    t, y = jnp.array([0.3, 0.7, 0.3, 0.3]), jnp.array([2, 2, 7, 10])
+    out = jax.jit(jax.vmap(model))(x, t, y)
+    assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3  # time
+    assert float(jnp.abs(out[0] - out[2]).max()) > 1e-3  # class
+    np.testing.assert_allclose(model(x[0], jnp.float32(0.3)), out[3], atol=1e-5)  # ty: ignore[call-non-callable]
+
+
+def test_gradients_are_finite_and_bf16_stays_bf16() -> None:
+    model = randomized(UNet(TINY, key=jax.random.key(0)), jax.random.key(1), 0.1)
+    x = jax.random.normal(jax.random.key(2), (2, 1, 8, 8))
+    t, y = jnp.array([0.2, 0.9]), jnp.array([1, 3])
+
+    def loss(m: UNet) -> jax.Array:
+        return jnp.mean(jax.vmap(m)(x, t, y) ** 2)
+
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(model)
+    leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+    assert all(bool(jnp.isfinite(g).all()) for g in leaves)
+    assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, model)
+    out = jax.eval_shape(jax.vmap(half), x.astype(jnp.bfloat16), t, y)
+    assert out.dtype == jnp.bfloat16
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"UNetConfig.norm_groups=5 does not divide the width 8"):
+        UNet(UNetConfig(base_channels=8, norm_groups=5), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"UNetConfig.attention_levels has 3; levels are 0..1"):
+        UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), norm_groups=4, attention_levels=(3,)), key=jax.random.key(0))
+    model = UNet(TINY, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"must be divisible by 2; pad the images"):
+        model(jnp.zeros((1, 15, 15)), jnp.float32(0.5))
