@@ -408,7 +408,8 @@ class Transformer(eqx.Module):
         """Returns float32 logits (B, T, vocab) and the updated cache; arguments as ``hidden_states``."""
         hidden, cache = self.hidden_states(tokens, positions=positions, padding_mask=padding_mask, cache=cache, key=key)
         unembedding = self.unembedding().astype(hidden.dtype)
-        logits = jnp.einsum("btd,vd->btv", hidden, unembedding, preferred_element_type=jnp.float32)
+        # float32 accumulation and output; dot_general keeps the mixed dtypes explicit under grad.
+        logits = jax.lax.dot_general(hidden, unembedding, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return logits, cache
 
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
 
 Phase = Literal["train", "valid"]
 PHASES: tuple[Phase, ...] = get_args(Phase)
@@ -39,6 +42,27 @@ class State:
 
     def replace(self, **changes: object) -> "State":
         return dataclasses.replace(self, **changes)
+
+    def pack(self) -> np.ndarray:
+        """The counters as one int32 array, so the step receives them in a single transfer.
+
+        Inside the step the counters are int32 (they wrap past 2**31) and the elapsed time is
+        whole milliseconds; the host keeps the exact values.
+        """
+        values = [self.num_steps, self.num_samples, self.num_valid_steps, self.epoch, int(self.elapsed_time_s * 1000)]
+        return (np.array(values, dtype=np.int64) % 2**31).astype(np.int32)
+
+    @classmethod
+    def unpack(cls, packed: Array, phase: Phase) -> "State":
+        """The State seen inside the jitted step, from ``pack``'s array."""
+        return cls(
+            num_steps=packed[0],
+            num_samples=packed[1],
+            num_valid_steps=packed[2],
+            epoch=packed[3],
+            elapsed_time_s=packed[4].astype(jnp.float32) / 1000.0,
+            phase=phase,
+        )
 
     def to_dict(self) -> dict[str, int | float | str]:
         return dataclasses.asdict(self)

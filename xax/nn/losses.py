@@ -100,7 +100,9 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def chunk_loss(args: tuple[Array, Array]) -> tuple[Array, Array]:
         chunk_hidden, chunk_labels = args  # (C, D), (C,)
-        logits = jnp.einsum("cd,vd->cv", chunk_hidden, unembedding, preferred_element_type=jnp.float32)
+        logits = jax.lax.dot_general(
+            chunk_hidden, unembedding, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )  # (C, V)
         loss, mask = _token_losses(logits, chunk_labels, label_smoothing, ignore_index)
         return jnp.sum(loss), jnp.sum(mask)
 

@@ -43,6 +43,11 @@ class DataOptions:
     prefetch: int = field(2, help="Batches prepared ahead by a background worker and kept on the devices")
     shuffle_buffer: int = field(10_000, help="Examples in the shuffle buffer when streaming an IterableDataset")
     in_memory_max_mb: int = field(4096, help="Load map-style datasets up to this size (MB) into numpy arrays")
+    device_resident_max_mb: int = field(
+        1024,
+        help="Keep an in-memory training set up to this size (MB) on each device and gather every batch inside "
+        "the jitted step, so only the batch's indices cross to the device (0 turns it off)",
+    )
 
 
 @dataclass
@@ -335,18 +340,28 @@ class MapBatchSource(BatchSource):
             return {name: np.take(values, indices, axis=0) for name, values in self._arrays.items()}
         return table_to_batch(self._rows[indices], self.columns)
 
-    def __iter__(self) -> Iterator[Batch]:
+    @property
+    def arrays(self) -> Batch | None:
+        """The columns as numpy arrays when they were loaded into memory, else None."""
+        return self._arrays
+
+    def iter_indices(self) -> Iterator[np.ndarray]:
+        """The sample indices (int32) of each batch from the cursor on, advancing the cursor."""
         epoch, index = self._cursor.epoch, self._cursor.index
         num_batches = self.num_batches_per_epoch
         while True:
-            order = self.epoch_order(epoch)
+            order = self.epoch_order(epoch).astype(np.int32)
             for i in range(index, num_batches):
-                batch = self.gather(order[i * self.batch_size : (i + 1) * self.batch_size])
+                indices = order[i * self.batch_size : (i + 1) * self.batch_size]
                 self._cursor = Cursor(epoch, i + 1) if i + 1 < num_batches else Cursor(epoch + 1, 0)
-                yield batch
+                yield indices
             epoch, index = epoch + 1, 0
             if not self.repeat:
                 return
+
+    def __iter__(self) -> Iterator[Batch]:
+        for indices in self.iter_indices():
+            yield self.gather(indices)
 
 
 def _estimated_nbytes(dataset: datasets.Dataset, columns: Sequence[str]) -> float:

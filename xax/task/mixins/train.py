@@ -21,8 +21,15 @@ from xax.core.config import field
 from xax.core.errors import ConfigError, LaunchError
 from xax.core.metric import Metric
 from xax.core.state import State
+from xax.task.feeds import Feed, PrefetchFeed, ResidentFeed, gather_batch, resident_bytes
 from xax.task.mixins.compile import CompileConfig, CompileMixin
-from xax.task.mixins.data_loader import BatchSource, DataLoaderConfig, DataLoaderMixin, DevicePrefetcher
+from xax.task.mixins.data_loader import (
+    BatchSource,
+    DataLoaderConfig,
+    DataLoaderMixin,
+    DevicePrefetcher,
+    MapBatchSource,
+)
 from xax.task.mixins.logger import LoggerConfig, LoggerMixin, LogItem
 from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
 from xax.task.mixins.train_step import (
@@ -48,12 +55,12 @@ class _Window:
         self.steps = 0
         self.first_step_s: float | None = None
 
-    def close(self, prefetcher: DevicePrefetcher, batch_size: int) -> dict[str, float]:
+    def close(self, wait_time_s: float, batch_size: int) -> dict[str, float]:
         seconds = max(time.perf_counter() - self.start, 1e-9)
         scalars = {
             "steps_per_second": self.steps / seconds,
             "samples_per_second": self.steps * batch_size / seconds,
-            "data_wait_fraction": (prefetcher.wait_time_s - self.wait_time_s) / seconds,
+            "data_wait_fraction": (wait_time_s - self.wait_time_s) / seconds,
         }
         if self.first_step_s is not None:
             scalars["time_to_first_step_s"] = self.first_step_s
@@ -189,7 +196,7 @@ class TrainMixin(
         ema = jax.tree.map(jnp.copy, params) if self.config.ema.decay is not None else None
         with jax.numpy_dtype_promotion("standard"):  # as in the step: optax relies on it
             opt_state = optimizer.init(params)
-        state = TrainState(params, frozen, opt_state, ema, train_key)
+        state = TrainState(params, frozen, opt_state, ema, jax.random.key_data(train_key))
         return jax.device_put(state, self.replicated_sharding()), static
 
     def replicated_sharding(self) -> NamedSharding:
@@ -233,24 +240,24 @@ class TrainMixin(
         optimizer = self.full_optimizer()
         ts, static = self.init_train_state(optimizer)
         self._static = static
-        train_step = self._build_steps(optimizer, static)
-        source = self.get_batch_source("train", seed=self.config.seed)
-        prefetcher = DevicePrefetcher(source, self.place_batch, self.config.data.prefetch)
-        self.add_worker(prefetcher)
+        feed = self.make_train_feed()
+        self.add_worker(feed)
+        leaves, treedef = jax.tree.flatten(ts)
+        train_step = self._build_steps(optimizer, static, treedef)
 
         state = State()
-        batch: PyTree | None = next(prefetcher)
-        zero_sums = self._zero_sums_fn(train_step, ts, empty_sums(), batch, state)
+        batch: PyTree | None = next(feed)
+        zero_sums = self._zero_sums_fn(train_step, leaves, empty_sums(), batch, state.pack(), feed.data)
         sums = zero_sums()
         inflight: collections.deque[Array] = collections.deque()
         max_inflight = self._max_inflight_steps()
         start = time.perf_counter()
-        window = _Window(start, prefetcher.wait_time_s)
+        window = _Window(start, feed.wait_time_s)
         while not self.is_training_over(state):
             if batch is None:
                 with self.step_context("data"):
-                    batch = next(prefetcher)
-            ts, sums, loss = train_step(ts, sums, batch, state)
+                    batch = next(feed)
+            leaves, sums, loss = train_step(leaves, sums, batch, state.pack(), feed.data)
             batch = None
             inflight.append(loss)
             if len(inflight) > max_inflight:
@@ -259,31 +266,48 @@ class TrainMixin(
                 loss.block_until_ready()
                 window.first_step_s = time.perf_counter() - start
                 logger.info("First step (including compilation) took %.2f s", window.first_step_s)
-            state = state.replace(
+            state = State(
                 num_steps=state.num_steps + 1,
                 num_samples=state.num_samples + self.config.batch_size,
+                num_valid_steps=state.num_valid_steps,
                 elapsed_time_s=time.perf_counter() - start,
-                epoch=prefetcher.cursor.epoch,
+                epoch=feed.cursor.epoch,
             )
             window.steps += 1
             over = self.is_training_over(state)
             if self.light_log_is_due(state) or over:
                 host = {
-                    **window.close(prefetcher, self.config.batch_size),
+                    **window.close(feed.wait_time_s, self.config.batch_size),
                     "epoch": float(state.epoch),
                     **self.pop_section_times(),
                     **self.host_metrics(),
                 }
                 self.log_item(LogItem(state=state, phase="train", sums=sums, host_scalars=host))
                 sums = zero_sums()
-                window = _Window(time.perf_counter(), prefetcher.wait_time_s)
-            state = self._between_steps(ts, state, over)
+                window = _Window(time.perf_counter(), feed.wait_time_s)
+            if self.valid_is_due(state) or self.heavy_log_is_due(state) or over:
+                state = self._between_steps(jax.tree.unflatten(treedef, leaves), state, over)
         self.flush_logs()
-        self.final_train_state = ts
+        self.final_train_state = jax.tree.unflatten(treedef, leaves)
         return state
 
-    def _build_steps(self, optimizer: optax.GradientTransformation, static: PyTree) -> Callable[..., Any]:
-        """Jits the training step (returned) and the validation step (kept on self)."""
+    def make_train_feed(self) -> Feed:
+        """Batches for training: indices into a device-resident copy of the data when it is in
+        memory and small enough (``data.device_resident_max_mb``), else prefetched batches."""
+        source = self.get_batch_source("train", seed=self.config.seed)
+        limit = self.config.data.device_resident_max_mb * 2**20
+        if isinstance(source, MapBatchSource) and source.arrays is not None and resident_bytes(source) <= limit:
+            return ResidentFeed(source, self.replicated_sharding())
+        return PrefetchFeed(DevicePrefetcher(source, self.place_batch, self.config.data.prefetch))
+
+    def _build_steps(
+        self, optimizer: optax.GradientTransformation, static: PyTree, treedef: jax.tree_util.PyTreeDef
+    ) -> Callable[..., Any]:
+        """Jits the training step (returned) and the validation step (kept on self).
+
+        The training step takes the train state as a flat list of arrays: flattening Equinox
+        modules and typed keys in Python at every call costs more than a small model's step.
+        """
         loss_fn = self.compute_loss_and_metrics
         step = make_train_step(
             loss_fn,
@@ -293,12 +317,30 @@ class TrainMixin(
             grad_accum_steps=self.config.grad_accum_steps,
             ema_decay=self.config.ema.decay,
         )
+
+        def flat_step(
+            leaves: list[Array], sums: dict[str, Array], batch: Any, packed: Array, data: dict[str, Array] | None
+        ) -> tuple[list[Array], dict[str, Array], Array]:
+            if data is not None:
+                batch = gather_batch(batch, data)
+            ts, sums, loss = step(jax.tree.unflatten(treedef, leaves), sums, batch, State.unpack(packed, "train"))
+            return jax.tree.leaves(ts), sums, loss
+
         donate = self.config.compile.donate
         eval_step = make_eval_step(loss_fn, static, compute_dtype=self.compute_dtype)
         self._eval_step = jax.jit(eval_step, donate_argnums=(2,) if donate else ())
         self._valid_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
         self._valid_cadence_last = (0, time.monotonic())
-        return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+        # Explicit shardings let the host pass numpy inputs (indices, counters) straight to the call,
+        # placed by the jit's fast path rather than a separate, slower device_put.
+        replicated = self.replicated_sharding()
+        data_sharded = NamedSharding(self.get_mesh(), PartitionSpec(DATA_AXIS))
+        return jax.jit(
+            flat_step,
+            in_shardings=(replicated, replicated, data_sharded, replicated, replicated),
+            out_shardings=(replicated, replicated, replicated),
+            donate_argnums=(0, 1) if donate else (),
+        )
 
     def _max_inflight_steps(self) -> int:
         """How many steps may be queued on the devices.
@@ -317,8 +359,7 @@ class TrainMixin(
         """Validation and media, when due; both wait for the training step in flight first."""
         valid_due = self.valid_is_due(state) or over
         heavy_due = self.heavy_log_is_due(state) or over
-        if valid_due or heavy_due:
-            jax.block_until_ready(ts)
+        jax.block_until_ready(ts)
         if valid_due:
             with self.step_context("valid"):
                 self.validate(ts, state)
@@ -365,17 +406,17 @@ class TrainMixin(
         self._valid_cadence_last = (state.num_steps, time.monotonic())
         source = self._valid_source()
         source.restore(type(source.cursor)(epoch=0, index=0))
-        valid_state = state.replace(phase="valid")
+        packed = state.pack()
         params = self.eval_params(ts)
         serial = self._max_inflight_steps() == 0
         sums: dict[str, Array] | None = None
         with DevicePrefetcher(source, self.place_batch, self.config.data.prefetch) as batches:
             for batch in batches:
                 if self._valid_zeros is None:
-                    args = (params, ts.frozen, empty_sums(), batch, valid_state, self._valid_key)
+                    args = (params, ts.frozen, empty_sums(), batch, packed, self._valid_key)
                     self._valid_zeros = self._zero_sums_fn(self._eval_step, *args)
                 sums = self._valid_zeros() if sums is None else sums
-                sums = self._eval_step(params, ts.frozen, sums, batch, valid_state, self._valid_key)
+                sums = self._eval_step(params, ts.frozen, sums, batch, packed, self._valid_key)
                 if serial:
                     jax.block_until_ready(sums)
         if sums is not None:

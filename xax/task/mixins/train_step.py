@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, PRNGKeyArray, PyTree, UInt32
 
 from xax.core.metric import Scalar
 from xax.core.state import State
@@ -26,14 +26,16 @@ class TrainState(NamedTuple):
         frozen: The model's other arrays (integer buffers and the like), carried unchanged.
         opt_state: The optimizer state.
         ema: The moving average of ``params``, or None when the EMA is off.
-        key: The PRNG key; each step splits off a fresh key.
+        key: The PRNG key's raw data (``jax.random.key_data``); each step splits off a fresh key.
+            Raw data rather than a typed key: it crosses the jit boundary every step without the
+            typed key's Python-side wrapping, and it saves as a plain array.
     """
 
     params: PyTree
     frozen: PyTree
     opt_state: optax.OptState
     ema: PyTree | None
-    key: PRNGKeyArray
+    key: UInt32[Array, "..."]
 
 
 def cast_floating(tree: PyTree, dtype: jnp.dtype) -> PyTree:
@@ -110,7 +112,7 @@ def make_train_step(
     def step(
         ts: TrainState, sums: dict[str, Array], batch: PyTree, state: State
     ) -> tuple[TrainState, dict[str, Array], Array]:
-        key, step_key = jax.random.split(ts.key)
+        key, step_key = jax.random.split(jax.random.wrap_key_data(ts.key))
         if grad_accum_steps == 1:
             (loss, metrics), grads = grad_fn(ts.params, ts.frozen, batch, state, step_key)
         else:
@@ -144,14 +146,14 @@ def make_train_step(
             values["learning_rate"] = learning_rate
         new_sums = {name: sums.get(name, jnp.zeros((), jnp.float32)) + value for name, value in values.items()}
         new_sums["count"] = sums["count"] + 1.0
-        return TrainState(params, ts.frozen, opt_state, ema, key), new_sums, loss
+        return TrainState(params, ts.frozen, opt_state, ema, jax.random.key_data(key)), new_sums, loss
 
     return step
 
 
 def make_eval_step(
     loss_fn: LossFn, static: PyTree, *, compute_dtype: jnp.dtype
-) -> Callable[[PyTree, PyTree, dict[str, Array], PyTree, State, PRNGKeyArray], dict[str, Array]]:
+) -> Callable[[PyTree, PyTree, dict[str, Array], PyTree, Array, PRNGKeyArray], dict[str, Array]]:
     """Builds the (unjitted) validation step: sums of loss and metrics weighted by batch size.
 
     Weighting by the number of samples makes the average over a pass exact, including the last,
@@ -159,10 +161,10 @@ def make_eval_step(
     """
 
     def step(
-        params: PyTree, frozen: PyTree, sums: dict[str, Array], batch: PyTree, state: State, key: PRNGKeyArray
+        params: PyTree, frozen: PyTree, sums: dict[str, Array], batch: PyTree, packed: Array, key: PRNGKeyArray
     ) -> dict[str, Array]:
         model = eqx.nn.inference_mode(eqx.combine(cast_floating(params, compute_dtype), frozen, static))
-        loss, metrics = loss_fn(model, batch, state, key)
+        loss, metrics = loss_fn(model, batch, State.unpack(packed, "valid"), key)
         num = jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
         values = {"loss": loss.astype(jnp.float32), **scalar_metrics(metrics, "compute_metrics")}
         new_sums = {name: sums.get(name, jnp.zeros((), jnp.float32)) + value * num for name, value in values.items()}

@@ -1,0 +1,171 @@
+"""The transformer against Hugging Face GPT-2, Llama and Qwen2 (same weights, fp32 logits at 1e-4)."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xax.arch.transformer import Transformer, TransformerConfig
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# Random weights of this scale give logits with a spread comparable to a trained model's.
+WEIGHT_STD = 0.2
+
+
+def _randomize(module: object) -> None:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, WEIGHT_STD)
+
+
+def _load(model: Transformer, weights: dict[Callable, object]) -> Transformer:
+    """Sets each model leaf picked by a `where` function to the given torch tensor."""
+    for where, tensor in weights.items():
+        value = jnp.asarray(tensor.detach().numpy())
+        old = where(model)
+        assert old.shape == value.shape, f"shape {old.shape} != {value.shape}"
+        model = eqx.tree_at(where, model, value)
+    return model
+
+
+def _gpt2_weights(hf: object, layers: int) -> dict[Callable, object]:
+    sd = hf.state_dict()
+    d = hf.config.n_embd
+    w: dict[Callable, object] = {
+        lambda m: m.embed_tokens.weight: sd["transformer.wte.weight"],
+        lambda m: m.embed_positions.weight: sd["transformer.wpe.weight"],
+        lambda m: m.norm.weight: sd["transformer.ln_f.weight"],
+        lambda m: m.norm.bias: sd["transformer.ln_f.bias"],
+    }
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        c_attn_w, c_attn_b = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]  # (d, 3d), (3d,)
+        for j, name in enumerate(["q_proj", "k_proj", "v_proj"]):
+            w[lambda m, i=i, n=name: getattr(m.layers[i].self_attn, n).weight] = c_attn_w[:, j * d : (j + 1) * d].T
+            w[lambda m, i=i, n=name: getattr(m.layers[i].self_attn, n).bias] = c_attn_b[j * d : (j + 1) * d]
+        w |= {
+            lambda m, i=i: m.layers[i].self_attn.o_proj.weight: sd[p + "attn.c_proj.weight"].T,
+            lambda m, i=i: m.layers[i].self_attn.o_proj.bias: sd[p + "attn.c_proj.bias"],
+            lambda m, i=i: m.layers[i].input_layernorm.weight: sd[p + "ln_1.weight"],
+            lambda m, i=i: m.layers[i].input_layernorm.bias: sd[p + "ln_1.bias"],
+            lambda m, i=i: m.layers[i].post_attention_layernorm.weight: sd[p + "ln_2.weight"],
+            lambda m, i=i: m.layers[i].post_attention_layernorm.bias: sd[p + "ln_2.bias"],
+            lambda m, i=i: m.layers[i].mlp.up_proj.weight: sd[p + "mlp.c_fc.weight"].T,
+            lambda m, i=i: m.layers[i].mlp.up_proj.bias: sd[p + "mlp.c_fc.bias"],
+            lambda m, i=i: m.layers[i].mlp.down_proj.weight: sd[p + "mlp.c_proj.weight"].T,
+            lambda m, i=i: m.layers[i].mlp.down_proj.bias: sd[p + "mlp.c_proj.bias"],
+        }
+    return w
+
+
+def _llama_weights(hf: object, layers: int, qkv_bias: bool, tied: bool) -> dict[Callable, object]:
+    sd = hf.state_dict()
+    w: dict[Callable, object] = {
+        lambda m: m.embed_tokens.weight: sd["model.embed_tokens.weight"],
+        lambda m: m.norm.weight: sd["model.norm.weight"],
+    }
+    if not tied:
+        w[lambda m: m.lm_head.weight] = sd["lm_head.weight"]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ["q_proj", "k_proj", "v_proj", "o_proj"]:
+            w[lambda m, i=i, n=name: getattr(m.layers[i].self_attn, n).weight] = sd[p + f"self_attn.{name}.weight"]
+            if qkv_bias and name != "o_proj":
+                w[lambda m, i=i, n=name: getattr(m.layers[i].self_attn, n).bias] = sd[p + f"self_attn.{name}.bias"]
+        for name in ["gate_proj", "up_proj", "down_proj"]:
+            w[lambda m, i=i, n=name: getattr(m.layers[i].mlp, n).weight] = sd[p + f"mlp.{name}.weight"]
+        w[lambda m, i=i: m.layers[i].input_layernorm.weight] = sd[p + "input_layernorm.weight"]
+        w[lambda m, i=i: m.layers[i].post_attention_layernorm.weight] = sd[p + "post_attention_layernorm.weight"]
+    return w
+
+
+def _compare(model: Transformer, hf: object, vocab: int) -> None:
+    tokens = np.random.default_rng(0).integers(0, vocab, (2, 12))
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens)).logits.numpy()
+    logits, _ = jax.jit(model.__call__)(jnp.asarray(tokens, dtype=jnp.int32))
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_matches_transformers() -> None:
+    config = TransformerConfig.gpt2_tiny().with_updates(scan_layers=False)
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.d_model,
+        n_layer=config.num_layers, n_head=config.num_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    _randomize(hf)
+    hf.tie_weights()
+    model = _load(Transformer(config, key=jax.random.key(0)), _gpt2_weights(hf, config.num_layers))
+    _compare(model, hf, config.vocab_size)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen"])
+def test_llama_and_qwen_match_transformers(family: str) -> None:
+    config = (TransformerConfig.llama_tiny() if family == "llama" else TransformerConfig.qwen_tiny()).with_updates(
+        scan_layers=False
+    )
+    common = {
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.kv_heads, "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+    }
+    if family == "llama":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, attention_bias=False))
+    else:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    hf = hf.eval()
+    _randomize(hf)
+    hf.tie_weights()
+    weights = _llama_weights(hf, config.num_layers, config.qkv_bias, config.tie_embeddings)
+    model = _load(Transformer(config, key=jax.random.key(0)), weights)
+    _compare(model, hf, config.vocab_size)
+
+
+def test_gpt2_small_has_124m_parameters() -> None:
+    shapes = eqx.filter_eval_shape(Transformer, TransformerConfig.gpt2_small(), key=jax.random.key(0))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(eqx.filter(shapes, eqx.is_array)))
+    assert count == 124_439_808  # GPT2LMHeadModel's count (tied lm_head counted once)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits() -> None:
+    config = TransformerConfig.llama_tiny().with_updates(compute_dtype="bfloat16")
+    model = Transformer(config, key=jax.random.key(0))
+    assert {leaf.dtype for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))} == {jnp.dtype(jnp.float32)}
+    hidden, cache = model.hidden_states(jnp.zeros((1, 4), jnp.int32), cache=model.init_cache(1, 8))
+    assert hidden.dtype == jnp.bfloat16
+    assert cache is not None and cache.key.dtype == jnp.bfloat16
+
+
+def test_dropout_is_active_only_with_a_key() -> None:
+    config = TransformerConfig.gpt2_tiny().with_updates(dropout=0.5)
+    model = Transformer(config, key=jax.random.key(0))
+    tokens = jnp.zeros((1, 6), jnp.int32)
+    a, _ = model(tokens)
+    b, _ = model(tokens)
+    c, _ = model(tokens, key=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.max(jnp.abs(a - c))) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_kv_heads": 3}, "num_heads=4 is not divisible by num_kv_heads=3"),
+        ({"norm": "batchnorm"}, "TransformerConfig.norm='batchnorm' is unknown"),
+        ({"remat": "some"}, "TransformerConfig.remat='some' is unknown"),
+        ({"d_model": 66}, "d_model=66 is not divisible by num_heads=4; set head_dim explicitly"),
+    ],
+)
+def test_config_errors_name_the_field(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig.llama_tiny().with_updates(**changes)

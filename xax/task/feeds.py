@@ -1,0 +1,100 @@
+"""What the training loop pulls each step: a batch on the devices, or only its indices."""
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jaxtyping import Array
+
+from xax.task.mixins.data_loader import Batch, Cursor, DevicePrefetcher, MapBatchSource
+
+
+class Feed:
+    """One step's input for the jitted step, plus the data it gathers from (if any).
+
+    Attributes:
+        data: Device arrays the step gathers the batch from, or None when the input is the batch.
+    """
+
+    data: dict[str, Array] | None = None
+
+    def __next__(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def cursor(self) -> Cursor:
+        raise NotImplementedError
+
+    @property
+    def wait_time_s(self) -> float:
+        """Seconds the loop has waited for inputs so far."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stops any background work."""
+
+
+class PrefetchFeed(Feed):
+    """Whole batches, made and placed on the devices by a background worker."""
+
+    def __init__(self, prefetcher: DevicePrefetcher) -> None:
+        self._prefetcher = prefetcher
+
+    def __next__(self) -> dict[str, Array]:
+        return next(self._prefetcher)
+
+    @property
+    def cursor(self) -> Cursor:
+        return self._prefetcher.cursor
+
+    @property
+    def wait_time_s(self) -> float:
+        return self._prefetcher.wait_time_s
+
+    def close(self) -> None:
+        self._prefetcher.close()
+
+
+class ResidentFeed(Feed):
+    """The whole (in-memory) dataset on every device; each step receives only the batch's indices.
+
+    Making a batch is then a gather inside the jitted step, and the host sends B int32 indices a
+    step instead of the batch itself: for small datasets such as MNIST this is what keeps the
+    device busy when a step takes well under a millisecond.
+    """
+
+    def __init__(self, source: MapBatchSource, replicated: NamedSharding) -> None:
+        arrays = source.arrays
+        if arrays is None:
+            raise ValueError("ResidentFeed needs a source whose columns are loaded in memory")
+        self._source = source
+        self._indices: Iterator[np.ndarray] = source.iter_indices()
+        self._wait_time_s = 0.0
+        self.data = jax.device_put(arrays, replicated)
+
+    def __next__(self) -> np.ndarray:
+        start = time.perf_counter()
+        indices = next(self._indices)  # placed by the jitted step's input sharding
+        self._wait_time_s += time.perf_counter() - start
+        return indices
+
+    @property
+    def cursor(self) -> Cursor:
+        return self._source.cursor
+
+    @property
+    def wait_time_s(self) -> float:
+        return self._wait_time_s
+
+
+def gather_batch(indices: Array, data: Batch | dict[str, Array]) -> dict[str, Array]:
+    """The batch of the given sample indices, gathered on the device (inside the jitted step)."""
+    return {name: values[indices] for name, values in data.items()}
+
+
+def resident_bytes(source: MapBatchSource) -> int:
+    arrays = source.arrays
+    return 0 if arrays is None else sum(values.nbytes for values in arrays.values())
