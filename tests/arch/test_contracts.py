@@ -102,7 +102,9 @@ def transformer_cases() -> list[ContractCase]:
             make_inputs=_tokens(config),
             apply=_logits,
             loss=_next_token_loss,
-            make_low_precision_model=lambda key, c=config: Transformer(c.with_updates(compute_dtype="bfloat16"), key=key),
+            make_low_precision_model=lambda key, c=config: Transformer(
+                c.with_updates(compute_dtype="bfloat16"), key=key
+            ),
             output_dtype=jnp.float32,
             param_dtype=jnp.float32,
             equivalences=_transformer_equivalences(config, extended),

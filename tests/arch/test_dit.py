@@ -95,8 +95,12 @@ def test_preset_sizes_match_the_paper(name: str, millions: float) -> None:
     # Peebles & Xie (2023), Table 1 (on 32x32x4 latents).
     model = eqx.filter_eval_shape(DiT, dit_config(name), key=jax.random.key(0))
     assert abs(count_params(model) / 1e6 - millions) / millions < 0.01
+    # The dtype policy: bf16 weights and inputs give a bf16 output (norms and softmax upcast inside).
+    half = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, model
+    )
     out = eqx.filter_eval_shape(
-        lambda m, x: m(x, jnp.float32(0.5), jnp.int32(0)), model, jax.ShapeDtypeStruct((4, 32, 32), jnp.bfloat16)
+        lambda m, x: m(x, jnp.float32(0.5), jnp.int32(0)), half, jax.ShapeDtypeStruct((4, 32, 32), jnp.bfloat16)
     )
     assert (out.shape, out.dtype) == ((4, 32, 32), jnp.bfloat16)
 

@@ -14,7 +14,9 @@ def test_greedy_generation_logits_equal_full_forward(preset: str) -> None:
     config = getattr(TransformerConfig, preset)()
     model = Transformer(config, key=jax.random.key(0))
     prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, config.vocab_size)
-    out = generate(model, prompt, max_new_tokens=6, key=jax.random.key(2), sampling=SamplingConfig(0.0), return_logits=True)
+    out = generate(
+        model, prompt, max_new_tokens=6, key=jax.random.key(2), sampling=SamplingConfig(0.0), return_logits=True
+    )
     assert out.tokens.shape == (2, 6)
     sequence = jnp.concatenate([prompt, out.tokens], axis=1)  # (B, 11)
     full, _ = jax.jit(model.__call__)(sequence)

@@ -1,6 +1,7 @@
 """The transformer against Hugging Face GPT-2, Llama and Qwen2 (same weights, fp32 logits at 1e-4)."""
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from xax.arch.transformer import Transformer, TransformerConfig
+from xax.nn.attention import KVCache
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -17,14 +19,14 @@ transformers = pytest.importorskip("transformers")
 WEIGHT_STD = 0.2
 
 
-def _randomize(module: object) -> None:
+def _randomize(module: Any) -> None:
     torch.manual_seed(0)
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0.0, WEIGHT_STD)
 
 
-def _load(model: Transformer, weights: dict[Callable, object]) -> Transformer:
+def _load(model: Transformer, weights: dict[Callable, Any]) -> Transformer:
     """Sets each model leaf picked by a `where` function to the given torch tensor."""
     for where, tensor in weights.items():
         value = jnp.asarray(tensor.detach().numpy())
@@ -34,10 +36,10 @@ def _load(model: Transformer, weights: dict[Callable, object]) -> Transformer:
     return model
 
 
-def _gpt2_weights(hf: object, layers: int) -> dict[Callable, object]:
+def _gpt2_weights(hf: Any, layers: int) -> dict[Callable, Any]:
     sd = hf.state_dict()
     d = hf.config.n_embd
-    w: dict[Callable, object] = {
+    w: dict[Callable, Any] = {
         lambda m: m.embed_tokens.weight: sd["transformer.wte.weight"],
         lambda m: m.embed_positions.weight: sd["transformer.wpe.weight"],
         lambda m: m.norm.weight: sd["transformer.ln_f.weight"],
@@ -64,9 +66,9 @@ def _gpt2_weights(hf: object, layers: int) -> dict[Callable, object]:
     return w
 
 
-def _llama_weights(hf: object, layers: int, qkv_bias: bool, tied: bool) -> dict[Callable, object]:
+def _llama_weights(hf: Any, layers: int, qkv_bias: bool, tied: bool) -> dict[Callable, Any]:
     sd = hf.state_dict()
-    w: dict[Callable, object] = {
+    w: dict[Callable, Any] = {
         lambda m: m.embed_tokens.weight: sd["model.embed_tokens.weight"],
         lambda m: m.norm.weight: sd["model.norm.weight"],
     }
@@ -85,7 +87,7 @@ def _llama_weights(hf: object, layers: int, qkv_bias: bool, tied: bool) -> dict[
     return w
 
 
-def _compare(model: Transformer, hf: object, vocab: int) -> None:
+def _compare(model: Transformer, hf: Any, vocab: int) -> None:
     tokens = np.random.default_rng(0).integers(0, vocab, (2, 12))
     with torch.no_grad():
         expected = hf(torch.from_numpy(tokens)).logits.numpy()
@@ -97,8 +99,14 @@ def _compare(model: Transformer, hf: object, vocab: int) -> None:
 def test_gpt2_matches_transformers() -> None:
     config = TransformerConfig.gpt2_tiny().with_updates(scan_layers=False)
     hf_config = transformers.GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.d_model,
-        n_layer=config.num_layers, n_head=config.num_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=config.vocab_size,
+        n_positions=config.max_seq_len,
+        n_embd=config.d_model,
+        n_layer=config.num_layers,
+        n_head=config.num_heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     _randomize(hf)
@@ -113,10 +121,15 @@ def test_llama_and_qwen_match_transformers(family: str) -> None:
         scan_layers=False
     )
     common = {
-        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.hidden_dim,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.kv_heads, "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.kv_heads,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
     }
     if family == "llama":
@@ -133,7 +146,7 @@ def test_llama_and_qwen_match_transformers(family: str) -> None:
 
 def test_gpt2_small_has_124m_parameters() -> None:
     shapes = eqx.filter_eval_shape(Transformer, TransformerConfig.gpt2_small(), key=jax.random.key(0))
-    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(eqx.filter(shapes, eqx.is_array)))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
     assert count == 124_439_808  # GPT2LMHeadModel's count (tied lm_head counted once)
 
 
@@ -143,7 +156,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits() -> None:
     assert {leaf.dtype for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))} == {jnp.dtype(jnp.float32)}
     hidden, cache = model.hidden_states(jnp.zeros((1, 4), jnp.int32), cache=model.init_cache(1, 8))
     assert hidden.dtype == jnp.bfloat16
-    assert cache is not None and cache.key.dtype == jnp.bfloat16
+    assert isinstance(cache, KVCache) and cache.key.dtype == jnp.bfloat16
 
 
 def test_dropout_is_active_only_with_a_key() -> None:

@@ -33,14 +33,23 @@ def test_attention_matches_torch_sdpa(heads: int, kv_heads: int, window: int | N
     key_mask = jnp.asarray(np.arange(seq)[None, :] < np.array(lengths)[:, None])
     slots = jnp.arange(seq, dtype=jnp.int32)
     out = dot_product_attention(
-        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_slots=slots, k_slots=slots, key_mask=key_mask,
-        sliding_window=window, implementation="xla",
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(v),
+        q_slots=slots,
+        k_slots=slots,
+        key_mask=key_mask,
+        sliding_window=window,
+        implementation="xla",
     )
     reference_mask = _reference_mask(seq, lengths, window)
     mask = torch.from_numpy(reference_mask)[:, None]  # (B, 1, T, S)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2), torch.from_numpy(v).transpose(1, 2),
-        attn_mask=mask, enable_gqa=True,
+        torch.from_numpy(q).transpose(1, 2),
+        torch.from_numpy(k).transpose(1, 2),
+        torch.from_numpy(v).transpose(1, 2),
+        attn_mask=mask,
+        enable_gqa=True,
     ).transpose(1, 2)
     # A query with no visible key (a pad row outside the window) has no defined output.
     defined = reference_mask.any(axis=-1)  # (B, T)
@@ -50,7 +59,13 @@ def test_attention_matches_torch_sdpa(heads: int, kv_heads: int, window: int | N
 
 def _layer(kv_heads: int, window: int | None) -> MultiHeadAttention:
     return MultiHeadAttention(
-        16, 4, key=jax.random.key(0), num_kv_heads=kv_heads, qkv_bias=True, out_bias=True, sliding_window=window,
+        16,
+        4,
+        key=jax.random.key(0),
+        num_kv_heads=kv_heads,
+        qkv_bias=True,
+        out_bias=True,
+        sliding_window=window,
         init_std=0.3,
     )
 
@@ -68,7 +83,7 @@ def test_cached_decoding_equals_full_pass(kv_heads: int, window: int | None) -> 
     for start, stop in [(0, 5), (5, 6), (6, 9)]:
         out, cache = eqx.filter_jit(layer)(x[:, start:stop], rotary=rotary(positions[:, start:stop]), cache=cache)
         outs.append(out)
-    assert int(cache.index) == 9
+    assert cache is not None and int(cache.index) == 9
     np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, axis=1)), np.asarray(full), atol=1e-5)
 
 
@@ -106,10 +121,14 @@ def test_cudnn_matches_xla_forward_and_gradients() -> None:
     cotangent = jax.random.normal(keys[3], (batch, seq, heads, dim), dtype=jnp.float32)
     slots = jnp.arange(seq, dtype=jnp.int32)
 
-    def loss(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> tuple[jax.Array, jax.Array]:
         out = dot_product_attention(
-            q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
-            q_slots=slots, k_slots=slots, implementation=impl,
+            q.astype(jnp.bfloat16),
+            k.astype(jnp.bfloat16),
+            v.astype(jnp.bfloat16),
+            q_slots=slots,
+            k_slots=slots,
+            implementation=impl,
         )
         return jnp.sum(out.astype(jnp.float32) * cotangent), out
 

@@ -29,13 +29,33 @@ SCALINGS = [
     (RopeScaling("linear", factor=2.0), {"factor": 2.0}),
     (RopeScaling("dynamic", factor=3.0), {"factor": 3.0}),
     (
-        RopeScaling("llama3", factor=8.0, original_max_position_embeddings=32, low_freq_factor=1.0, high_freq_factor=4.0),
+        RopeScaling(
+            "llama3", factor=8.0, original_max_position_embeddings=32, low_freq_factor=1.0, high_freq_factor=4.0
+        ),
         {"factor": 8.0, "original_max_position_embeddings": 32, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
     ),
-    (RopeScaling("yarn", factor=4.0, original_max_position_embeddings=32), {"factor": 4.0, "original_max_position_embeddings": 32}),
     (
-        RopeScaling("yarn", factor=4.0, original_max_position_embeddings=32, mscale=0.707, mscale_all_dim=0.707, beta_fast=16.0, beta_slow=2.0),
-        {"factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 16.0, "beta_slow": 2.0},
+        RopeScaling("yarn", factor=4.0, original_max_position_embeddings=32),
+        {"factor": 4.0, "original_max_position_embeddings": 32},
+    ),
+    (
+        RopeScaling(
+            "yarn",
+            factor=4.0,
+            original_max_position_embeddings=32,
+            mscale=0.707,
+            mscale_all_dim=0.707,
+            beta_fast=16.0,
+            beta_slow=2.0,
+        ),
+        {
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+        },
     ),
 ]
 
@@ -92,8 +112,12 @@ def test_rotary_application_matches_transformers() -> None:
     cos, sin = RotaryEmbedding(HEAD_DIM, 10000.0, scaling, MAX_POS)(jnp.asarray(positions, dtype=jnp.int32))
     np.testing.assert_allclose(np.asarray(cos), cos_t.numpy(), atol=1e-6)
     np.testing.assert_allclose(np.asarray(sin), sin_t.numpy(), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(apply_rotary(jnp.asarray(q), cos, sin)), q_t.transpose(1, 2).numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(apply_rotary(jnp.asarray(k), cos, sin)), k_t.transpose(1, 2).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(apply_rotary(jnp.asarray(q), cos, sin)), q_t.transpose(1, 2).numpy(), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(apply_rotary(jnp.asarray(k), cos, sin)), k_t.transpose(1, 2).numpy(), atol=1e-5
+    )
 
 
 def test_rotary_scores_depend_only_on_relative_position() -> None:

@@ -1,5 +1,7 @@
 """LoRA: exact formula, selection by path, adapter-only optimizer state, merging."""
 
+from typing import cast
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ def test_lora_linear_formula_and_zero_init() -> None:
     x = jax.random.normal(jax.random.key(2), (6,))
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(base(x)), atol=1e-6)
     layer = _trained(layer)
+    assert base.bias is not None
     expected = base.weight @ x + base.bias + (4.0 / 2) * layer.lora_b @ (layer.lora_a @ x)
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(expected), atol=1e-5)
 
@@ -40,7 +43,10 @@ def test_apply_lora_to_transformer_and_merge(scan_layers: bool) -> None:
     model = Transformer(config, key=jax.random.key(0))
     lora = apply_lora(model, r"self_attn\.(q|v)_proj$", rank=2, alpha=4.0, key=jax.random.key(1))
     per_layer = 1 if scan_layers else config.num_layers
-    assert sum(isinstance(n, LoRALinear) for n in jax.tree.leaves(lora, is_leaf=lambda n: isinstance(n, LoRALinear))) == 2 * per_layer
+    assert (
+        sum(isinstance(n, LoRALinear) for n in jax.tree.leaves(lora, is_leaf=lambda n: isinstance(n, LoRALinear)))
+        == 2 * per_layer
+    )
     assert linear_paths(lora) == linear_paths(model)
 
     tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, config.vocab_size)
@@ -80,7 +86,8 @@ def test_optimizer_state_only_for_adapters() -> None:
     tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, config.vocab_size)
 
     def loss_fn(adapters: eqx.Module) -> jax.Array:
-        logits, _ = eqx.combine(adapters, frozen)(tokens[:, :-1])
+        model = cast(Transformer, eqx.combine(adapters, frozen))
+        logits, _ = model(tokens[:, :-1])
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
 
     loss_before = loss_fn(adapters)

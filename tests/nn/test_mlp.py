@@ -1,5 +1,7 @@
 """MLP and SwiGLU against transformers' GPT-2 and Llama feed-forward blocks."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def _set(layer: eqx.nn.Linear, weight: object, bias: object | None = None) -> eqx.nn.Linear:
+def _set(layer: Any, weight: Any, bias: Any = None) -> Any:
     layer = eqx.tree_at(lambda lin: lin.weight, layer, jnp.asarray(weight.detach().numpy()))
     if bias is not None:
         layer = eqx.tree_at(lambda lin: lin.bias, layer, jnp.asarray(bias.detach().numpy()))
@@ -41,7 +43,8 @@ def test_swiglu_matches_llama_mlp() -> None:
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=16, num_attention_heads=4, intermediate_size=40, hidden_act="silu", mlp_bias=False
+    config = transformers.LlamaConfig(
+        hidden_size=16, num_attention_heads=4, intermediate_size=40, hidden_act="silu", mlp_bias=False
     )
     ref = LlamaMLP(config).eval()
     for p in ref.parameters():
@@ -50,7 +53,11 @@ def test_swiglu_matches_llama_mlp() -> None:
     mlp = eqx.tree_at(
         lambda m: (m.gate_proj, m.up_proj, m.down_proj),
         mlp,
-        (_set(mlp.gate_proj, ref.gate_proj.weight), _set(mlp.up_proj, ref.up_proj.weight), _set(mlp.down_proj, ref.down_proj.weight)),
+        (
+            _set(mlp.gate_proj, ref.gate_proj.weight),
+            _set(mlp.up_proj, ref.up_proj.weight),
+            _set(mlp.down_proj, ref.down_proj.weight),
+        ),
     )
     x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
     with torch.no_grad():

@@ -146,6 +146,6 @@ def generate(
     _, (rest, rest_logits) = jax.lax.scan(step, carry, keys[1:])  # (N-1, B), (N-1, B, V)
     tokens = jnp.concatenate([first[:, None], rest.T], axis=1)  # (B, N)
     all_logits = None
-    if return_logits:
+    if rest_logits is not None:
         all_logits = jnp.concatenate([first_logits[:, None], jnp.swapaxes(rest_logits, 0, 1)], axis=1)
     return GenerateOutput(tokens=tokens, logits=all_logits)

@@ -30,7 +30,7 @@ are float32.
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -387,13 +387,15 @@ class Transformer(eqx.Module):
             return layer(x, rotary=rotary, padding_mask=padding_mask, cache=layer_cache, key=layer_key)
 
         policy = REMAT_POLICIES[cfg.remat]
-        if policy is not None:
-            block = jax.checkpoint(block, policy=policy)
+        run_block: Callable[..., tuple] = block if policy is None else jax.checkpoint(block, policy=policy)
         layer_keys = None if k_layers is None else jax.random.split(k_layers, cfg.num_layers)
+        # The config decides the layout: stacked layers and cache when scanning, tuples otherwise.
         if cfg.scan_layers:
-            x, cache = _scan_layers(block, model.layers, x, cache, layer_keys)
+            layers, stacked = cast(TransformerBlock, model.layers), cast(KVCache | None, cache)
+            x, cache = _scan_layers(run_block, layers, x, stacked, layer_keys)
         else:
-            x, cache = _loop_layers(block, model.layers, x, cache, layer_keys)
+            blocks, caches = cast(tuple[TransformerBlock, ...], model.layers), cast(tuple[KVCache, ...] | None, cache)
+            x, cache = _loop_layers(run_block, blocks, x, caches, layer_keys)
         return model.norm(x), cache
 
     def __call__(

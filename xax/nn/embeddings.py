@@ -257,7 +257,9 @@ class RotaryEmbedding(eqx.Module):
         self.scaling = scaling
         self.max_position_embeddings = max_position_embeddings
 
-    def __call__(self, positions: Int[Array, "*shape"]) -> tuple[Float[Array, "*shape dim"], Float[Array, "*shape dim"]]:
+    def __call__(
+        self, positions: Int[Array, "*shape"]
+    ) -> tuple[Float[Array, "*shape dim"], Float[Array, "*shape dim"]]:
         """Returns float32 ``(cos, sin)`` for the given positions, each of shape ``positions.shape + (dim,)``."""
         # "dynamic" grows theta with the longest position seen in this call, as transformers does.
         seq_len = jnp.max(positions) + 1

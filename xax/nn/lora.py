@@ -67,6 +67,11 @@ class LoRALinear(eqx.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def weight(self) -> Float[Array, "*stack fan_out fan_in"]:
+        """The effective weight ``W + (alpha / rank) B A`` (what ``merge_lora`` stores)."""
+        return self.base.weight + (self.lora_b @ self.lora_a) * self.scale
+
     def __call__(self, x: Float[Array, " fan_in"], *, key: PRNGKeyArray | None = None) -> Float[Array, " fan_out"]:
         """Applies the layer to one vector, as ``eqx.nn.Linear`` does (vmap for batches)."""
         update = self.lora_b @ (self.lora_a @ x)

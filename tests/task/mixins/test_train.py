@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import xax
+from xax.task.feeds import PrefetchFeed, ResidentFeed
 from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl, regression_dataset
 
 
@@ -191,3 +192,15 @@ def test_task_without_config_type_shows_the_right_form() -> None:
 
     with pytest.raises(TypeError, match=r"Untyped\(xax.SupervisedTask\[Config\]\)"):
         Untyped.get_config_class()
+
+
+def test_device_resident_and_prefetched_data_train_identically(tmp_path: Path) -> None:
+    # Gathering batches on the device from indices must feed exactly the batches the background
+    # worker would have made.
+    resident, _ = run(tmp_path / "resident", "max_steps=40", "batch_size=32", "log.every_n_steps=1")
+    prefetched, _ = run(
+        tmp_path / "prefetched", "max_steps=40", "batch_size=32", "log.every_n_steps=1", "data.device_resident_max_mb=0"
+    )
+    assert isinstance(resident.train_feed, ResidentFeed)
+    assert isinstance(prefetched.train_feed, PrefetchFeed)
+    np.testing.assert_array_equal(train_losses(tmp_path / "resident"), train_losses(tmp_path / "prefetched"))

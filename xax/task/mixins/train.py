@@ -123,6 +123,7 @@ class TrainMixin(
         self._valid_zeros: Callable[[], dict[str, Array]] | None = None
         self._valid_cadence_last = (0, time.monotonic())
         self.final_train_state: TrainState | None = None
+        self.train_feed: Feed | None = None
 
     @abstractmethod
     def get_model(self, params: InitParams) -> PyTree:
@@ -240,7 +241,7 @@ class TrainMixin(
         optimizer = self.full_optimizer()
         ts, static = self.init_train_state(optimizer)
         self._static = static
-        feed = self.make_train_feed()
+        feed = self.train_feed = self.make_train_feed()
         self.add_worker(feed)
         leaves, treedef = jax.tree.flatten(ts)
         train_step = self._build_steps(optimizer, static, treedef)
