@@ -15,3 +15,15 @@ class DataError(XaxError):
 
 class LaunchError(XaxError):
     """The launcher cannot run the task as configured (device count, batch size)."""
+
+
+class CheckpointError(XaxError):
+    """A checkpoint cannot be read or written: missing, truncated, corrupt, or of another shape."""
+
+
+class TrainingStopped(XaxError):  # noqa: N818 (a request, not a failure)
+    """Training stopped on a signal after saving; carries the process exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -214,6 +214,11 @@ class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config])
         self._log_worker = LogWorker(self.make_loggers())
         self.add_worker(self._log_worker)
 
+    def resume_cadences(self, step: int) -> None:
+        """After a restore: count the logging cadences from the restored step."""
+        self._light_cadence.mark(step)
+        self._heavy_cadence.mark(step)
+
     def light_log_is_due(self, state: State) -> bool:
         return self._light_cadence.is_due(state.num_steps)
 

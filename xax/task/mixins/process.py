@@ -1,9 +1,11 @@
 """Background workers: started with the run, shut down on every way out of it."""
 
 import logging
+import signal
 import threading
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from types import FrameType
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from typing_extensions import override
 
@@ -48,6 +50,35 @@ class ProcessMixin(BaseTask[Config], Generic[Config]):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._workers: list[Closeable] = []
+        self._previous_handlers: dict[int, Any] = {}
+        self.stop_signal: int | None = None
+        self.save_requested = False
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGUSR1:
+            self.save_requested = True
+        elif signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        else:
+            self.stop_signal = signum
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT ask training to finish its step, save and exit; a second SIGINT exits
+        at once; SIGUSR1 asks for a checkpoint. Only the main thread can install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    @override
+    def on_run_start(self) -> None:
+        super().on_run_start()
+        self.install_signal_handlers()
 
     def add_worker(self, worker: Closeable) -> None:
         """Registers a worker to close when the run ends."""
@@ -70,3 +101,4 @@ class ProcessMixin(BaseTask[Config], Generic[Config]):
             super().on_run_end()
         finally:
             self.close_workers()
+            self.restore_signal_handlers()

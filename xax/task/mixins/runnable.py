@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 from jax.sharding import Mesh
 
 from xax.core.config import field, parse_cli
-from xax.core.errors import XaxError
+from xax.core.errors import TrainingStopped, XaxError
 from xax.core.state import State
 from xax.task.base import BaseConfig, BaseTask
 
@@ -69,6 +69,9 @@ class RunnableMixin(BaseTask[Config], Generic[Config]):
             options = resolved.launcher
             launcher = get_launcher(options.kind, options.num_devices, options.num_cpu_devices)
             return launcher.launch(cls, resolved)
+        except TrainingStopped as stopped:
+            print(str(stopped), file=sys.stderr)
+            raise SystemExit(stopped.exit_code) from None
         except XaxError as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(EXIT_USAGE) from None

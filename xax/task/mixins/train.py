@@ -2,6 +2,7 @@
 
 import collections
 import logging
+import signal
 import time
 from abc import abstractmethod
 from collections.abc import Callable
@@ -18,19 +19,22 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from typing_extensions import override
 
 from xax.core.config import field
-from xax.core.errors import ConfigError, LaunchError
+from xax.core.errors import ConfigError, LaunchError, TrainingStopped
 from xax.core.metric import Metric
 from xax.core.state import State
 from xax.task.feeds import Feed, PrefetchFeed, ResidentFeed, gather_batch, resident_bytes
+from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
 from xax.task.mixins.compile import CompileConfig, CompileMixin
 from xax.task.mixins.data_loader import (
     BatchSource,
+    Cursor,
     DataLoaderConfig,
     DataLoaderMixin,
     DevicePrefetcher,
     MapBatchSource,
 )
 from xax.task.mixins.logger import LoggerConfig, LoggerMixin, LogItem
+from xax.task.mixins.runnable import EXIT_INTERRUPTED
 from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
 from xax.task.mixins.train_step import (
     COMPUTE_DTYPES,
@@ -88,7 +92,7 @@ class EMAOptions:
 
 
 @dataclass
-class TrainConfig(LoggerConfig, DataLoaderConfig, CompileConfig, StepContextConfig):
+class TrainConfig(LoggerConfig, CheckpointingConfig, DataLoaderConfig, CompileConfig, StepContextConfig):
     seed: int = field(0, help="Seed for weights, data order and every random draw in the step")
     max_steps: int | None = field(None, help="Stop after this many optimizer steps")
     max_samples: int | None = field(None, help="Stop after this many training samples")
@@ -109,6 +113,7 @@ Config = TypeVar("Config", bound=TrainConfig)
 class TrainMixin(
     DataLoaderMixin[Config],
     LoggerMixin[Config],
+    CheckpointingMixin[Config],
     CompileMixin[Config],
     StepContextMixin[Config],
     Generic[Config],
@@ -241,19 +246,20 @@ class TrainMixin(
         optimizer = self.full_optimizer()
         ts, static = self.init_train_state(optimizer)
         self._static = static
-        feed = self.train_feed = self.make_train_feed()
+        ts, state, cursor = self.resume_or_start(ts)
+        feed = self.train_feed = self.make_train_feed(cursor)
         self.add_worker(feed)
         leaves, treedef = jax.tree.flatten(ts)
         train_step = self._build_steps(optimizer, static, treedef)
 
-        state = State()
         batch: PyTree | None = next(feed)
         zero_sums = self._zero_sums_fn(train_step, leaves, empty_sums(), batch, state.pack(), feed.data)
         sums = zero_sums()
         inflight: collections.deque[Array] = collections.deque()
         max_inflight = self._max_inflight_steps()
-        start = time.perf_counter()
-        window = _Window(start, feed.wait_time_s)
+        start = time.perf_counter() - state.elapsed_time_s
+        first_step = state.num_steps
+        window = _Window(time.perf_counter(), feed.wait_time_s)
         while not self.is_training_over(state):
             if batch is None:
                 with self.step_context("data"):
@@ -263,9 +269,9 @@ class TrainMixin(
             inflight.append(loss)
             if len(inflight) > max_inflight:
                 inflight.popleft().block_until_ready()
-            if state.num_steps == 0:
+            if state.num_steps == first_step:
                 loss.block_until_ready()
-                window.first_step_s = time.perf_counter() - start
+                window.first_step_s = time.perf_counter() - window.start
                 logger.info("First step (including compilation) took %.2f s", window.first_step_s)
             state = State(
                 num_steps=state.num_steps + 1,
@@ -288,14 +294,46 @@ class TrainMixin(
                 window = _Window(time.perf_counter(), feed.wait_time_s)
             if self.valid_is_due(state) or self.heavy_log_is_due(state) or over:
                 state = self._between_steps(jax.tree.unflatten(treedef, leaves), state, over)
+            if over or self.stop_signal is not None or self.save_requested or self.checkpoint_is_due(state):
+                self._checkpoint_or_stop(jax.tree.unflatten(treedef, leaves), state, feed.cursor, over)
         self.flush_logs()
         self.final_train_state = jax.tree.unflatten(treedef, leaves)
         return state
 
-    def make_train_feed(self) -> Feed:
+    def resume_or_start(self, ts: TrainState) -> tuple[TrainState, State, Cursor | None]:
+        """The train state, State and data cursor to start from: a restored checkpoint's, or the
+        fresh ones (with warm-started weights if asked)."""
+        restored = self.restore_training(ts)
+        if restored is None:
+            if self.config.warm_start is not None:
+                ts = ts._replace(params=self.warm_start_params(ts.params))
+                if ts.ema is not None:
+                    ts = ts._replace(ema=jax.tree.map(jnp.copy, ts.params))
+            return ts, State(), None
+        ts, info = restored
+        logger.info("Resumed from %s at step %d", info.path, info.state.num_steps)
+        self._valid_cadence_last = (info.state.num_steps, time.monotonic())
+        self.resume_cadences(info.state.num_steps)
+        return ts, info.state, info.cursor
+
+    def _checkpoint_or_stop(self, ts: TrainState, state: State, cursor: Cursor, over: bool) -> None:
+        """Saves when due, asked (SIGUSR1) or stopping; on SIGTERM/SIGINT, saves and stops."""
+        stopping = self.stop_signal is not None
+        with self.step_context("checkpoint"):
+            path = self.save_checkpoint(ts, state, cursor, self.get_mesh(), wait=over or stopping)
+        self.save_requested = False
+        if stopping and not over:
+            self.flush_logs()
+            name = signal.Signals(self.stop_signal).name
+            code = 0 if self.stop_signal == signal.SIGTERM else EXIT_INTERRUPTED
+            raise TrainingStopped(f"interrupted by {name} at step {state.num_steps}; saved {path}", code)
+
+    def make_train_feed(self, cursor: Cursor | None = None) -> Feed:
         """Batches for training: indices into a device-resident copy of the data when it is in
         memory and small enough (``data.device_resident_max_mb``), else prefetched batches."""
         source = self.get_batch_source("train", seed=self.config.seed)
+        if cursor is not None:
+            source.restore(cursor)
         limit = self.config.data.device_resident_max_mb * 2**20
         if isinstance(source, MapBatchSource) and source.arrays is not None and resident_bytes(source) <= limit:
             return ResidentFeed(source, self.replicated_sharding())
