@@ -3,6 +3,7 @@ blocks starting as the identity, the scanned stack against a loop, preset sizes 
 joint attention against a hand-written softmax over the concatenated streams."""
 
 import math
+from typing import TypeVar
 
 import equinox as eqx
 import jax
@@ -11,21 +12,21 @@ import numpy as np
 import pytest
 
 from xax.arch.diffusion.embeddings import sincos_2d
-from xax.arch.dit import DiT, DiTBlock, MMDiTBlock, dit_config, layer_norm, patchify, unpatchify
+from xax.arch.dit import DiT, DiTBlock, DiTConfig, MMDiTBlock, dit_config, layer_norm, patchify, unpatchify
 from xax.arch.unet import count_params
 
+M = TypeVar("M")
 
-def randomized(model: eqx.Module, seed: int, scale: float = 0.2) -> eqx.Module:
+
+def randomized(model: M, seed: int, scale: float = 0.2) -> M:
     """Every float leaf redrawn with numpy, so the zero-initialized modulations are active."""
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree.flatten(model)
-    new = [
-        jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype) if eqx.is_inexact_array(x) else x for x in leaves
-    ]
+    new = [jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype) if eqx.is_inexact_array(x) else x for x in leaves]
     return jax.tree.unflatten(treedef, new)
 
 
-def tiny_config() -> object:
+def tiny_config() -> DiTConfig:
     config = dit_config("DiT-S/2", input_size=8, in_channels=2, hidden_dim=16, depth=3, num_heads=2, num_classes=3)
     config.frequency_dim = 8
     return config
@@ -62,11 +63,11 @@ def test_adaln_zero_block_starts_as_identity() -> None:
     c = jax.random.normal(jax.random.key(2), (16,))
     np.testing.assert_array_equal(block(x, c), x)
     active = randomized(block, 3)
-    assert float(jnp.abs(active(x, c) - x).max()) > 1e-2  # ty: ignore[call-non-callable]
+    assert float(jnp.abs(active(x, c) - x).max()) > 1e-2
 
 
 def test_dit_outputs_zero_at_init_and_shapes() -> None:
-    model = DiT(tiny_config(), key=jax.random.key(0))  # ty: ignore[invalid-argument-type]
+    model = DiT(tiny_config(), key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 2, 8, 8))
     out = eqx.filter_jit(lambda m, *args: jax.vmap(m)(*args))(model, x, jnp.array([0.2, 0.8]), jnp.array([0, 3]))
     assert out.shape == x.shape
@@ -74,19 +75,19 @@ def test_dit_outputs_zero_at_init_and_shapes() -> None:
 
 
 def test_scanned_blocks_equal_a_loop() -> None:
-    model = randomized(DiT(tiny_config(), key=jax.random.key(0)), 1)  # ty: ignore[invalid-argument-type]
+    model = randomized(DiT(tiny_config(), key=jax.random.key(0)), 1)
     x = jax.random.normal(jax.random.key(2), (2, 8, 8))
     t, y = jnp.float32(0.4), jnp.int32(1)
-    out = model(x, t, y)  # ty: ignore[call-non-callable]
+    out = model(x, t, y)
     # The same forward written as a Python loop over the unstacked blocks.
-    tokens = model.patch_embed(x).reshape(16, 16).T + jnp.asarray(sincos_2d(16, 4, 4), jnp.float32)  # ty: ignore[unresolved-attribute]
-    c = model.condition(t, y)  # ty: ignore[unresolved-attribute]
+    tokens = model.patch_embed(x).reshape(16, 16).T + jnp.asarray(sincos_2d(16, 4, 4), jnp.float32)
+    c = model.condition(t, y)
     for i in range(3):
-        tokens = model.block(i)(tokens, c)  # ty: ignore[unresolved-attribute]
-    expected = unpatchify(model.final(tokens, c), 2, 8, 8)  # ty: ignore[unresolved-attribute]
+        tokens = model.block(i)(tokens, c)
+    expected = unpatchify(model.final(tokens, c), 2, 8, 8)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(out).max()) > 1e-2
-    other = model(x, t, jnp.int32(2))  # ty: ignore[call-non-callable]
+    other = model(x, t, jnp.int32(2))
     assert float(jnp.abs(out - other).max()) > 1e-3  # the class matters
 
 
@@ -112,7 +113,7 @@ def test_config_errors() -> None:
         dit_config("DiT-B/2", width=3)
     with pytest.raises(ValueError, match=r"DiTConfig.patch_size=3 must divide input_size=32"):
         DiT(dit_config("DiT-S/2", patch_size=3), key=jax.random.key(0))
-    model = DiT(tiny_config(), key=jax.random.key(0))  # ty: ignore[invalid-argument-type]
+    model = DiT(tiny_config(), key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"DiTConfig.input_size=8"):
         model(jnp.zeros((2, 6, 6)), jnp.float32(0.5))
 
@@ -128,7 +129,7 @@ def _softmax_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int) 
     return np.concatenate(out, axis=1)
 
 
-def _stream_by_hand(stream, x: np.ndarray, attended: np.ndarray, vec: np.ndarray) -> np.ndarray:  # noqa: ANN001
+def _stream_by_hand(stream, x: np.ndarray, attended: np.ndarray, vec: np.ndarray) -> np.ndarray:
     lin = lambda layer, a: a @ np.asarray(layer.weight, np.float64).T + np.asarray(layer.bias, np.float64)  # noqa: E731
     silu = vec / (1 + np.exp(-vec))
     _, _, g1, s2, c2, g2 = np.split(lin(stream.modulation, silu), 6)
@@ -144,7 +145,7 @@ def _mm_inputs() -> tuple[MMDiTBlock, jax.Array, jax.Array, jax.Array]:
     x = jax.random.normal(jax.random.key(2), (6, 16))
     context = jax.random.normal(jax.random.key(3), (4, 16))
     vec = jax.random.normal(jax.random.key(4), (16,))
-    return block, x, context, vec  # ty: ignore[invalid-return-type]
+    return block, x, context, vec
 
 
 def test_mmdit_block_is_joint_attention_over_the_concatenation() -> None:
@@ -155,8 +156,12 @@ def test_mmdit_block_is_joint_attention_over_the_concatenation() -> None:
     qc, kc, vc = (np.asarray(a, np.float64) for a in block.context.qkv_of(context, vec))
     attended = _softmax_attention(np.concatenate([qc, qx]), np.concatenate([kc, kx]), np.concatenate([vc, vx]), 2)
     v64 = np.asarray(vec, np.float64)
-    np.testing.assert_allclose(out_x, _stream_by_hand(block.image, np.asarray(x, np.float64), attended[4:], v64), atol=1e-4)
-    np.testing.assert_allclose(out_c, _stream_by_hand(block.context, np.asarray(context, np.float64), attended[:4], v64), atol=1e-4)
+    np.testing.assert_allclose(
+        out_x, _stream_by_hand(block.image, np.asarray(x, np.float64), attended[4:], v64), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        out_c, _stream_by_hand(block.context, np.asarray(context, np.float64), attended[:4], v64), atol=1e-4
+    )
     # It is not two separate self-attentions: the image tokens see the context.
     alone = _softmax_attention(qx, kx, vx, 2)
     assert float(np.abs(alone - attended[4:]).max()) > 1e-3

@@ -2,6 +2,7 @@
 softmax, the timestep embedding against its formula, conditioning, gradients and the bf16 dtype policy."""
 
 import math
+from typing import TypeVar
 
 import equinox as eqx
 import jax
@@ -12,7 +13,9 @@ import pytest
 from xax.arch.diffusion.embeddings import timestep_embedding
 from xax.arch.unet import AttentionBlock, ResBlock, UNet, UNetConfig, count_params
 
-TINY = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2, norm_groups=4)
+TINY = UNetConfig(
+    base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2, norm_groups=4
+)
 
 
 @eqx.filter_jit
@@ -21,14 +24,15 @@ def forward(model: UNet, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
     return jax.vmap(model)(x, t, y)
 
 
-def randomized(model: eqx.Module, seed: int, scale: float = 0.2) -> eqx.Module:
+M = TypeVar("M")
+
+
+def randomized(model: M, seed: int, scale: float = 0.2) -> M:
     """Every float leaf redrawn (with numpy: eager jax.random would compile once per leaf shape), so that
     zero-initialized layers no longer hide the inputs' effect."""
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree.flatten(model)
-    new = [
-        jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype) if eqx.is_inexact_array(x) else x for x in leaves
-    ]
+    new = [jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype) if eqx.is_inexact_array(x) else x for x in leaves]
     return jax.tree.unflatten(treedef, new)
 
 
@@ -60,15 +64,15 @@ def test_res_block_starts_as_identity_and_conditions_on_the_embedding() -> None:
     np.testing.assert_array_equal(block(x, emb), x)
     block = randomized(block, 3)
     other = jax.random.normal(jax.random.key(4), (16,))
-    assert float(jnp.abs(block(x, emb) - block(x, other)).max()) > 1e-2  # ty: ignore[call-non-callable]
+    assert float(jnp.abs(block(x, emb) - block(x, other)).max()) > 1e-2
 
 
 def test_attention_block_matches_hand_written_softmax() -> None:
     block = randomized(AttentionBlock(8, 2, 4, None, key=jax.random.key(0)), 1)
     x = jax.random.normal(jax.random.key(2), (8, 3, 5))
-    out = np.asarray(block(x), np.float64)  # ty: ignore[call-non-callable]
-    tokens = np.asarray(block.norm(x), np.float64).reshape(8, 15).T  # ty: ignore[unresolved-attribute]
-    w, b = np.asarray(block.qkv.weight, np.float64), np.asarray(block.qkv.bias, np.float64)  # ty: ignore[unresolved-attribute]
+    out = np.asarray(block(x), np.float64)
+    tokens = np.asarray(block.norm(x), np.float64).reshape(8, 15).T
+    w, b = np.asarray(block.qkv.weight, np.float64), np.asarray(block.qkv.bias, np.float64)
     q, k, v = np.split(tokens @ w.T + b, 3, axis=1)
     heads = []
     for h in range(2):
@@ -76,7 +80,7 @@ def test_attention_block_matches_hand_written_softmax() -> None:
         logits = q[:, cols] @ k[:, cols].T / math.sqrt(4)
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         heads.append((p / p.sum(axis=1, keepdims=True)) @ v[:, cols])
-    pw, pb = np.asarray(block.proj.weight, np.float64), np.asarray(block.proj.bias, np.float64)  # ty: ignore[unresolved-attribute]
+    pw, pb = np.asarray(block.proj.weight, np.float64), np.asarray(block.proj.bias, np.float64)
     expected = np.asarray(x, np.float64) + (np.concatenate(heads, axis=1) @ pw.T + pb).T.reshape(8, 3, 5)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
@@ -122,7 +126,10 @@ def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match=r"UNetConfig.norm_groups=5 does not divide the width 8"):
         UNet(UNetConfig(base_channels=8, norm_groups=5), key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"UNetConfig.attention_levels has 3; levels are 0..1"):
-        UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), norm_groups=4, attention_levels=(3,)), key=jax.random.key(0))
+        UNet(
+            UNetConfig(base_channels=8, channel_mults=(1, 2), norm_groups=4, attention_levels=(3,)),
+            key=jax.random.key(0),
+        )
     model = UNet(TINY, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"must be divisible by 2; pad the images"):
         model(jnp.zeros((1, 15, 15)), jnp.float32(0.5))

@@ -1,6 +1,8 @@
 """The VAE: the closed-form Gaussian KL against torch and a Monte Carlo estimate, reparameterized sampling,
 shapes, and reconstructions that improve when it trains briefly on real MNIST digits."""
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -49,7 +51,9 @@ def test_loss_formula() -> None:
 
 def test_shapes_and_config_errors() -> None:
     model = eqx.filter_eval_shape(VAE, VAEConfig(), key=jax.random.key(0))
-    mean, logvar = eqx.filter_eval_shape(lambda m, x: m.encode(x), model, jax.ShapeDtypeStruct((1, 28, 28), jnp.float32))
+    mean, logvar = eqx.filter_eval_shape(
+        lambda m, x: m.encode(x), model, jax.ShapeDtypeStruct((1, 28, 28), jnp.float32)
+    )
     assert mean.shape == logvar.shape == (4, 14, 14)
     out = eqx.filter_eval_shape(lambda m, z: m.decode(z), model, mean)
     assert out.shape == (1, 28, 28)
@@ -74,7 +78,7 @@ def test_reconstructions_improve_on_mnist() -> None:
     def step(carry: tuple, key: jax.Array) -> tuple[tuple, jax.Array]:
         params, opt_state = carry
         batch_key, noise_key = jax.random.split(key)
-        batch = data[jax.random.choice(batch_key, 512, (32,), replace=False)]
+        batch = data[jax.random.permutation(batch_key, 512)[:32]]
 
         def loss_fn(p: VAE) -> jax.Array:
             recon, mean, logvar = jax.vmap(eqx.combine(p, static))(batch, jax.random.split(noise_key, 32))
@@ -85,12 +89,15 @@ def test_reconstructions_improve_on_mnist() -> None:
         return (optax.apply_updates(params, updates), opt_state), loss
 
     @jax.jit
-    def train(params: VAE) -> tuple[VAE, jax.Array]:
-        (params, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), jax.random.split(jax.random.key(1), 150))
+    def train(params: Any) -> tuple[Any, jax.Array]:
+        (params, _), losses = jax.lax.scan(
+            step, (params, optimizer.init(params)), jax.random.split(jax.random.key(1), 80)
+        )
         return params, losses
 
     before = float(jax.jit(recon_error)(params))
-    trained, losses = train(params)
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam bias correction mixes int32 and float
+        trained, losses = train(params)
     after = float(jax.jit(recon_error)(trained))
     assert float(losses[-10:].mean()) < 0.5 * float(losses[:10].mean())
     assert after < 0.5 * before, (before, after)

@@ -49,7 +49,12 @@ class DiTConfig:
 
 
 # (depth, hidden_dim, num_heads) of the DiT model sizes (Peebles & Xie 2023, Table 1).
-DIT_SIZES: dict[str, tuple[int, int, int]] = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
 
 
 def dit_config(name: str, **overrides: Any) -> DiTConfig:
@@ -292,5 +297,3 @@ class MMDiTBlock(eqx.Module):
 def num_tokens(config: DiTConfig) -> int:
     """Tokens per input: ``(input_size / patch_size)^2``."""
     return (config.input_size // config.patch_size) ** 2
-
-

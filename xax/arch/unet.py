@@ -20,7 +20,6 @@ from xax.arch.diffusion.layers import attention, zero_init
 from xax.core.config import field
 
 
-
 @dataclass
 class UNetConfig:
     in_channels: int = field(1, help="Image channels: 1 for MNIST")
@@ -49,7 +48,9 @@ class UNetConfig:
                 )
         for level in self.attention_levels:
             if not 0 <= level < len(self.channel_mults):
-                raise ValueError(f"UNetConfig.attention_levels has {level}; levels are 0..{len(self.channel_mults) - 1}")
+                raise ValueError(
+                    f"UNetConfig.attention_levels has {level}; levels are 0..{len(self.channel_mults) - 1}"
+                )
             if widths[level] % self.num_heads:
                 raise ValueError(f"UNetConfig.num_heads={self.num_heads} does not divide the width {widths[level]}")
         if self.attention_impl not in ("xla", "cudnn", None):
@@ -154,10 +155,7 @@ def _attentions(config: UNetConfig, level: int, width: int, count: int, key: PRN
         return None
     impl = config.attention_impl
     keys = jax.random.split(key, count)
-    return tuple(
-        AttentionBlock(width, config.num_heads, config.norm_groups, impl, key=k)
-        for k in keys
-    )
+    return tuple(AttentionBlock(width, config.num_heads, config.norm_groups, impl, key=k) for k in keys)
 
 
 @final

@@ -77,7 +77,9 @@ class VAE(eqx.Module):
         self.enc_in = _conv3(config.in_channels, widths[0], next(keys))
         levels, width = [], widths[0]
         for out in widths:
-            levels.append(tuple(ResBlock(width if i == 0 else out, out, None, groups, key=next(keys)) for i in range(blocks)))
+            levels.append(
+                tuple(ResBlock(width if i == 0 else out, out, None, groups, key=next(keys)) for i in range(blocks))
+            )
             width = out
         self.enc_levels = tuple(levels)
         self.enc_down = tuple(Downsample(w, key=next(keys)) for w in widths[:-1])
@@ -134,7 +136,7 @@ def reparameterize(mean: Float[Array, "*shape"], logvar: Float[Array, "*shape"],
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
-def gaussian_kl(mean: Float[Array, "b *shape"], logvar: Float[Array, "b *shape"]) -> Float[Array, " b"]:
+def gaussian_kl(mean: Float[Array, " b *shape"], logvar: Float[Array, " b *shape"]) -> Float[Array, " b"]:
     """``KL(N(mean, exp(logvar)) || N(0, I)) = 1/2 sum(mean^2 + exp(logvar) - 1 - logvar)`` per sample
     (Kingma & Welling 2014, appendix B), in float32."""
     mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
@@ -143,10 +145,10 @@ def gaussian_kl(mean: Float[Array, "b *shape"], logvar: Float[Array, "b *shape"]
 
 
 def vae_loss(
-    reconstruction: Float[Array, "b *dims"],
-    x: Float[Array, "b *dims"],
-    mean: Float[Array, "b *latent"],
-    logvar: Float[Array, "b *latent"],
+    reconstruction: Float[Array, " b *dims"],
+    x: Float[Array, " b *dims"],
+    mean: Float[Array, " b *latent"],
+    logvar: Float[Array, " b *latent"],
     beta: float = 1.0,
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
     """The beta-VAE objective (Higgins et al. 2017): ``E_b[sum (x - x_hat)^2] + beta E_b[KL(q(z|x) || N(0, I))]``.

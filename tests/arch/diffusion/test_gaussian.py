@@ -73,12 +73,13 @@ def test_posterior_matches_ho_formula_and_bayes() -> None:
     ab = np.asarray(SCHEDULE.alpha_bar, np.float64)
     ab_t, ab_prev = ab[step], np.where(step > 0, ab[np.maximum(step - 1, 0)], 1.0)
     # Ho et al. (2020), eq. 7.
-    ho_mean = (np.sqrt(ab_prev) * beta / (1 - ab_t))[:, None] * x0 + (
-        np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)
-    )[:, None] * x_t
+    ho_mean = (np.sqrt(ab_prev) * beta / (1 - ab_t))[:, None] * x0 + (np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t))[
+        :, None
+    ] * x_t
     np.testing.assert_allclose(mean, ho_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(var, (1 - ab_prev) / (1 - ab_t) * beta, rtol=1e-4)
-    # Bayes: q(x_{t-1} | x0) = N(sqrt(ab_prev) x0, 1 - ab_prev) times q(x_t | x_{t-1}) = N(sqrt(1 - beta) x_{t-1}, beta).
+    # Bayes: q(x_{t-1} | x0) = N(sqrt(ab_prev) x0, 1 - ab_prev) times
+    # q(x_t | x_{t-1}) = N(sqrt(1 - beta) x_{t-1}, beta).
     inner = step > 0
     precision = 1 / (1 - ab_prev[inner]) + (1 - beta[inner]) / beta[inner]
     bayes_mean = (
@@ -108,7 +109,7 @@ def test_min_snr_weight_is_min_snr_gamma_on_x0_error(prediction: str) -> None:
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_loss_vanishes_for_the_exact_denoiser_of_a_point_mass(prediction: str) -> None:
+def test_loss_vanishes_for_the_exact_denoiser_of_a_point_mass(prediction: g.Prediction) -> None:
     point = jnp.full((16, 8), 0.4)
     schedule = GaussianSchedule.from_name("linear", 1000)
 
@@ -148,11 +149,13 @@ def test_ddpm_samples_gaussian_data() -> None:
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_ddim_follows_the_probability_flow_map(prediction: str) -> None:
+def test_ddim_follows_the_probability_flow_map(prediction: g.Prediction) -> None:
     # For Gaussian data the probability-flow ODE is linear and maps x_T to mu + s x_T exactly; DDIM is a
     # first-order solver of it, 0.012 off at 200 steps.
     noise = _noise(256)
-    sample = ddim_sample(gaussian_oracle(SCHEDULE, prediction), SCHEDULE, noise, jax.random.key(0), 200, 0.0, prediction)
+    sample = ddim_sample(
+        gaussian_oracle(SCHEDULE, prediction), SCHEDULE, noise, jax.random.key(0), 200, 0.0, prediction
+    )
     np.testing.assert_allclose(sample, MU + S * noise, atol=2e-2)
 
 

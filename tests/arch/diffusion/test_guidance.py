@@ -1,6 +1,8 @@
 """Classifier-free guidance: the mix of conditional and unconditional outputs, label dropout, and the
 choice of EMA weights for sampling."""
 
+from typing import TypeVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -12,22 +14,22 @@ from xax.arch.diffusion.samplers import sampling_model, sampling_params
 from xax.arch.dit import DiT, dit_config
 from xax.task.mixins.train_step import TrainState
 
+M = TypeVar("M")
 
-def randomized(model: eqx.Module, seed: int, scale: float = 0.2) -> eqx.Module:
+
+def randomized(model: M, seed: int, scale: float = 0.2) -> M:
     """Every float leaf redrawn (with numpy: eager jax.random would compile once per leaf shape), so that
     zero-initialized layers no longer hide the inputs' effect."""
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree.flatten(model)
-    new = [
-        jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype) if eqx.is_inexact_array(x) else x for x in leaves
-    ]
+    new = [jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype) if eqx.is_inexact_array(x) else x for x in leaves]
     return jax.tree.unflatten(treedef, new)
 
 
 def tiny_dit() -> DiT:
     config = dit_config("DiT-S/2", input_size=4, in_channels=1, hidden_dim=16, depth=1, num_heads=2, num_classes=3)
     config.frequency_dim = 8
-    return randomized(DiT(config, key=jax.random.key(0)), 1)  # ty: ignore[invalid-return-type]
+    return randomized(DiT(config, key=jax.random.key(0)), 1)
 
 
 def test_guidance_scale_zero_is_unconditional_and_one_conditional() -> None:
@@ -41,7 +43,9 @@ def test_guidance_scale_zero_is_unconditional_and_one_conditional() -> None:
     assert float(jnp.abs(cond - uncond).max()) > 1e-2
     np.testing.assert_allclose(guided(net, labels, model.null_label, 0.0)(x, t), uncond, atol=1e-5)
     np.testing.assert_allclose(guided(net, labels, model.null_label, 1.0)(x, t), cond, atol=1e-5)
-    np.testing.assert_allclose(guided(net, labels, model.null_label, 4.0)(x, t), uncond + 4.0 * (cond - uncond), atol=1e-4)
+    np.testing.assert_allclose(
+        guided(net, labels, model.null_label, 4.0)(x, t), uncond + 4.0 * (cond - uncond), atol=1e-4
+    )
     np.testing.assert_allclose(conditioned(net, labels)(x, t), cond, atol=1e-6)
     # No label at all is the null label.
     np.testing.assert_allclose(jax.vmap(lambda a, b: model(a, b))(x, t), uncond, atol=1e-6)

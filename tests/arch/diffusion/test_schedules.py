@@ -39,7 +39,7 @@ def test_discrete_alpha_bar_is_continuous_at_step_ends(name: str) -> None:
     # The betas telescope: alpha_bar_i = alpha_bar((i + 1) / T) wherever no beta was clipped to 0.999.
     schedule = GaussianSchedule.from_name(name, 1000)
     t = np.arange(1, 1001) / 1000
-    reference = REFERENCES[name](t) / REFERENCES[name](0.0)
+    reference = REFERENCES[name](t) / REFERENCES[name](np.zeros(()))
     unclipped = np.asarray(schedule.betas) < 0.999
     keep = np.cumprod(unclipped).astype(bool) & (reference > 1e-4)
     assert keep.sum() > 950
@@ -89,11 +89,17 @@ def test_snr_and_model_time() -> None:
     alpha_bar = np.asarray(schedule.alpha_bar)[[0, 49, 99]]
     np.testing.assert_allclose(np.asarray(schedule.snr(steps)), alpha_bar / (1 - alpha_bar), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(schedule.model_time(steps)), [0.01, 0.5, 1.0], rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(schedule.alpha_bar_prev(steps)), [1.0, float(schedule.alpha_bar[48]), float(schedule.alpha_bar[98])], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(schedule.alpha_bar_prev(steps)),
+        [1.0, float(schedule.alpha_bar[48]), float(schedule.alpha_bar[98])],
+        rtol=1e-6,
+    )
 
 
 def test_unknown_schedule_names_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"schedule='quadratic' is unknown; use one of \['cosine', 'linear', 'sigmoid'\]"):
+    with pytest.raises(
+        ValueError, match=r"schedule='quadratic' is unknown; use one of \['cosine', 'linear', 'sigmoid'\]"
+    ):
         GaussianSchedule.from_name("quadratic")
     with pytest.raises(ValueError, match="schedule='quadratic'"):
         continuous_alpha_bar("quadratic")

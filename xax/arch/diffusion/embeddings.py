@@ -15,7 +15,9 @@ TIME_SCALE = 1000.0
 MAX_PERIOD = 10_000.0
 
 
-def timestep_embedding(t: Float[Array, "*batch"], dim: int, max_period: float = MAX_PERIOD) -> Float[Array, "*batch dim"]:
+def timestep_embedding(
+    t: Float[Array, "*batch"], dim: int, max_period: float = MAX_PERIOD
+) -> Float[Array, "*batch dim"]:
     """Sinusoidal features of a time ``t`` in [0, 1] (Vaswani et al. 2017; Dhariwal & Nichol 2021's layout).
 
     With ``s = 1000 t``, ``half = dim // 2`` and ``f_i = max_period^(-i / half)``, the features are

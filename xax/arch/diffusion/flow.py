@@ -19,22 +19,22 @@ def _bcast(t: Float[Array, " b"], x: Array) -> Array:
     return t.reshape(t.shape + (1,) * (x.ndim - t.ndim)).astype(x.dtype)
 
 
-def flow_interpolate(x0: Float[Array, "b *dims"], eps: Float[Array, "b *dims"], t: Float[Array, " b"]) -> Array:
+def flow_interpolate(x0: Float[Array, " b *dims"], eps: Float[Array, " b *dims"], t: Float[Array, " b"]) -> Array:
     """The point ``x_t = (1 - t) x_0 + t eps`` of the straight path."""
     return (1 - _bcast(t, x0)) * x0 + _bcast(t, x0) * eps
 
 
-def flow_velocity(x0: Float[Array, "b *dims"], eps: Float[Array, "b *dims"]) -> Array:
+def flow_velocity(x0: Float[Array, " b *dims"], eps: Float[Array, " b *dims"]) -> Array:
     """The path's velocity ``v = eps - x_0``, the regression target."""
     return eps - x0
 
 
-def x0_from_velocity(x_t: Float[Array, "b *dims"], v: Float[Array, "b *dims"], t: Float[Array, " b"]) -> Array:
+def x0_from_velocity(x_t: Float[Array, " b *dims"], v: Float[Array, " b *dims"], t: Float[Array, " b"]) -> Array:
     """``x_0 = x_t - t v``."""
     return x_t - _bcast(t, x_t) * v
 
 
-def eps_from_velocity(x_t: Float[Array, "b *dims"], v: Float[Array, "b *dims"], t: Float[Array, " b"]) -> Array:
+def eps_from_velocity(x_t: Float[Array, " b *dims"], v: Float[Array, " b *dims"], t: Float[Array, " b"]) -> Array:
     """``eps = x_t + (1 - t) v``."""
     return x_t + (1 - _bcast(t, x_t)) * v
 
@@ -56,7 +56,7 @@ TIME_SAMPLERS: dict[str, Callable[[PRNGKeyArray, int], Array]] = {
 
 
 def flow_matching_loss(
-    velocity: Denoiser, x0: Float[Array, "b *dims"], key: PRNGKeyArray, time_sampler: str = "uniform"
+    velocity: Denoiser, x0: Float[Array, " b *dims"], key: PRNGKeyArray, time_sampler: str = "uniform"
 ) -> Float[Array, ""]:
     """The conditional flow matching loss ``E_{t, eps} ||v(x_t, t) - (eps - x_0)||^2`` (Lipman et al. 2022, eq. 23).
 
@@ -89,8 +89,8 @@ def _call(velocity: Denoiser, x: Array, t: Array) -> Array:
 
 
 def euler_sample(
-    velocity: Denoiser, noise: Float[Array, "b *dims"], num_steps: int = 50, t_start: float = 1.0, t_end: float = 0.0
-) -> Float[Array, "b *dims"]:
+    velocity: Denoiser, noise: Float[Array, " b *dims"], num_steps: int = 50, t_start: float = 1.0, t_end: float = 0.0
+) -> Float[Array, " b *dims"]:
     """Integrates ``dx/dt = v(x, t)`` with Euler steps ``x' = x + (t' - t) v(x, t)`` on a uniform grid.
 
     Args:
@@ -114,8 +114,8 @@ def euler_sample(
 
 
 def heun_sample(
-    velocity: Denoiser, noise: Float[Array, "b *dims"], num_steps: int = 25, t_start: float = 1.0, t_end: float = 0.0
-) -> Float[Array, "b *dims"]:
+    velocity: Denoiser, noise: Float[Array, " b *dims"], num_steps: int = 25, t_start: float = 1.0, t_end: float = 0.0
+) -> Float[Array, " b *dims"]:
     """Integrates ``dx/dt = v(x, t)`` with Heun's second-order method (Karras et al. 2022, Algorithm 1).
 
     ``x~ = x + h v(x, t)``, then ``x' = x + h / 2 (v(x, t) + v(x~, t'))`` with ``h = t' - t``: two network

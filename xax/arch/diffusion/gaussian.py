@@ -33,38 +33,38 @@ def check_prediction(prediction: str) -> None:
         raise ValueError(f"prediction={prediction!r} is unknown; use one of {list(PREDICTIONS)}")
 
 
-def q_sample(x0: Float[Array, "b *dims"], eps: Float[Array, "b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
+def q_sample(x0: Float[Array, " b *dims"], eps: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
     """The forward process ``x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps`` (Ho et al. 2020, eq. 4)."""
     return _bcast(jnp.sqrt(alpha_bar), x0) * x0 + _bcast(jnp.sqrt(1 - alpha_bar), x0) * eps
 
 
-def x0_from_eps(x_t: Float[Array, "b *dims"], eps: Float[Array, "b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
+def x0_from_eps(x_t: Float[Array, " b *dims"], eps: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
     """``x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)``."""
     return (x_t - _bcast(jnp.sqrt(1 - alpha_bar), x_t) * eps) / _bcast(jnp.sqrt(alpha_bar), x_t)
 
 
-def eps_from_x0(x_t: Float[Array, "b *dims"], x0: Float[Array, "b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
+def eps_from_x0(x_t: Float[Array, " b *dims"], x0: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
     """``eps = (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar)``."""
     return (x_t - _bcast(jnp.sqrt(alpha_bar), x_t) * x0) / _bcast(jnp.sqrt(1 - alpha_bar), x_t)
 
 
-def v_from_eps_x0(eps: Float[Array, "b *dims"], x0: Float[Array, "b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
+def v_from_eps_x0(eps: Float[Array, " b *dims"], x0: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
     """The velocity ``v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0`` (Salimans & Ho 2022, section 4)."""
     return _bcast(jnp.sqrt(alpha_bar), x0) * eps - _bcast(jnp.sqrt(1 - alpha_bar), x0) * x0
 
 
-def x0_from_v(x_t: Float[Array, "b *dims"], v: Float[Array, "b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
+def x0_from_v(x_t: Float[Array, " b *dims"], v: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
     """``x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v``."""
     return _bcast(jnp.sqrt(alpha_bar), x_t) * x_t - _bcast(jnp.sqrt(1 - alpha_bar), x_t) * v
 
 
-def eps_from_v(x_t: Float[Array, "b *dims"], v: Float[Array, "b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
+def eps_from_v(x_t: Float[Array, " b *dims"], v: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
     """``eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v``."""
     return _bcast(jnp.sqrt(1 - alpha_bar), x_t) * x_t + _bcast(jnp.sqrt(alpha_bar), x_t) * v
 
 
 def to_x0_eps(
-    output: Float[Array, "b *dims"], x_t: Float[Array, "b *dims"], alpha_bar: Float[Array, " b"], prediction: str
+    output: Float[Array, " b *dims"], x_t: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"], prediction: str
 ) -> tuple[Array, Array]:
     """Converts a network output of the given parameterization to the pair ``(x_0, eps)``."""
     check_prediction(prediction)
@@ -75,7 +75,9 @@ def to_x0_eps(
     return x0_from_v(x_t, output, alpha_bar), eps_from_v(x_t, output, alpha_bar)
 
 
-def target(x0: Float[Array, "b *dims"], eps: Float[Array, "b *dims"], alpha_bar: Float[Array, " b"], prediction: str) -> Array:
+def target(
+    x0: Float[Array, " b *dims"], eps: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"], prediction: str
+) -> Array:
     """What a network of the given parameterization is trained to output."""
     check_prediction(prediction)
     if prediction == "eps":
@@ -86,7 +88,7 @@ def target(x0: Float[Array, "b *dims"], eps: Float[Array, "b *dims"], alpha_bar:
 
 
 def posterior_mean_variance(
-    schedule: GaussianSchedule, x0: Float[Array, "b *dims"], x_t: Float[Array, "b *dims"], step: Int[Array, " b"]
+    schedule: GaussianSchedule, x0: Float[Array, " b *dims"], x_t: Float[Array, " b *dims"], step: Int[Array, " b"]
 ) -> tuple[Array, Float[Array, " b"]]:
     """Mean and variance of ``q(x_{t-1} | x_t, x_0)`` (Ho et al. 2020, eqs. 6-7).
 
@@ -122,7 +124,7 @@ def snr_weight(snr: Float[Array, " b"], gamma: float | None, prediction: str) ->
 def diffusion_loss(
     denoiser: Denoiser,
     schedule: GaussianSchedule,
-    x0: Float[Array, "b *dims"],
+    x0: Float[Array, " b *dims"],
     key: PRNGKeyArray,
     prediction: Prediction = "eps",
     snr_gamma: float | None = None,

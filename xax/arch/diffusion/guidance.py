@@ -18,9 +18,7 @@ from xax.arch.diffusion.gaussian import Denoiser
 ConditionalNet = Callable[[Array, Array, Array], Array]
 
 
-def drop_labels(
-    labels: Int[Array, " b"], key: PRNGKeyArray, drop_prob: float, null_label: int
-) -> Int[Array, " b"]:
+def drop_labels(labels: Int[Array, " b"], key: PRNGKeyArray, drop_prob: float, null_label: int) -> Int[Array, " b"]:
     """Replaces each label by ``null_label`` with probability ``drop_prob`` (0.1 in Ho & Salimans 2022)."""
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"drop_prob={drop_prob} must lie in [0, 1]")

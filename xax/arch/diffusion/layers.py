@@ -1,12 +1,19 @@
 """Small pieces shared by the diffusion networks: zero initialization and multi-head attention."""
 
+from typing import Literal, TypeVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+# The implementations of jax.nn.dot_product_attention by config name; None lets JAX pick (cuDNN on GPU).
+IMPLEMENTATIONS: dict[str | None, Literal["xla", "cudnn"] | None] = {"xla": "xla", "cudnn": "cudnn", None: None}
 
-def zero_init(layer: eqx.nn.Linear | eqx.nn.Conv2d) -> eqx.nn.Linear | eqx.nn.Conv2d:
+Layer = TypeVar("Layer", eqx.nn.Linear, eqx.nn.Conv2d)
+
+
+def zero_init(layer: Layer) -> Layer:
     """The layer with zero weights and bias, so that a residual branch starts as the identity (Goyal et al. 2017)."""
     layer = eqx.tree_at(lambda m: m.weight, layer, jnp.zeros_like(layer.weight))
     if layer.bias is not None:
@@ -19,8 +26,10 @@ def attention(
 ) -> Float[Array, "t d"]:
     """Multi-head softmax attention of ``(T, D)`` queries over ``(S, D)`` keys and values, through
     ``jax.nn.dot_product_attention`` (``impl``: "cudnn", "xla", or None to let JAX pick a fused kernel)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl={impl!r} is unknown; use 'xla', 'cudnn' or None")
     split = lambda a: a.reshape(a.shape[0], num_heads, a.shape[1] // num_heads)  # noqa: E731  (T, N, D/N)
     # The XLA path promotes bf16 logits against float32 internally, which strict dtype promotion refuses.
     with jax.numpy_dtype_promotion("standard"):
-        out = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=impl)  # ty: ignore[invalid-argument-type]
+        out = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=IMPLEMENTATIONS[impl])
     return out.reshape(q.shape[0], q.shape[1])  # (T, D)

@@ -36,11 +36,11 @@ def _predict(
 def ddpm_sample(
     denoiser: Denoiser,
     schedule: GaussianSchedule,
-    noise: Float[Array, "b *dims"],
+    noise: Float[Array, " b *dims"],
     key: PRNGKeyArray,
     prediction: Prediction = "eps",
     clip_x0: float | None = None,
-) -> Float[Array, "b *dims"]:
+) -> Float[Array, " b *dims"]:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) through all ``T`` steps.
 
     Each step draws ``x_{t-1} ~ q(x_{t-1} | x_t, x_0 = f(x_t, t))``: the posterior mean of
@@ -115,13 +115,13 @@ def _ddim_scan(
 def ddim_sample(
     denoiser: Denoiser,
     schedule: GaussianSchedule,
-    noise: Float[Array, "b *dims"],
+    noise: Float[Array, " b *dims"],
     key: PRNGKeyArray,
     num_steps: int = 50,
     eta: float = 0.0,
     prediction: Prediction = "eps",
     clip_x0: float | None = None,
-) -> Float[Array, "b *dims"]:
+) -> Float[Array, " b *dims"]:
     """DDIM sampling (Song et al. 2021, "Denoising Diffusion Implicit Models") over a subsequence of steps.
 
     ``eta = 0`` is deterministic (the noise ``x_T`` alone fixes the sample); ``eta = 1`` with
@@ -151,10 +151,10 @@ def ddim_sample(
 def ddim_invert(
     denoiser: Denoiser,
     schedule: GaussianSchedule,
-    x: Float[Array, "b *dims"],
+    x: Float[Array, " b *dims"],
     num_steps: int = 50,
     prediction: Prediction = "eps",
-) -> Float[Array, "b *dims"]:
+) -> Float[Array, " b *dims"]:
     """Runs deterministic DDIM backwards, from data to the noise that :func:`ddim_sample` (``eta = 0``, same
     ``num_steps``) maps back to it; each step uses the network at the current point (Song et al. 2021,
     section 4.3; Dhariwal & Nichol 2021, appendix F).
@@ -176,9 +176,14 @@ def ddim_invert(
 class HasEMA(Protocol):
     """A train-state-like object: the arrays to train, the other arrays, and an optional EMA of the first."""
 
-    params: PyTree
-    frozen: PyTree
-    ema: PyTree | None
+    @property
+    def params(self) -> PyTree: ...
+
+    @property
+    def frozen(self) -> PyTree: ...
+
+    @property
+    def ema(self) -> PyTree | None: ...
 
 
 def sampling_params(state: HasEMA) -> PyTree:

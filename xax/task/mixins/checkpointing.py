@@ -137,15 +137,28 @@ def load_checkpoint(directory: Path, step: int, target: PyTree | None) -> tuple[
     return restored["state"], dict(restored["meta"])
 
 
+def _key_name(key: Any) -> str:
+    for attribute in ("name", "key", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def named_leaves(tree: PyTree) -> dict[str, Any]:
+    """Leaves by dotted path. A checkpoint read without a target comes back as nested dicts, the
+    model as modules and named tuples; their paths agree once spelled as names."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return {".".join(_key_name(key) for key in path): leaf for path, leaf in flat if leaf is not None}
+
+
 def check_shapes(target: PyTree, saved: PyTree, source: Path) -> None:
     """Raises if a saved array's shape differs from the model's, naming the parameter path."""
-    saved_leaves = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
-    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-        if path in saved_leaves and tuple(saved_leaves[path].shape) != tuple(leaf.shape):
-            name = jax.tree_util.keystr(path)
+    saved_leaves = named_leaves(saved)
+    for name, leaf in named_leaves(target).items():
+        if name in saved_leaves and tuple(saved_leaves[name].shape) != tuple(leaf.shape):
             raise CheckpointError(
                 f"parameter {name} has shape {tuple(leaf.shape)} in the model but "
-                f"{tuple(saved_leaves[path].shape)} in {source}; change the config back or restore partially"
+                f"{tuple(saved_leaves[name].shape)} in {source}; change the config back or restore partially"
             )
 
 
@@ -301,15 +314,16 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
             return params
         directory, steps = resolve_checkpoint(Path(path))
         tree, _ = load_checkpoint(directory, steps[0], None)
-        saved = dict(jax.tree_util.tree_flatten_with_path(tree["params"])[0])
+        saved = named_leaves(tree["params"])
         check_shapes(params, tree["params"], directory / str(steps[0]))
         loaded = 0
 
         def take(key_path: Any, leaf: jax.Array) -> jax.Array:
             nonlocal loaded
-            if key_path in saved:
+            name = ".".join(_key_name(key) for key in key_path)
+            if name in saved:
                 loaded += 1
-                return jax.device_put(np.asarray(saved[key_path], dtype=leaf.dtype), leaf.sharding)
+                return jax.device_put(np.asarray(saved[name], dtype=leaf.dtype), leaf.sharding)
             return leaf
 
         result = jax.tree_util.tree_map_with_path(take, params)

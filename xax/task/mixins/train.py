@@ -369,7 +369,6 @@ class TrainMixin(
         eval_step = make_eval_step(loss_fn, static, compute_dtype=self.compute_dtype)
         self._eval_step = jax.jit(eval_step, donate_argnums=(2,) if donate else ())
         self._valid_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
-        self._valid_cadence_last = (0, time.monotonic())
         # Explicit shardings let the host pass numpy inputs (indices, counters) straight to the call,
         # placed by the jit's fast path rather than a separate, slower device_put.
         replicated = self.replicated_sharding()
