@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import xax
-from xax.task.feeds import PrefetchFeed, ResidentFeed
 from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl, regression_dataset
+from xax.task.feeds import PrefetchFeed, ResidentFeed
 
 
 def run(tmp_path: Path, *overrides: str, config: RegressionConfig | None = None) -> tuple[Regression, xax.State]:

@@ -20,6 +20,18 @@ def _json_float(value: float) -> float | str:
     return str(value)  # "nan", "inf" or "-inf"
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A process killed mid-write leaves half a line; appending after it would corrupt the next
+    record too, so it is cut off (whole records before it are kept)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as file:
+        data = file.read()
+        if data.endswith(b"\n"):
+            return
+        file.truncate(data.rfind(b"\n") + 1)
+
+
 class JsonlLogger(Logger):
     """Appends one JSON object per record to a file.
 
@@ -35,6 +47,7 @@ class JsonlLogger(Logger):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_partial_last_line(self.path)
         # Line-buffered, so each record reaches the file as one whole line.
         self._file = self.path.open("a", buffering=1, encoding="utf-8")
 

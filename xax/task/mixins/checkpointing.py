@@ -257,18 +257,29 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
         if resume is None:
             return None
         if resume == "auto":
-            directory, steps = self.checkpoint_dir, checkpoint_steps(self.checkpoint_dir)[::-1]
-            if not steps:
-                logger.info("resume=auto: no checkpoint in %s yet, starting afresh", directory)
-                return None
-        else:
-            directory, steps = resolve_checkpoint(Path(resume))
+            restored = self.restore_latest(target)
+            if restored is None:
+                logger.info("resume=auto: no checkpoint in %s yet, starting afresh", self.checkpoint_dir)
+            return restored
+        directory, steps = resolve_checkpoint(Path(resume))
+        return self._restore_first_readable(directory, steps, target, fall_back=False)
+
+    def restore_latest(self, target: PyTree) -> tuple[PyTree, Restored] | None:
+        """The newest readable checkpoint of this run, or None when there is none."""
+        steps = checkpoint_steps(self.checkpoint_dir)[::-1]
+        if not steps:
+            return None
+        return self._restore_first_readable(self.checkpoint_dir, steps, target, fall_back=True)
+
+    def _restore_first_readable(
+        self, directory: Path, steps: list[int], target: PyTree, *, fall_back: bool
+    ) -> tuple[PyTree, Restored]:
         errors = []
         for step in steps:
             try:
                 tree, metadata = self._load_matching(directory, step, target)
             except CheckpointError as error:
-                if resume != "auto" or step == steps[-1]:
+                if not fall_back or step == steps[-1]:
                     raise
                 errors.append(str(error))
                 logger.warning("%s; falling back to the previous checkpoint", error)

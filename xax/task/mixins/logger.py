@@ -4,6 +4,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Generic, TypeVar
@@ -61,9 +62,11 @@ class LogItem:
     media: dict[str, Metric] = dataclass_field(default_factory=dict)
 
 
-def _to_record(item: LogItem) -> LogRecord:
-    """Reads device values (this is where the logging thread waits on the device) and averages."""
+def _to_record(item: LogItem) -> tuple[LogRecord, dict[str, float]]:
+    """Reads device values (this is where the logging thread waits on the device) and averages;
+    also returns the step's health values (keys starting with '_', which are not averaged)."""
     sums = jax.device_get(item.sums)
+    health = {name: float(sums.pop(name)) for name in [k for k in sums if k.startswith("_")]}
     count = float(sums.pop("count", 1.0))
     scalars = {name: float(value) / max(count, 1.0) for name, value in sums.items()}
     scalars.update(item.host_scalars)
@@ -80,7 +83,7 @@ def _to_record(item: LogItem) -> LogRecord:
             texts[name] = value.text
         elif isinstance(value, LogHistogram):
             histograms[name] = value.values
-    return LogRecord(
+    record = LogRecord(
         step=item.state.num_steps,
         num_samples=item.state.num_samples,
         elapsed_time_s=item.state.elapsed_time_s,
@@ -90,13 +93,15 @@ def _to_record(item: LogItem) -> LogRecord:
         texts=texts,
         histograms=histograms,
     )
+    return record, health
 
 
 class LogWorker:
     """A thread that turns LogItems into records and writes them to every logger, in order."""
 
-    def __init__(self, loggers: list[Logger]) -> None:
+    def __init__(self, loggers: list[Logger], on_health: Callable[[State, dict[str, float]], None]) -> None:
         self._loggers = loggers
+        self._on_health = on_health
         self._queue: queue.Queue[LogItem | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, daemon=True, name="xax-log")
@@ -132,7 +137,9 @@ class LogWorker:
                 if item is None:
                     return
                 if self._error is None:
-                    record = _to_record(item)
+                    record, health = _to_record(item)
+                    if health:
+                        self._on_health(item.state, health)
                     for sink in self._loggers:
                         sink.write(record)
             except BaseException as error:  # surfaced on the training thread at the next submit
@@ -202,6 +209,9 @@ class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config])
             )
         return sinks
 
+    def on_health(self, state: State, health: dict[str, float]) -> None:
+        """Called on the logging thread with each training window's health values."""
+
     def expected_total_steps(self) -> int | None:
         """Total training steps if known in advance (for the progress bar's ETA)."""
         return None
@@ -211,7 +221,7 @@ class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config])
         super().on_run_start()
         if jax.process_index() == 0:
             self.write_run_metadata(config_to_yaml(self.config))
-        self._log_worker = LogWorker(self.make_loggers())
+        self._log_worker = LogWorker(self.make_loggers(), self.on_health)
         self.add_worker(self._log_worker)
 
     def resume_cadences(self, step: int) -> None:

@@ -84,6 +84,12 @@ class ProcessMixin(BaseTask[Config], Generic[Config]):
         """Registers a worker to close when the run ends."""
         self._workers.append(worker)
 
+    def close_workers_of(self, worker: Closeable | None) -> None:
+        """Closes one registered worker now (e.g. a data feed being replaced)."""
+        if worker is not None and worker in self._workers:
+            self._workers.remove(worker)
+            _close_quietly(worker)
+
     def close_workers(self) -> None:
         """Closes every registered worker, newest first; one failing does not stop the others."""
         timeout = self.config.process.shutdown_timeout_s

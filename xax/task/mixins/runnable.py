@@ -16,6 +16,7 @@ from xax.task.base import BaseConfig, BaseTask
 
 logger = logging.getLogger(__name__)
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 

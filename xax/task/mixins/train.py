@@ -23,7 +23,7 @@ from xax.core.errors import ConfigError, LaunchError, TrainingStopped
 from xax.core.metric import Metric
 from xax.core.state import State
 from xax.task.feeds import Feed, PrefetchFeed, ResidentFeed, gather_batch, resident_bytes
-from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
+from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin, abstract_like, named_leaves
 from xax.task.mixins.compile import CompileConfig, CompileMixin
 from xax.task.mixins.data_loader import (
     BatchSource,
@@ -34,7 +34,7 @@ from xax.task.mixins.data_loader import (
     MapBatchSource,
 )
 from xax.task.mixins.logger import LoggerConfig, LoggerMixin, LogItem
-from xax.task.mixins.runnable import EXIT_INTERRUPTED
+from xax.task.mixins.runnable import EXIT_FAILURE, EXIT_INTERRUPTED
 from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
 from xax.task.mixins.train_step import (
     COMPUTE_DTYPES,
@@ -48,6 +48,13 @@ from xax.task.mixins.train_step import (
 logger = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
+
+
+class _Rewind(Exception):  # noqa: N818 (control flow, never escapes train())
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(what)
+        self.step = step
+        self.what = what
 
 
 class _Window:
@@ -91,6 +98,19 @@ class EMAOptions:
     use_for_valid: bool = field(True, help="Validate with the moving average when it is on")
 
 
+NAN_POLICIES = ("halt", "skip", "rewind")
+
+
+@dataclass
+class NanOptions:
+    policy: str = field(
+        "halt",
+        help="On a non-finite loss or gradient (whose update is never applied): halt, skip the step, or "
+        "rewind to the last checkpoint and skip the batch. Seen when the metrics are next logged.",
+    )
+    max_consecutive: int = field(10, help="skip: halt after this many non-finite steps in a row")
+
+
 @dataclass
 class TrainConfig(LoggerConfig, CheckpointingConfig, DataLoaderConfig, CompileConfig, StepContextConfig):
     seed: int = field(0, help="Seed for weights, data order and every random draw in the step")
@@ -105,6 +125,7 @@ class TrainConfig(LoggerConfig, CheckpointingConfig, DataLoaderConfig, CompileCo
     max_inflight_steps: int = field(3, help="How many steps the host may dispatch ahead of the device")
     precision: PrecisionOptions = field(PrecisionOptions(), help="Mixed-precision policy")
     ema: EMAOptions = field(EMAOptions(), help="Exponential moving average of the weights")
+    nan: NanOptions = field(NanOptions(), help="What to do about non-finite losses and gradients")
 
 
 Config = TypeVar("Config", bound=TrainConfig)
@@ -129,6 +150,8 @@ class TrainMixin(
         self._valid_cadence_last = (0, time.monotonic())
         self.final_train_state: TrainState | None = None
         self.train_feed: Feed | None = None
+        self.nonfinite_alert: dict[str, float] | None = None
+        self._grad_leaf_names: list[str] = []
 
     @abstractmethod
     def get_model(self, params: InitParams) -> PyTree:
@@ -174,6 +197,8 @@ class TrainMixin(
                 raise ConfigError(f"{key}={value} must be positive (or None)")
         if config.grad_accum_steps < 1:
             raise ConfigError(f"grad_accum_steps={config.grad_accum_steps} must be at least 1")
+        if config.nan.policy not in NAN_POLICIES:
+            raise ConfigError(f"nan.policy={config.nan.policy!r} is not one of {list(NAN_POLICIES)}")
         if config.ema.decay is not None and not 0.0 <= config.ema.decay < 1.0:
             raise ConfigError(f"ema.decay={config.ema.decay} must be in [0, 1)")
         num_data = self.get_mesh().shape[DATA_AXIS]
@@ -202,7 +227,8 @@ class TrainMixin(
         ema = jax.tree.map(jnp.copy, params) if self.config.ema.decay is not None else None
         with jax.numpy_dtype_promotion("standard"):  # as in the step: optax relies on it
             opt_state = optimizer.init(params)
-        state = TrainState(params, frozen, opt_state, ema, jax.random.key_data(train_key))
+        streak = jnp.zeros((), jnp.int32)
+        state = TrainState(params, frozen, opt_state, ema, jax.random.key_data(train_key), streak)
         return jax.device_put(state, self.replicated_sharding()), static
 
     def replicated_sharding(self) -> NamedSharding:
@@ -246,12 +272,32 @@ class TrainMixin(
         optimizer = self.full_optimizer()
         ts, static = self.init_train_state(optimizer)
         self._static = static
+        template = abstract_like(ts)
+        self._grad_leaf_names = list(named_leaves(ts.params))
         ts, state, cursor = self.resume_or_start(ts)
+        treedef = jax.tree.structure(ts)
+        train_step = self._build_steps(optimizer, static, treedef)
+        skipped: set[int] = set()
+        while True:
+            try:
+                return self._train_loop(train_step, treedef, ts, state, cursor, skipped)
+            except _Rewind as rewind:
+                ts, state, cursor = self._rewind(template, rewind)
+                skipped.add(rewind.step)
+
+    def _train_loop(
+        self,
+        train_step: Callable[..., Any],
+        treedef: jax.tree_util.PyTreeDef,
+        ts: TrainState,
+        state: State,
+        cursor: Cursor | None,
+        skipped: set[int],
+    ) -> State:
+        """Steps until a limit; ``skipped`` holds steps whose batch is dropped (after a rewind)."""
         feed = self.train_feed = self.make_train_feed(cursor)
         self.add_worker(feed)
-        leaves, treedef = jax.tree.flatten(ts)
-        train_step = self._build_steps(optimizer, static, treedef)
-
+        leaves = jax.tree.leaves(ts)
         batch: PyTree | None = next(feed)
         zero_sums = self._zero_sums_fn(train_step, leaves, empty_sums(), batch, state.pack(), feed.data)
         sums = zero_sums()
@@ -264,6 +310,11 @@ class TrainMixin(
             if batch is None:
                 with self.step_context("data"):
                     batch = next(feed)
+            if state.num_steps + 1 in skipped:
+                skipped.discard(state.num_steps + 1)
+                logger.warning("Skipping the batch of step %d, which gave a non-finite loss", state.num_steps + 1)
+                batch = None
+                continue
             leaves, sums, loss = train_step(leaves, sums, batch, state.pack(), feed.data)
             batch = None
             inflight.append(loss)
@@ -292,6 +343,10 @@ class TrainMixin(
                 self.log_item(LogItem(state=state, phase="train", sums=sums, host_scalars=host))
                 sums = zero_sums()
                 window = _Window(time.perf_counter(), feed.wait_time_s)
+                if over:
+                    self.flush_logs()  # so a non-finite last window is seen before the final save
+            if self.nonfinite_alert is not None:
+                self._on_nonfinite(self.nonfinite_alert)
             if self.valid_is_due(state) or self.heavy_log_is_due(state) or over:
                 state = self._between_steps(jax.tree.unflatten(treedef, leaves), state, over)
             if over or self.stop_signal is not None or self.save_requested or self.checkpoint_is_due(state):
@@ -299,6 +354,48 @@ class TrainMixin(
         self.flush_logs()
         self.final_train_state = jax.tree.unflatten(treedef, leaves)
         return state
+
+    @override
+    def on_health(self, state: State, health: dict[str, float]) -> None:
+        # Runs on the logging thread: only records; the training thread acts on it.
+        if health.get("_nonfinite_steps", 0.0) > 0:
+            self.nonfinite_alert = health
+
+    def _on_nonfinite(self, health: dict[str, float]) -> None:
+        """Acts on non-finite steps per ``nan.policy`` (their updates were never applied)."""
+        self.nonfinite_alert = None
+        step = int(health["_first_nonfinite_step"])
+        leaf = int(health["_first_nonfinite_leaf"])
+        culprit = f"gradient of {self._grad_leaf_names[leaf - 1]}" if leaf > 0 else "loss"
+        what = f"non-finite {culprit} at step {step} ({int(health['_nonfinite_steps'])} step(s) skipped)"
+        self.wait_for_checkpoint()
+        last_good = self.latest_checkpoint()
+        policy = self.config.nan.policy
+        streak = int(health["_max_nonfinite_streak"])
+        if policy == "halt" or (policy == "skip" and streak >= self.config.nan.max_consecutive):
+            self.flush_logs()
+            limit = f"; {streak} in a row (nan.max_consecutive={self.config.nan.max_consecutive})"
+            raise TrainingStopped(
+                f"error: {what}{limit if policy == 'skip' else ''}; last good checkpoint: {last_good or 'none'}",
+                EXIT_FAILURE,
+            )
+        if policy == "rewind":
+            if last_good is None:
+                raise TrainingStopped(f"error: {what}; nan.policy=rewind but no checkpoint exists yet", EXIT_FAILURE)
+            raise _Rewind(step, what)
+        logger.warning("%s; continuing (nan.policy=skip)", what)
+
+    def _rewind(self, template: PyTree, rewind: "_Rewind") -> tuple[TrainState, State, Cursor]:
+        self.wait_for_checkpoint()
+        self.close_workers_of(self.train_feed)
+        restored = self.restore_latest(template)
+        if restored is None:
+            raise TrainingStopped(f"error: {rewind.what}; no readable checkpoint to rewind to", EXIT_FAILURE)
+        ts, info = restored
+        logger.warning("%s; rewinding to %s and skipping that batch", rewind.what, info.path)
+        self._valid_cadence_last = (info.state.num_steps, time.monotonic())
+        self.resume_cadences(info.state.num_steps)
+        return ts, info.state, info.cursor
 
     def resume_or_start(self, ts: TrainState) -> tuple[TrainState, State, Cursor | None]:
         """The train state, State and data cursor to start from: a restored checkpoint's, or the
@@ -451,7 +548,7 @@ class TrainMixin(
         with DevicePrefetcher(source, self.place_batch, self.config.data.prefetch) as batches:
             for batch in batches:
                 if self._valid_zeros is None:
-                    args = (params, ts.frozen, empty_sums(), batch, packed, self._valid_key)
+                    args = (params, ts.frozen, {"count": jnp.zeros((), jnp.float32)}, batch, packed, self._valid_key)
                     self._valid_zeros = self._zero_sums_fn(self._eval_step, *args)
                 sums = self._valid_zeros() if sums is None else sums
                 sums = self._eval_step(params, ts.frozen, sums, batch, packed, self._valid_key)

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, PRNGKeyArray, PyTree, UInt32
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree, UInt32
 
 from xax.core.metric import Scalar
 from xax.core.state import State
@@ -29,6 +29,7 @@ class TrainState(NamedTuple):
         key: The PRNG key's raw data (``jax.random.key_data``); each step splits off a fresh key.
             Raw data rather than a typed key: it crosses the jit boundary every step without the
             typed key's Python-side wrapping, and it saves as a plain array.
+        nonfinite_streak: Steps in a row whose loss or gradient was not finite (their updates skipped).
     """
 
     params: PyTree
@@ -36,6 +37,7 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     ema: PyTree | None
     key: UInt32[Array, "..."]
+    nonfinite_streak: Int[Array, ""]
 
 
 def cast_floating(tree: PyTree, dtype: jnp.dtype) -> PyTree:
@@ -130,15 +132,40 @@ def make_train_step(
             totals, _ = jax.lax.scan(accumulate, zeros, (micro_batches, micro_keys))
             loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum_steps, totals)
 
-        grad_norm = optax.tree.norm(grads)
-        # optax's internals (e.g. Adam's bias correction, float ** int32 count) rely on standard
-        # promotion; the user's own code keeps whatever promotion mode they run with.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-            params = optax.apply_updates(ts.params, updates)
-        ema = None
-        if ema_decay is not None and ts.ema is not None:
-            ema = optax.incremental_update(params, ts.ema, step_size=1.0 - ema_decay)
+        # Per-leaf squared norms give the global norm and, for free, the first non-finite leaf.
+        squares = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)])
+        grad_norm = jnp.sqrt(jnp.sum(squares))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(_: None) -> tuple[PyTree, optax.OptState, PyTree | None]:
+            # optax's internals (e.g. Adam's bias correction, float ** int32 count) rely on standard
+            # promotion; the user's own code keeps whatever promotion mode they run with.
+            with jax.numpy_dtype_promotion("standard"):
+                updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+                params = optax.apply_updates(ts.params, updates)
+            ema = None
+            if ema_decay is not None and ts.ema is not None:
+                ema = optax.incremental_update(params, ts.ema, step_size=1.0 - ema_decay)
+            return params, opt_state, ema
+
+        def keep(_: None) -> tuple[PyTree, optax.OptState, PyTree | None]:
+            return ts.params, ts.opt_state, ts.ema
+
+        # A non-finite step never touches the weights; the host learns of it at the next log.
+        params, opt_state, ema = jax.lax.cond(finite, update, keep, None)
+        streak = jnp.where(finite, 0, ts.nonfinite_streak + 1).astype(jnp.int32)
+        step_number = state.num_steps + 1
+        # 0 names the loss as the culprit; i > 0 the i-th gradient leaf (when the loss was finite).
+        first_bad_leaf = jnp.where(
+            jnp.isfinite(loss) & ~jnp.all(jnp.isfinite(squares)), jnp.argmin(jnp.isfinite(squares)) + 1, 0
+        )
+        first_seen = sums["_first_nonfinite_step"] == 0
+        health = {
+            "_nonfinite_steps": sums["_nonfinite_steps"] + (~finite).astype(jnp.int32),
+            "_first_nonfinite_step": jnp.where(~finite & first_seen, step_number, sums["_first_nonfinite_step"]),
+            "_first_nonfinite_leaf": jnp.where(~finite & first_seen, first_bad_leaf, sums["_first_nonfinite_leaf"]),
+            "_max_nonfinite_streak": jnp.maximum(sums["_max_nonfinite_streak"], streak),
+        }
 
         values = {"loss": loss, "grad_norm": grad_norm, **metrics}
         learning_rate = find_learning_rate(opt_state)
@@ -146,7 +173,9 @@ def make_train_step(
             values["learning_rate"] = learning_rate
         new_sums = {name: sums.get(name, jnp.zeros((), jnp.float32)) + value for name, value in values.items()}
         new_sums["count"] = sums["count"] + 1.0
-        return TrainState(params, ts.frozen, opt_state, ema, jax.random.key_data(key)), new_sums, loss
+        new_sums.update({name: value.astype(jnp.int32) for name, value in health.items()})
+        new_state = TrainState(params, ts.frozen, opt_state, ema, jax.random.key_data(key), streak)
+        return new_state, new_sums, loss
 
     return step
 
@@ -174,5 +203,9 @@ def make_eval_step(
     return step
 
 
+HEALTH_KEYS = ("_nonfinite_steps", "_first_nonfinite_step", "_first_nonfinite_leaf", "_max_nonfinite_streak")
+
+
 def empty_sums() -> dict[str, Array]:
-    return {"count": jnp.zeros((), jnp.float32)}
+    """The smallest sums a step accepts; the step's output gives the full set of keys."""
+    return {"count": jnp.zeros((), jnp.float32), **{name: jnp.zeros((), jnp.int32) for name in HEALTH_KEYS}}

@@ -1,0 +1,106 @@
+"""Non-finite losses: halt, skip and rewind, each with an injected NaN."""
+
+import logging
+from pathlib import Path
+
+import datasets
+import jax
+import numpy as np
+import pytest
+
+import xax
+from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl
+from xax.task.mixins.checkpointing import checkpoint_steps
+from xax.task.mixins.data_loader import shuffle_order
+
+POISONED_ROW = 100
+# The step (1-based) whose batch holds the poisoned row in epoch 0 (batch 32, 512 rows, seed 0).
+POISONED_STEP = int(np.argwhere(shuffle_order(512, 0, 0) == POISONED_ROW)[0, 0]) // 32 + 1
+
+
+class Poisoned(Regression):
+    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
+        dataset = super().get_dataset(phase)
+        if phase != "train":
+            return dataset
+        data = dataset.with_format("numpy")[:]
+        data["x"][POISONED_ROW] = np.nan
+        return datasets.Dataset.from_dict(data)
+
+
+def launch(tmp_path: Path, policy: str, *overrides: str) -> Poisoned:
+    tasks: list[Poisoned] = []
+
+    class Recorded(Poisoned):
+        def on_run_start(self) -> None:
+            tasks.append(self)
+            super().on_run_start()
+
+    Recorded.launch(
+        RegressionConfig(batch_size=32, max_steps=16, valid_every_n_steps=None),
+        argv=[
+            f"artifacts.run_dir={tmp_path}",
+            f"nan.policy={policy}",
+            "log.every_n_steps=1",
+            "log.stdout=false",
+            "log.tensorboard=false",
+            "checkpoint.every_n_steps=2",
+            *overrides,
+        ],
+    )
+    return tasks[0]
+
+
+def all_finite(tree: object) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(tree))
+
+
+def test_poisoned_step_is_inside_the_run() -> None:
+    assert 3 <= POISONED_STEP <= 14
+
+
+def test_halt_names_the_step_and_the_last_good_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        launch(tmp_path, "halt")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert f"non-finite loss at step {POISONED_STEP}" in err
+    newest = checkpoint_steps(tmp_path / "checkpoints")[-1]
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / str(newest)}" in err
+
+
+def test_skip_continues_without_applying_the_update(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        task = launch(tmp_path, "skip")
+    assert all_finite(final_params(task).params)
+    assert f"non-finite loss at step {POISONED_STEP}" in caplog.text
+    losses = {r["step"]: r["scalars"]["loss"] for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "train"}
+    assert losses[POISONED_STEP] == "nan"
+    assert all(np.isfinite(v) for step, v in losses.items() if step != POISONED_STEP)
+
+
+def test_skip_halts_after_too_many_in_a_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        launch(tmp_path, "skip", "nan.max_consecutive=1")
+    assert exit_info.value.code == 1
+    assert "nan.max_consecutive=1" in capsys.readouterr().err
+
+
+def test_rewind_restores_and_skips_the_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        task = launch(tmp_path, "rewind")
+    assert "rewinding to" in caplog.text
+    assert f"Skipping the batch of step {POISONED_STEP}" in caplog.text
+    assert all_finite(final_params(task).params)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "train"]
+    assert steps[-1] == 16
+
+
+def test_clean_data_raises_no_alert(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        state = Regression.launch(
+            RegressionConfig(batch_size=32, max_steps=4),
+            argv=[f"artifacts.run_dir={tmp_path}", "log.every_n_steps=1", "log.stdout=false", "nan.policy=halt"],
+        )
+    assert state.num_steps == 4
+    assert "non-finite" not in caplog.text

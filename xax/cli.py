@@ -1,0 +1,376 @@
+"""The ``xax`` console command: ``xax ckpt inspect PATH`` and ``xax ckpt diff A B``.
+
+Checkpoints are read through orbax metadata, orbax array restores and JSON only: nothing in a
+checkpoint is unpickled or executed, and the model class is never needed.
+"""
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+from jaxtyping import Shaped
+from orbax.checkpoint import metadata as ocp_metadata
+
+from xax.core.errors import CheckpointError, XaxError
+from xax.task.mixins.checkpointing import load_checkpoint, named_leaves, resolve_checkpoint
+
+# The TrainState fields in their saved order; a checkpoint's other top-level entries follow them.
+GROUPS = ("params", "frozen", "opt_state", "ema", "key")
+# Metadata sections compared key by key; every other metadata entry is compared as a whole.
+META_SECTIONS = (("state", "State"), ("cursor", "Data cursor"), ("valid_metrics", "Validation metrics"))
+EXIT_SAME, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """Shape and dtype of one saved array."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return f"{self.shape} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint as read from disk, before any array is loaded.
+
+    Attributes:
+        directory: The checkpoints directory holding the step directory.
+        step: The step (the step directory's name).
+        tree: The saved tree of orbax array metadata (None where a TrainState field is empty).
+        leaves: Shape and dtype of every saved array, by dotted name.
+        meta: The JSON metadata saved next to the arrays.
+    """
+
+    directory: Path
+    step: int
+    tree: Any
+    leaves: dict[str, Leaf]
+    meta: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.directory / str(self.step)
+
+
+@contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    # orbax reports read-only managers and similar non-events as absl warnings on stderr.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Reads the metadata of the checkpoint at ``path`` (a step, checkpoints or run directory).
+
+    Args:
+        path: A step directory, a checkpoints directory, or a run directory (its newest step).
+
+    Returns:
+        The checkpoint's array shapes and dtypes and its JSON metadata; no array is read.
+
+    Raises:
+        CheckpointError: Naming the file that is missing or unreadable.
+    """
+    if not path.expanduser().exists():
+        raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoints directory or a step")
+    directory, steps = resolve_checkpoint(path)
+    step_dir = directory / str(steps[0])
+    with _quiet_orbax():
+        try:
+            tree = ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree
+        except Exception as error:
+            raise CheckpointError(f"{step_dir / 'state'} is unreadable ({type(error).__name__}: {error})") from error
+        try:
+            meta = dict(ocp.JsonCheckpointHandler().restore(step_dir / "meta"))
+        except Exception as error:
+            raise CheckpointError(f"{step_dir / 'meta'} is unreadable ({type(error).__name__}: {error})") from error
+    if "state" not in meta:
+        raise CheckpointError(f"{step_dir / 'meta'} has no 'state' entry; it is not an xax checkpoint")
+    leaves = {}
+    for name, leaf in named_leaves(tree).items():
+        if not isinstance(leaf, ocp_metadata.ArrayMetadata):
+            raise CheckpointError(f"{step_dir / 'state'} holds a {type(leaf).__name__} at {name}; expected arrays only")
+        leaves[name] = Leaf(tuple(int(n) for n in leaf.shape), np.dtype(leaf.dtype))
+    return Checkpoint(directory, steps[0], tree, leaves, meta)
+
+
+def read_arrays(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
+    """Reads every array of ``checkpoint`` into host memory, whatever mesh it was saved under.
+
+    Raises:
+        CheckpointError: Naming the checkpoint when an array file is truncated or corrupt.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), checkpoint.tree)
+    with _quiet_orbax():
+        tree, _ = load_checkpoint(checkpoint.directory, checkpoint.step, target)
+    return {name: np.asarray(value) for name, value in named_leaves(tree).items()}
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of all files under ``path`` (symbolic links not followed)."""
+    return sum(file.lstat().st_size for file in path.rglob("*") if file.is_file() and not file.is_symlink())
+
+
+def human_bytes(num_bytes: int) -> str:
+    """``num_bytes`` in binary units: ``'512 B'``, ``'1.5 KiB'``, ``'3.2 GiB'``."""
+    value, unit = float(num_bytes), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            break
+        value /= 1024
+    return f"{num_bytes} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def leaf_difference(a: Shaped[np.ndarray, "*shape"], b: Shaped[np.ndarray, "*shape"]) -> tuple[float, float]:
+    """How far ``b`` is from ``a``, computed in float64.
+
+    Returns:
+        ``(max |b - a|, ||b - a||_2 / ||a||_2)``; the relative difference is ``inf`` when ``a`` is
+        zero and ``b`` is not, and both are NaN when one holds a NaN the other does not.
+    """
+    wide = np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(b) else np.float64
+    delta = b.astype(wide) - a.astype(wide)
+    if delta.size == 0:
+        return 0.0, 0.0
+    max_abs = float(np.max(np.abs(delta)))
+    reference, distance = float(np.linalg.norm(a.astype(wide).ravel())), float(np.linalg.norm(delta.ravel()))
+    if reference == 0.0:
+        return max_abs, 0.0 if distance == 0.0 else math.inf
+    return max_abs, distance / reference
+
+
+def _rows(pairs: Sequence[tuple[str, str]], indent: int = 2) -> list[str]:
+    width = max((len(key) for key, _ in pairs), default=0)
+    return [f"{' ' * indent}{key.ljust(width)}  {value}".rstrip() for key, value in pairs]
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}" if number == 1 else f"{number:,} {noun}s"
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _mesh(mesh: dict[str, Any] | None) -> str:
+    if not mesh:
+        return "none"
+    return " x ".join(f"{name}={size}" for name, size in zip(mesh["axis_names"], mesh["shape"]))
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _group_order(names: Sequence[str]) -> list[str]:
+    found = {name.split(".", 1)[0] for name in names}
+    return list(GROUPS) + sorted(found - set(GROUPS))
+
+
+def _array_lines(leaves: dict[str, Leaf]) -> list[str]:
+    total_size, total_bytes = sum(leaf.size for leaf in leaves.values()), sum(leaf.nbytes for leaf in leaves.values())
+    lines = [f"Arrays: {_count(len(leaves), 'array')}, {_count(total_size, 'parameter')}, {human_bytes(total_bytes)}"]
+    name_width = max((len(name) for name in leaves), default=0)
+    shape_width = max((len(str(leaf.shape)) for leaf in leaves.values()), default=0)
+    for group in _group_order(list(leaves)):
+        members = {name: leaf for name, leaf in leaves.items() if name.split(".", 1)[0] == group}
+        if not members:
+            lines.append(f"  {group}: empty")
+            continue
+        size, nbytes = sum(leaf.size for leaf in members.values()), sum(leaf.nbytes for leaf in members.values())
+        lines.append(f"  {group}: {_count(len(members), 'array')}, {_count(size, 'parameter')}, {human_bytes(nbytes)}")
+        for name, leaf in members.items():
+            lines.append(f"    {name.ljust(name_width)}  {str(leaf.shape).ljust(shape_width)}  {leaf.dtype}")
+    return lines
+
+
+def inspect_lines(checkpoint: Checkpoint) -> list[str]:
+    """The report ``xax ckpt inspect`` prints: metadata, counters, arrays and config."""
+    meta, size = checkpoint.meta, disk_size(checkpoint.path)
+    lines = [f"Checkpoint {checkpoint.path}"]
+    lines += _rows(
+        [
+            ("step", str(checkpoint.step)),
+            ("format", _show(meta.get("format"))),
+            ("xax version", _show(meta.get("xax_version", "unknown"))),
+            ("git commit", _show(meta.get("git_commit") or "unknown")),
+            ("mesh", _mesh(meta.get("mesh"))),
+            ("size on disk", f"{human_bytes(size)} ({size:,} bytes)"),
+        ]
+    )
+    for key, title in META_SECTIONS:
+        section = meta.get(key) or {}
+        lines.append(title)
+        lines += _rows([(name, _show(value)) for name, value in section.items()]) if section else ["  none"]
+    lines += _array_lines(checkpoint.leaves)
+    lines.append("Config")
+    config_yaml = yaml.safe_dump(meta.get("config", {}), sort_keys=False).rstrip("\n")
+    lines += [f"  {line}" for line in config_yaml.splitlines()]
+    return lines
+
+
+def _array_diff_lines(a: Checkpoint, b: Checkpoint) -> list[str]:
+    common = [name for name in a.leaves if name in b.leaves]
+    changed = [name for name in common if a.leaves[name] != b.leaves[name]]
+    comparable = [name for name in common if name not in changed]
+    values_a, values_b = (read_arrays(a), read_arrays(b)) if comparable else ({}, {})
+    rows = []
+    for name in comparable:
+        x, y = values_a[name], values_b[name]
+        if np.ascontiguousarray(x).tobytes() != np.ascontiguousarray(y).tobytes():
+            max_abs, relative = leaf_difference(x, y)
+            rows.append((name, f"{max_abs:.6g}", f"{relative:.6g}"))
+    lines = []
+    if rows:
+        lines.append(f"Arrays that differ: {len(rows)} of {len(comparable)}")
+        width = [max(len(row[i]) for row in [("name", "max abs diff", "rel L2 diff"), *rows]) for i in range(3)]
+        for row in [("name", "max abs diff", "rel L2 diff"), *rows]:
+            lines.append(f"  {row[0].ljust(width[0])}  {row[1].rjust(width[1])}  {row[2].rjust(width[2])}")
+    for title, names in (
+        ("Only in A", [n for n in a.leaves if n not in b.leaves]),
+        ("Only in B", [n for n in b.leaves if n not in a.leaves]),
+    ):
+        if names:
+            lines.append(title)
+            lines += _rows([(name, (a.leaves.get(name) or b.leaves[name]).describe()) for name in names])
+    if changed:
+        lines.append("Shape or dtype changed")
+        lines += _rows([(name, f"{a.leaves[name].describe()} -> {b.leaves[name].describe()}") for name in changed])
+    return lines
+
+
+def _dict_diff_lines(title: str, a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    missing = object()
+    pairs = []
+    for key in [*flat_a, *(key for key in flat_b if key not in flat_a)]:
+        old, new = flat_a.get(key, missing), flat_b.get(key, missing)
+        if old != new:
+            shown = ["(absent)" if value is missing else _show(value) for value in (old, new)]
+            pairs.append((key, f"{shown[0]} -> {shown[1]}"))
+    return [title, *_rows(pairs)] if pairs else []
+
+
+def diff_lines(a: Checkpoint, b: Checkpoint, *, arrays_only: bool = False) -> list[str]:
+    """The report ``xax ckpt diff`` prints; empty when the checkpoints are identical.
+
+    Arrays count as identical only when bitwise equal. For arrays that differ it gives the largest
+    absolute difference and the relative L2 difference ``||b - a||_2 / ||a||_2`` (A is the
+    reference); with ``arrays_only`` the counters, data cursor, config and metadata are not compared.
+    """
+    lines = _array_diff_lines(a, b)
+    if not arrays_only:
+        sections = {key for key, _ in META_SECTIONS} | {"config"}
+        for key, title in (*META_SECTIONS, ("config", "Config")):
+            lines += _dict_diff_lines(title, a.meta.get(key) or {}, b.meta.get(key) or {})
+        other_a = {key: value for key, value in a.meta.items() if key not in sections}
+        other_b = {key: value for key, value in b.meta.items() if key not in sections}
+        lines += _dict_diff_lines("Metadata", other_a, other_b)
+    if not lines:
+        return []
+    return [f"A: {a.path} (step {a.step})", f"B: {b.path} (step {b.step})", *lines]
+
+
+def _inspect_command(args: argparse.Namespace) -> int:
+    checkpoint = open_checkpoint(args.path)
+    if args.verify:
+        read_arrays(checkpoint)
+    print("\n".join(inspect_lines(checkpoint)))
+    return EXIT_SAME
+
+
+def _diff_command(args: argparse.Namespace) -> int:
+    lines = diff_lines(open_checkpoint(args.a), open_checkpoint(args.b), arrays_only=args.arrays_only)
+    if lines:
+        print("\n".join(lines))
+    return EXIT_DIFFERENT if lines else EXIT_SAME
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``xax`` argument parser, one subcommand per tool."""
+    parser = argparse.ArgumentParser(prog="xax", description="Tools for xax runs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ckpt = commands.add_parser("ckpt", help="Inspect and compare checkpoints", description="Checkpoint tools.")
+    actions = ckpt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    path_help = "a step directory, a checkpoints directory, or a run directory (its newest checkpoint)"
+
+    inspect = actions.add_parser(
+        "inspect",
+        help="Print a checkpoint's step, counters, config, array shapes and size",
+        description="Print a checkpoint's step, counters, data cursor, version, mesh, config, arrays and size.",
+    )
+    inspect.add_argument("path", type=Path, help=path_help)
+    inspect.add_argument("--verify", action="store_true", help="also read every array, to catch corrupt data files")
+    inspect.set_defaults(run=_inspect_command)
+
+    diff = actions.add_parser(
+        "diff",
+        help="Compare two checkpoints (exit 0: identical, 1: different, 2: error)",
+        description="Compare two checkpoints: arrays, counters, data cursor, config and metadata. "
+        "Exit code 0 if identical, 1 if they differ, 2 on errors.",
+    )
+    diff.add_argument("a", type=Path, help=f"the reference checkpoint: {path_help}")
+    diff.add_argument("b", type=Path, help="the checkpoint compared with it")
+    diff.add_argument("--arrays-only", action="store_true", help="compare only the arrays")
+    diff.set_defaults(run=_diff_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``xax`` command.
+
+    Args:
+        argv: The arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success (for ``diff``: identical), 1 when ``diff`` finds differences,
+        2 on errors, with one line on stderr naming the file at fault.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return EXIT_ERROR if exit_request.code else EXIT_SAME
+    try:
+        return args.run(args)
+    except (XaxError, OSError) as error:
+        print(f"xax: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
