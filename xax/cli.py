@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +320,27 @@ def _diff_command(args: argparse.Namespace) -> int:
     return EXIT_DIFFERENT if lines else EXIT_SAME
 
 
+class _ClosedLoopFilter:
+    """An unraisable-exception hook that drops the reports of tensorstore reads finishing after a
+    failed read closed orbax's event loop (``RuntimeError: Event loop is closed``), and passes every
+    other report on."""
+
+    def __init__(self, previous: Callable[[Any], object]) -> None:
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            self.previous(unraisable)
+
+
+def _one_line(error: BaseException) -> str:
+    # tensorstore appends its whole JSON spec to read errors; the file and the reason come before it.
+    text = " ".join(str(error).split())
+    head, spec, _ = text.partition(" [tensorstore_spec=")
+    return head + ")" if spec and text.endswith(")") else head
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``xax`` argument parser, one subcommand per tool."""
     parser = argparse.ArgumentParser(prog="xax", description="Tools for xax runs.")
@@ -365,11 +386,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:
         return EXIT_ERROR if exit_request.code else EXIT_SAME
+    previous_hook = sys.unraisablehook
+    if not isinstance(previous_hook, _ClosedLoopFilter):
+        sys.unraisablehook = _ClosedLoopFilter(previous_hook)
     try:
-        return args.run(args)
+        code = args.run(args)
     except (XaxError, OSError) as error:
-        print(f"xax: error: {' '.join(str(error).split())}", file=sys.stderr)
+        # The filter stays: reads still in flight when this one failed finish after we return.
+        print(f"xax: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+    sys.unraisablehook = previous_hook
+    return code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Classifier-free guidance: the mix of conditional and unconditional outputs, label dropout, and the
 choice of EMA weights for sampling."""
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -68,7 +68,13 @@ def test_sampling_uses_the_ema_weights_when_kept() -> None:
     params, frozen = eqx.partition(arrays, eqx.is_inexact_array)
     ema = jax.tree.map(lambda a: a + 1.0, params)
     opt_state = optax.sgd(0.1).init(params)
-    with_ema = TrainState(params, frozen, opt_state, ema, jax.random.key(0))
+    # Every other field of the framework's train state is irrelevant here.
+    fields: dict[str, Any] = dict.fromkeys(TrainState._fields) | {
+        "params": params,
+        "frozen": frozen,
+        "opt_state": opt_state,
+    }
+    with_ema = TrainState(**fields | {"ema": ema, "key": jax.random.key(0)})
     without = with_ema._replace(ema=None)
     assert sampling_params(with_ema) is ema
     assert sampling_params(without) is params

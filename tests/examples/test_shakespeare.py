@@ -1,0 +1,120 @@
+"""The Tiny Shakespeare example: its data, short real runs of both models, and sampling from a checkpoint."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xax
+from examples.shakespeare import (
+    DATA_PATH,
+    DATA_SHA256,
+    Config,
+    GPTOptions,
+    Shakespeare,
+    Vocabulary,
+    corpus,
+    load_text,
+    split_text,
+    window_dataset,
+)
+from xax.task.mixins.data_loader import table_to_batch
+from tests.task.loggers.test_tensorboard import read_events, tag_values
+from tests.task.toy import read_jsonl
+
+# A model small enough to learn something in 40 CPU steps.
+TINY = (
+    "context=32",
+    "batch_size=32",
+    "valid_batch_size=512",
+    "max_steps=40",
+    "valid_every_n_steps=40",
+    "learning_rate=3e-3",
+    "warmup_steps=5",
+    "precision.compute_dtype=float32",
+    "num_chars=40",
+    "log.every_n_steps=10",
+    "log.heavy_every_n_steps=40",
+)
+
+
+def launch(run_dir: Path, *overrides: str) -> xax.State:
+    return Shakespeare.launch(Config(), argv=[f"artifacts.run_dir={run_dir}", "log.stdout=false", *TINY, *overrides])
+
+
+def test_text_is_verified_and_split_90_10(tmp_path: Path) -> None:
+    text = corpus()
+    train, valid = split_text(text)
+    assert train + valid == text
+    assert len(train) == 1_003_854 and len(valid) == 111_540
+    vocab = Vocabulary.of(text)
+    assert len(vocab) == 65 and vocab.chars[:3] == "\n !" and vocab.decode(vocab.encode(valid[:500])) == valid[:500]
+    corrupt = tmp_path / "input.txt"
+    corrupt.write_bytes(DATA_PATH.read_bytes().replace(b"ROMEO", b"ROMEX", 1))
+    with pytest.raises(xax.DataError, match="SHA-256"):
+        load_text(corrupt, DATA_SHA256)
+    with pytest.raises(xax.DataError, match=r"\['~'\]"):
+        vocab.encode("ROMEO~")
+
+
+def test_windows_hold_next_character_targets() -> None:
+    vocab = Vocabulary.of(corpus())
+    _, valid = split_text(corpus())
+    ids = vocab.encode(valid)
+    dataset = window_dataset(ids, context=32, stride=32)
+    # Disjoint windows covering the held-out text up to a remainder shorter than one window.
+    assert len(dataset) == (len(ids) - 1) // 32
+    rows = table_to_batch(dataset.with_format("arrow")[:], ["tokens", "targets"])  # as the loader reads it
+    assert rows["tokens"].dtype == np.int32 and rows["tokens"].shape == (len(dataset), 32)
+    np.testing.assert_array_equal(rows["tokens"].reshape(-1), ids[: len(dataset) * 32])
+    np.testing.assert_array_equal(rows["targets"].reshape(-1), ids[1 : len(dataset) * 32 + 1])
+    overlapping = window_dataset(ids, context=32, stride=8).with_format("numpy")
+    assert vocab.decode(overlapping[5]["tokens"]) == valid[40:72]
+
+
+def _check_run(run_dir: Path, min_drop: float) -> str:
+    records = read_jsonl(run_dir / "log.jsonl")
+    train = [r["scalars"] for r in records if r["phase"] == "train"]
+    valid = [r["scalars"] for r in records if r["phase"] == "valid" and "loss" in r["scalars"]]
+    assert train[0]["loss"] > 3.0  # about ln 65 = 4.17 at the start
+    assert train[-1]["loss"] < train[0]["loss"] - min_drop
+    assert valid[-1]["loss"] < 3.0
+    assert valid[-1]["bits_per_char"] == pytest.approx(valid[-1]["loss"] / np.log(2.0), rel=1e-5)
+    texts = [r["texts"]["sample"] for r in records if "sample" in r.get("texts", {})]
+    assert len(texts) == 1 and texts[0].startswith("ROMEO:") and len(texts[0]) == len("ROMEO:") + 40
+    (step, value), *_ = tag_values(read_events(run_dir / "tensorboard" / "valid"))["sample/text_summary"]
+    assert step == 40 and texts[0] in value.tensor.string_val[0].decode()
+    return texts[0]
+
+
+def test_gpt_learns_logs_a_sample_and_samples_from_its_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    launch(tmp_path / "train", "gpt.num_layers=2", "gpt.d_model=64", "gpt.num_heads=4")
+    logged = _check_run(tmp_path / "train", min_drop=1.0)
+    capsys.readouterr()
+    # Model settings come from the checkpoint: no gpt.* overrides here.
+    launch(tmp_path / "sample", "mode=sample", f"resume={tmp_path / 'train'}", "prompt=ROMEO:")
+    printed = capsys.readouterr().out
+    # Same weights, prompt and key as the logged sample, and float32 throughout: the same text.
+    assert printed.rstrip("\n") == logged
+
+
+def test_ssm_learns_and_logs_a_sample(tmp_path: Path) -> None:
+    launch(tmp_path, "model=ssm", "ssm.d_model=64", "ssm.num_layers=2", "ssm.d_state=8")
+    _check_run(tmp_path, min_drop=0.8)
+
+
+def test_config_mistakes_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for override, message in (
+        ("model=rnn", "model='rnn' is not one of ['gpt', 'ssm']"),
+        ("prompt=ROMEO~", "prompt='ROMEO~'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            launch(tmp_path / override.split("=")[0], override)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        launch(tmp_path / "sample", "mode=sample")
+    assert "mode=sample needs resume=" in capsys.readouterr().err
+    assert GPTOptions().d_model == 384 and Config().max_steps == 5000
