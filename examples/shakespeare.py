@@ -6,10 +6,11 @@ context, about 10.7M parameters), which reaches a validation loss below 1.50 nat
 
     python -m examples.shakespeare                        # the GPT
     python -m examples.shakespeare model=ssm              # a Mamba-style state-space model instead
-    python -m examples.shakespeare mode=sample resume=runs/shakespeare/run_000 prompt="ROMEO:" num_chars=500
+    python -m examples.shakespeare mode=sample resume=runs/shakespeare/run_000 'prompt="JULIET:"' num_chars=500
 
 ``mode=sample`` restores the weights of a checkpoint (a run directory, its ``checkpoints`` folder or
-one step's folder), rebuilds the model from the config saved with them and prints a sample.
+one step's folder), rebuilds the model from the config saved with them and prints a sample. Values
+are read as YAML, so a prompt ending in a colon is quoted inside the shell's quotes.
 
 The text ships in ``examples/data/tinyshakespeare/input.txt`` and is checked against its SHA-256.
 The first 90% of its characters train, the last 10% validate; the vocabulary is its 65 characters.
@@ -371,13 +372,16 @@ class Shakespeare(xax.SupervisedTask[Config]):
     def compute_media(
         self, model: Any, batch: Batch, output: Float[Array, "b t v"], state: xax.State
     ) -> dict[str, xax.Metric]:
-        # The same prompt and key every time, so samples differ only by the weights.
-        key = jax.random.fold_in(jax.random.key(self.config.seed), 3)
-        return {"sample": xax.Text(self.generate_text(model, key))}
+        return {"sample": xax.Text(self.generate_text(model))}
 
-    def generate_text(self, model: Any, key: PRNGKeyArray) -> str:
-        """The prompt followed by ``num_chars`` sampled characters."""
+    def generate_text(self, model: Any) -> str:
+        """The prompt followed by ``num_chars`` sampled characters.
+
+        The key depends on the seed alone, so logged samples differ only by the weights, and
+        ``mode=sample`` reproduces the sample logged with the same weights and settings.
+        """
         config = self.config
+        key = jax.random.fold_in(jax.random.key(config.seed), 3)
         sampling = SamplingConfig(temperature=config.temperature, top_k=config.top_k)
         new = self.kind.generate(model, self.vocab.encode(config.prompt), config.num_chars, key, sampling)
         return config.prompt + self.vocab.decode(new)
@@ -426,7 +430,7 @@ class Shakespeare(xax.SupervisedTask[Config]):
             raise CheckpointError(f"{directory / str(steps[0])} has no {missing[0]}; it holds a different model")
         leaves = [jnp.asarray(found[name], dtype=leaf.dtype) for name, leaf in wanted.items()]
         model = eqx.combine(jax.tree.unflatten(jax.tree.structure(params), leaves), static)
-        return self.generate_text(model, jax.random.key(self.config.seed))
+        return self.generate_text(model)
 
 
 if __name__ == "__main__":

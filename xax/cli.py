@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Print a checkpoint's step, counters, config, array shapes and size",
         description="Print a checkpoint's step, counters, data cursor, version, mesh, config, arrays and size.",
     )
-    inspect.add_argument("path", type=Path, help=path_help)
+    inspect.add_argument("path", metavar="PATH", type=Path, help=path_help)
     inspect.add_argument("--verify", action="store_true", help="also read every array, to catch corrupt data files")
     inspect.set_defaults(run=_inspect_command)
 
@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare two checkpoints: arrays, counters, data cursor, config and metadata. "
         "Exit code 0 if identical, 1 if they differ, 2 on errors.",
     )
-    diff.add_argument("a", type=Path, help=f"the reference checkpoint: {path_help}")
-    diff.add_argument("b", type=Path, help="the checkpoint compared with it")
+    diff.add_argument("a", metavar="A", type=Path, help=f"the reference checkpoint: {path_help}")
+    diff.add_argument("b", metavar="B", type=Path, help="the checkpoint compared with it")
     diff.add_argument("--arrays-only", action="store_true", help="compare only the arrays")
     diff.set_defaults(run=_diff_command)
     return parser

@@ -27,14 +27,15 @@ TINY = (
     "context=32",
     "batch_size=32",
     "valid_batch_size=512",
-    "max_steps=40",
-    "valid_every_n_steps=40",
-    "learning_rate=3e-3",
+    "max_steps=50",
+    "valid_every_n_steps=50",
+    "learning_rate=1e-2",
+    "min_learning_rate=1e-3",
     "warmup_steps=5",
     "precision.compute_dtype=float32",
-    "num_chars=40",
+    "num_chars=20",  # one chunk of the GPT's 32-character context: one compilation
     "log.every_n_steps=10",
-    "log.heavy_every_n_steps=40",
+    "log.heavy_every_n_steps=50",
 )
 
 
@@ -78,12 +79,13 @@ def _check_run(run_dir: Path, min_drop: float) -> str:
     valid = [r["scalars"] for r in records if r["phase"] == "valid" and "loss" in r["scalars"]]
     assert train[0]["loss"] > 3.0  # about ln 65 = 4.17 at the start
     assert train[-1]["loss"] < train[0]["loss"] - min_drop
-    assert valid[-1]["loss"] < 3.0
+    # Below the 3.35 nats of the best context-free (unigram) model: the model uses context.
+    assert valid[-1]["loss"] < 3.2
     assert valid[-1]["bits_per_char"] == pytest.approx(valid[-1]["loss"] / np.log(2.0), rel=1e-5)
     texts = [r["texts"]["sample"] for r in records if "sample" in r.get("texts", {})]
-    assert len(texts) == 1 and texts[0].startswith("ROMEO:") and len(texts[0]) == len("ROMEO:") + 40
+    assert len(texts) == 1 and texts[0].startswith("ROMEO:") and len(texts[0]) == len("ROMEO:") + 20
     (step, value), *_ = tag_values(read_events(run_dir / "tensorboard" / "valid"))["sample/text_summary"]
-    assert step == 40 and texts[0] in value.tensor.string_val[0].decode()
+    assert step == 50 and texts[0] in value.tensor.string_val[0].decode()
     return texts[0]
 
 
@@ -94,10 +96,10 @@ def test_gpt_learns_logs_a_sample_and_samples_from_its_checkpoint(
     logged = _check_run(tmp_path / "train", min_drop=1.0)
     capsys.readouterr()
     # Model settings come from the checkpoint: no gpt.* overrides here.
-    launch(tmp_path / "sample", "mode=sample", f"resume={tmp_path / 'train'}", "prompt=ROMEO:")
+    launch(tmp_path / "sample", "mode=sample", f"resume={tmp_path / 'train'}", 'prompt="ROMEO:"')
     printed = capsys.readouterr().out
     # Same weights, prompt and key as the logged sample, and float32 throughout: the same text.
-    assert printed.rstrip("\n") == logged
+    assert printed == logged + "\n"
 
 
 def test_ssm_learns_and_logs_a_sample(tmp_path: Path) -> None:

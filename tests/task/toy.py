@@ -16,10 +16,10 @@ import xax
 WEIGHTS = np.array([1.0, -2.0, 3.0, 0.5], np.float32)
 
 
-def regression_dataset(num: int, seed: int) -> datasets.Dataset:
+def regression_dataset(num: int, seed: int, num_features: int = 4) -> datasets.Dataset:
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(num, 4)).astype(np.float32)
-    y = (x @ WEIGHTS + 0.1 * rng.normal(size=num)).astype(np.float32)
+    x = rng.normal(size=(num, num_features)).astype(np.float32)
+    y = (x[:, :4] @ WEIGHTS + 0.1 * rng.normal(size=num)).astype(np.float32)
     return datasets.Dataset.from_dict({"x": x, "y": y})
 
 
@@ -28,6 +28,7 @@ class RegressionConfig(xax.SupervisedConfig):
     learning_rate: float = xax.field(0.05, help="SGD learning rate")
     num_train: int = xax.field(512, help="Training samples")
     num_valid: int = xax.field(100, help="Validation samples")
+    num_features: int = xax.field(4, help="Input features (the first four carry the signal)")
 
 
 RegressionConfigT = TypeVar("RegressionConfigT", bound=RegressionConfig)
@@ -35,7 +36,7 @@ RegressionConfigT = TypeVar("RegressionConfigT", bound=RegressionConfig)
 
 class RegressionBase(xax.SupervisedTask[RegressionConfigT], Generic[RegressionConfigT]):
     def get_model(self, params: xax.InitParams) -> eqx.nn.Linear:
-        return eqx.nn.Linear(4, "scalar", key=params.key)
+        return eqx.nn.Linear(self.config.num_features, "scalar", key=params.key)
 
     def get_optimizer(self) -> optax.GradientTransformation:
         return optax.sgd(self.config.learning_rate)
@@ -54,9 +55,8 @@ class RegressionBase(xax.SupervisedTask[RegressionConfigT], Generic[RegressionCo
         return {"abs_error": xax.Scalar(jnp.mean(jnp.abs(output - batch["y"])))}
 
     def get_dataset(self, phase: xax.Phase) -> datasets.Dataset | datasets.IterableDataset:
-        if phase == "train":
-            return regression_dataset(self.config.num_train, 0)
-        return regression_dataset(self.config.num_valid, 1)
+        num, seed = (self.config.num_train, 0) if phase == "train" else (self.config.num_valid, 1)
+        return regression_dataset(num, seed, self.config.num_features)
 
 
 class Regression(RegressionBase[RegressionConfig]):

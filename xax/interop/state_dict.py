@@ -194,7 +194,11 @@ class _Template:
 
     text: str
     regex: re.Pattern[str]
-    names: tuple[str, ...]
+    regexes: tuple[tuple[str, str], ...]  # (placeholder, the regex it matches)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.regexes)
 
     def match(self, name: str) -> dict[str, str] | None:
         found = self.regex.fullmatch(name)
@@ -205,17 +209,19 @@ class _Template:
 
 
 @functools.cache
-def _template(text: str) -> _Template:
-    pattern, names, last = [], [], 0
+def _template(text: str, inherited: tuple[tuple[str, str], ...] = ()) -> _Template:
+    """Compiles a template; a placeholder without its own regex takes the inherited one, else digits."""
+    pattern, regexes, last = [], {}, 0
     for found in _PLACEHOLDER.finditer(text):
-        name, regex = found.group(1), found.group(2) or r"\d+"
-        if name in names:
+        name = found.group(1)
+        regex = found.group(2) or dict(inherited).get(name, r"\d+")
+        if name in regexes:
             raise ValueError(f"template {text!r} uses placeholder {{{name}}} twice; use it once")
         pattern += [re.escape(text[last : found.start()]), f"(?P<{name}>{regex})"]
-        names.append(name)
+        regexes[name] = regex
         last = found.end()
     pattern.append(re.escape(text[last:]))
-    return _Template(text, re.compile("".join(pattern)), tuple(names))
+    return _Template(text, re.compile("".join(pattern)), tuple(regexes.items()))
 
 
 @dataclass(frozen=True)
@@ -234,11 +240,11 @@ class _Target:
 
 
 @functools.cache
-def _target(text: str) -> _Target:
+def _target(text: str, inherited: tuple[tuple[str, str], ...]) -> _Target:
     found = _INDEX_SUFFIX.match(text)
     if found is None:
-        return _Target(_template(text), None)
-    return _Target(_template(found.group("base")), found.group("name"))
+        return _Target(_template(text, inherited), None)
+    return _Target(_template(found.group("base"), inherited), found.group("name"))
 
 
 @dataclass(frozen=True)
@@ -270,7 +276,9 @@ class Rule:
     def targets(self) -> tuple[_Target, ...]:
         if self.eqx is None:
             return ()
-        return tuple(_target(t) for t in ((self.eqx,) if isinstance(self.eqx, str) else self.eqx))
+        # Equinox placeholders match what the torch name's do, so export reads the same names back.
+        inherited = _template(self.torch).regexes
+        return tuple(_target(t, inherited) for t in ((self.eqx,) if isinstance(self.eqx, str) else self.eqx))
 
     def apply(self, arrays: tuple[np.ndarray, ...], forward: bool, key: str) -> tuple[np.ndarray, ...]:
         """Runs the transform, naming the key and the row when it fails."""

@@ -2,6 +2,7 @@
 
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -103,7 +104,8 @@ def test_random_sigkills_lose_nothing(tmp_path: Path) -> None:
     overrides = ("max_steps=300", "checkpoint.every_n_steps=7", "resume=auto")
     straight = tmp_path / "straight"
     proc = start(straight, *overrides)
-    assert proc.wait(timeout=300) == 0, proc.communicate()[1]
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
 
     crashed = tmp_path / "crashed"
     rng = random.Random(0)
@@ -119,7 +121,7 @@ def test_random_sigkills_lose_nothing(tmp_path: Path) -> None:
         if proc.poll() is not None:
             break
         proc.kill()
-        proc.wait(timeout=60)
+        proc.communicate(timeout=60)
         kills += 1
         # Every restart must find a complete checkpoint to resume from, or none at all.
         for step in checkpoint_steps(crashed / "checkpoints"):
@@ -130,3 +132,35 @@ def test_random_sigkills_lose_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     for a, b in zip(saved_params(straight, 300), saved_params(crashed, 300), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _limit_file_size() -> None:
+    # Any file write past 64 KiB fails with EFBIG, as a full disk fails a write with ENOSPC.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    # A wide model: its checkpoint data file is larger than the 64 KiB the second run may write.
+    first = start(tmp_path, "max_steps=4", "checkpoint.every_n_steps=4", "num_features=65536")
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert checkpoint_steps(tmp_path / "checkpoints") == [4]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    argv = [f"artifacts.run_dir={tmp_path}", "compile.cache=false", "log.tensorboard=false", "log.stdout=false"]
+    second = subprocess.run(
+        [sys.executable, "-m", "tests.task.toy_main", *argv, "max_steps=8", "resume=auto", "num_features=65536"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limit_file_size,
+        check=False,
+    )
+    assert second.returncode != 0
+    assert "writing a checkpoint" in second.stderr and "the previous checkpoints are intact" in second.stderr
+    assert checkpoint_steps(tmp_path / "checkpoints") == [4]
+    tree, metadata = load_checkpoint(tmp_path / "checkpoints", 4, None)
+    assert tree["params"]["weight"].shape == (1, 65536)
+    assert metadata["state"]["num_steps"] == 4
