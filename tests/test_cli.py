@@ -192,7 +192,11 @@ def test_corrupt_checkpoint_is_one_line_naming_the_file(
     step_dir = tmp_path / "checkpoints" / "4"
     shutil.copytree(run[0] / "checkpoints" / "4", step_dir)
     named = corrupt(step_dir)
-    for argv in (["inspect", str(step_dir)], ["diff", str(run[0]), str(step_dir)]):
+    for argv in (
+        ["inspect", str(step_dir)],
+        ["inspect", "--verify", str(step_dir)],
+        ["diff", str(run[0]), str(step_dir)],
+    ):
         assert main(["ckpt", *argv]) == 2
         captured = capsys.readouterr()
         assert captured.out == ""

@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import yaml
+from etils import epath
 from jaxtyping import Shaped
 from orbax.checkpoint import metadata as ocp_metadata
 
@@ -27,9 +28,9 @@ from xax.task.mixins.checkpointing import load_checkpoint, named_leaves, resolve
 
 # The TrainState fields in their saved order; a checkpoint's other top-level entries follow them.
 GROUPS = ("params", "frozen", "opt_state", "ema", "key")
-# Metadata sections compared key by key; every other metadata entry is compared as a whole.
+# Metadata sections shown under their own titles; the config and the remaining entries follow.
 META_SECTIONS = (("state", "State"), ("cursor", "Data cursor"), ("valid_metrics", "Validation metrics"))
-EXIT_SAME, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Checkpoint:
 
 
 @contextmanager
-def _quiet_orbax() -> Iterator[None]:
+def _quiet_orbax() -> Generator[None]:
     # orbax reports read-only managers and similar non-events as absl warnings on stderr.
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
@@ -104,11 +105,11 @@ def open_checkpoint(path: Path) -> Checkpoint:
     step_dir = directory / str(steps[0])
     with _quiet_orbax():
         try:
-            tree = ocp.StandardCheckpointHandler().metadata(step_dir / "state").tree
+            tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir / "state")).tree
         except Exception as error:
             raise CheckpointError(f"{step_dir / 'state'} is unreadable ({type(error).__name__}: {error})") from error
         try:
-            meta = dict(ocp.JsonCheckpointHandler().restore(step_dir / "meta"))
+            meta = dict(ocp.JsonCheckpointHandler().restore(epath.Path(step_dir / "meta")))
         except Exception as error:
             raise CheckpointError(f"{step_dir / 'meta'} is unreadable ({type(error).__name__}: {error})") from error
     if "state" not in meta:
@@ -141,7 +142,7 @@ def disk_size(path: Path) -> int:
 
 def human_bytes(num_bytes: int) -> str:
     """``num_bytes`` in binary units: ``'512 B'``, ``'1.5 KiB'``, ``'3.2 GiB'``."""
-    value, unit = float(num_bytes), "B"
+    value, unit = float(num_bytes), ""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if value < 1024 or unit == "PiB":
             break
@@ -183,7 +184,7 @@ def _show(value: Any) -> str:
 def _mesh(mesh: dict[str, Any] | None) -> str:
     if not mesh:
         return "none"
-    return " x ".join(f"{name}={size}" for name, size in zip(mesh["axis_names"], mesh["shape"]))
+    return " x ".join(f"{name}={size}" for name, size in zip(mesh.get("axis_names", []), mesh.get("shape", [])))
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -310,14 +311,14 @@ def _inspect_command(args: argparse.Namespace) -> int:
     if args.verify:
         read_arrays(checkpoint)
     print("\n".join(inspect_lines(checkpoint)))
-    return EXIT_SAME
+    return EXIT_OK
 
 
 def _diff_command(args: argparse.Namespace) -> int:
     lines = diff_lines(open_checkpoint(args.a), open_checkpoint(args.b), arrays_only=args.arrays_only)
     if lines:
         print("\n".join(lines))
-    return EXIT_DIFFERENT if lines else EXIT_SAME
+    return EXIT_DIFFERENT if lines else EXIT_OK
 
 
 class _ClosedLoopFilter:
@@ -385,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_request:
-        return EXIT_ERROR if exit_request.code else EXIT_SAME
+        return EXIT_ERROR if exit_request.code else EXIT_OK
     previous_hook = sys.unraisablehook
     if not isinstance(previous_hook, _ClosedLoopFilter):
         sys.unraisablehook = _ClosedLoopFilter(previous_hook)

@@ -35,6 +35,7 @@ TINY = (
     "precision.compute_dtype=float32",
     "num_chars=20",  # one chunk of the GPT's 32-character context: one compilation
     "log.every_n_steps=10",
+    "log.every_n_seconds=null",
     "log.heavy_every_n_steps=50",
 )
 
@@ -77,8 +78,8 @@ def _check_run(run_dir: Path, min_drop: float) -> str:
     records = read_jsonl(run_dir / "log.jsonl")
     train = [r["scalars"] for r in records if r["phase"] == "train"]
     valid = [r["scalars"] for r in records if r["phase"] == "valid" and "loss" in r["scalars"]]
-    assert train[0]["loss"] > 3.0  # about ln 65 = 4.17 at the start
-    assert train[-1]["loss"] < train[0]["loss"] - min_drop
+    # A fresh model predicts nearly uniformly: ln 65 = 4.17 nats.
+    assert train[0]["loss"] > train[-1]["loss"] and train[-1]["loss"] < np.log(65) - min_drop
     # Below the 3.35 nats of the best context-free (unigram) model: the model uses context.
     assert valid[-1]["loss"] < 3.2
     assert valid[-1]["bits_per_char"] == pytest.approx(valid[-1]["loss"] / np.log(2.0), rel=1e-5)

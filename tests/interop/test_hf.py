@@ -81,7 +81,8 @@ def _tokens() -> np.ndarray:
 
 
 def _assert_logits_match(model: Transformer, hf: Any) -> None:
-    assert_parity(lambda t: model(t)[0], lambda t: hf(t).logits, [_tokens()], rtol=RTOL, atol=ATOL)
+    logits = jax.jit(lambda m, t: m(t.astype(jnp.int32))[0])
+    assert_parity(lambda t: logits(model, t), lambda t: hf(t).logits, [_tokens()], rtol=RTOL, atol=ATOL)
 
 
 def _hf_logits(hf: Any) -> np.ndarray:
@@ -90,12 +91,20 @@ def _hf_logits(hf: Any) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_checkpoints_load_with_the_logits_of_transformers(name: str, tmp_path: Path) -> None:
+def test_checkpoints_load_and_export_with_the_logits_of_transformers(name: str, tmp_path: Path) -> None:
     hf = _hf_model(name)
-    hf.save_pretrained(tmp_path)
-    model = load_hf(tmp_path)
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf")
     assert model.config.scan_layers
     _assert_logits_match(model, hf)
+
+    save_hf(model, tmp_path / "xax", model_type=MODEL_TYPES[name])
+    reloaded = type(hf).from_pretrained(tmp_path / "xax").eval()
+    np.testing.assert_array_equal(_hf_logits(reloaded), _hf_logits(hf))
+    original, exported = hf.state_dict(), reloaded.state_dict()
+    assert exported.keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(exported[key], value), key
 
 
 def test_unscanned_layers_load_as_a_tuple(tmp_path: Path) -> None:
@@ -104,19 +113,6 @@ def test_unscanned_layers_load_as_a_tuple(tmp_path: Path) -> None:
     model = load_hf(tmp_path, overrides={"scan_layers": False})
     assert isinstance(model.layers, tuple) and len(model.layers) == 2
     _assert_logits_match(model, hf)
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_export_reloads_in_transformers_with_the_same_logits(name: str, tmp_path: Path) -> None:
-    hf = _hf_model(name)
-    hf.save_pretrained(tmp_path / "hf")
-    save_hf(load_hf(tmp_path / "hf"), tmp_path / "xax", model_type=MODEL_TYPES[name])
-    reloaded = type(hf).from_pretrained(tmp_path / "xax").eval()
-    np.testing.assert_array_equal(_hf_logits(reloaded), _hf_logits(hf))
-    original, exported = hf.state_dict(), reloaded.state_dict()
-    assert exported.keys() == original.keys()
-    for key, value in original.items():
-        assert torch.equal(exported[key], value), key
 
 
 def test_gpt2_ties_its_head_to_the_token_embedding(tmp_path: Path) -> None:
@@ -227,12 +223,16 @@ def test_export_refuses_a_config_the_family_cannot_express(tmp_path: Path) -> No
         load_hf(tmp_path / "hf", overrides={"d_model": 64})
 
 
-def test_bfloat16_compute_override_stays_close(tmp_path: Path) -> None:
-    hf = _hf_model("llama")
-    hf.save_pretrained(tmp_path)
-    model = load_hf(tmp_path, overrides={"compute_dtype": "bfloat16"})
+def test_runtime_overrides_keep_float32_parameters(tmp_path: Path) -> None:
+    _hf_model("llama").save_pretrained(tmp_path)
+    model = load_hf(tmp_path, overrides={"compute_dtype": "bfloat16", "remat": "full"})
+    assert (model.config.compute_dtype, model.config.remat) == ("bfloat16", "full")
     assert model.embed_tokens.weight.dtype == jnp.float32
-    logits, _ = jax.jit(model.__call__)(jnp.asarray(_tokens(), jnp.int32))
-    assert logits.dtype == jnp.float32
-    # bfloat16 activations: about 3 significant digits over two layers.
-    np.testing.assert_allclose(np.asarray(logits), _hf_logits(hf), atol=0.1)
+
+
+def test_base_model_checkpoints_load_without_the_prefix(tmp_path: Path) -> None:
+    # The hub's GPT-2 is saved from GPT2Model: "h.0.attn.c_attn.weight", not "transformer.h.0...".
+    hf = _hf_model("gpt2")
+    hf.transformer.save_pretrained(tmp_path)
+    assert "wte.weight" in read_hf_weights(tmp_path)
+    _assert_logits_match(load_hf(tmp_path), hf)

@@ -149,3 +149,14 @@ def test_warm_start_copies_weights_and_reports_shape_mismatch(
         )
     err = capsys.readouterr().err
     assert "parameter weight" in err and "(3, 4)" in err and "(1, 4)" in err
+
+
+def test_resume_with_an_incompatible_config_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [f"artifacts.run_dir={tmp_path}", "log.stdout=false"]
+    Regression.launch(RegressionConfig(batch_size=32, max_steps=2), argv=argv)
+    with pytest.raises(SystemExit) as exit_info:
+        Regression.launch(RegressionConfig(batch_size=32, max_steps=4), argv=[*argv, "resume=auto", "num_features=6"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "parameter params.weight has shape (1, 6) in the model but (1, 4)" in err
+    assert "num_features: 4 -> 6" in err

@@ -1,14 +1,16 @@
 """Logs records to TensorBoard event files, one directory per phase."""
 
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-from tensorboardX import SummaryWriter
 from typing_extensions import override
 
 from xax.core.state import Phase
 from xax.task.loggers.base import Logger, LogRecord
+
+if TYPE_CHECKING:
+    from tensorboardX import SummaryWriter
 
 
 class TensorBoardLogger(Logger):
@@ -28,8 +30,11 @@ class TensorBoardLogger(Logger):
         self.log_dir = Path(log_dir)
         self._writers: dict[Phase, SummaryWriter] = {}
 
-    def _writer(self, phase: Phase) -> SummaryWriter:
+    def _writer(self, phase: Phase) -> "SummaryWriter":
         if phase not in self._writers:
+            # Imported here: tensorboardX imports torch when it is installed, seconds of start-up.
+            from tensorboardX import SummaryWriter
+
             self._writers[phase] = SummaryWriter(logdir=str(self.log_dir / phase))
         return self._writers[phase]
 

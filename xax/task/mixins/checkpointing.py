@@ -151,6 +151,37 @@ def named_leaves(tree: PyTree) -> dict[str, Any]:
     return {".".join(_key_name(key) for key in path): leaf for path, leaf in flat if leaf is not None}
 
 
+def saved_array_metadata(directory: Path, step: int) -> PyTree:
+    """The saved arrays' shapes and dtypes (no data read), as nested dicts."""
+    try:
+        return ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {directory / str(step) / 'state'} is unreadable ({error})") from error
+
+
+def load_arrays_anywhere(directory: Path, step: int, sharding: jax.sharding.Sharding) -> PyTree:
+    """Every saved array, placed with ``sharding`` (e.g. one device), whatever mesh saved them:
+    for reading a checkpoint without the model that wrote it."""
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding),
+        saved_array_metadata(directory, step),
+        is_leaf=lambda leaf: hasattr(leaf, "shape") and hasattr(leaf, "dtype"),
+    )
+    tree, _ = load_checkpoint(directory, step, target)
+    return tree
+
+
+def read_metadata(directory: Path, step: int) -> dict[str, Any]:
+    """A checkpoint's JSON metadata alone (counters, cursor, config, versions, mesh)."""
+    manager = _manager(directory, CheckpointOptions(), read_only=True)
+    try:
+        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable ({error})") from error
+    finally:
+        manager.close()
+
+
 def check_shapes(target: PyTree, saved: PyTree, source: Path) -> None:
     """Raises if a saved array's shape differs from the model's, naming the parameter path."""
     saved_leaves = named_leaves(saved)
@@ -294,26 +325,29 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
 
     def _load_matching(self, directory: Path, step: int, target: PyTree) -> tuple[PyTree, dict[str, Any]]:
         # Read the saved shapes first so a mismatch names the parameter, not an orbax internal.
-        manager = _manager(directory, CheckpointOptions(), read_only=True)
-        try:
-            saved = manager.item_metadata(step)["state"]
-        except Exception as error:
-            raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable ({error})") from error
-        finally:
-            manager.close()
+        saved = saved_array_metadata(directory, step)
         if saved is not None:
-            check_shapes(target, saved, directory / str(step))
+            try:
+                check_shapes(target, saved, directory / str(step))
+            except CheckpointError as error:
+                drift = self._config_drift(read_metadata(directory, step).get("config", {}))
+                detail = f"; config changed since it was saved: {'; '.join(drift)}" if drift else ""
+                raise CheckpointError(f"{error}{detail}") from None
         return load_checkpoint(directory, step, abstract_like(target))
 
-    def _report_drift(self, saved_config: dict[str, Any]) -> None:
-        """Prints which config values differ from the checkpoint's."""
+    def _config_drift(self, saved_config: dict[str, Any]) -> list[str]:
+        """``key: saved -> current`` for every config value that differs from the checkpoint's."""
         current = _flatten(config_to_dict(self.config))
         saved = _flatten(saved_config)
-        changed = [
+        return [
             f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
             for key in sorted(set(current) | set(saved))
             if current.get(key) != saved.get(key) and key not in ("resume", "warm_start")
         ]
+
+    def _report_drift(self, saved_config: dict[str, Any]) -> None:
+        """Prints which config values differ from the checkpoint's."""
+        changed = self._config_drift(saved_config)
         if changed:
             logger.warning("Config changed since the checkpoint: %s", "; ".join(changed))
 
@@ -324,7 +358,8 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
         if path is None:
             return params
         directory, steps = resolve_checkpoint(Path(path))
-        tree, _ = load_checkpoint(directory, steps[0], None)
+        first = jax.tree.leaves(params)[0]
+        tree = load_arrays_anywhere(directory, steps[0], first.sharding)
         saved = named_leaves(tree["params"])
         check_shapes(params, tree["params"], directory / str(steps[0]))
         loaded = 0
