@@ -150,7 +150,9 @@ class Level(eqx.Module):
     resample: Downsample | Upsample | None
 
 
-def _attentions(config: UNetConfig, level: int, width: int, count: int, key: PRNGKeyArray) -> tuple | None:
+def _attentions(
+    config: UNetConfig, level: int, width: int, count: int, key: PRNGKeyArray
+) -> tuple[AttentionBlock, ...] | None:
     if level not in config.attention_levels:
         return None
     impl = config.attention_impl

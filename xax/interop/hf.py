@@ -44,23 +44,17 @@ from xax.nn.embeddings import RopeScaling
 _COMMON_IGNORED: dict[str, str] = {
     "model_type": "selects the family",
     "architectures": "names the torch class; model_type decides the layout",
-    "dtype": "the storage dtype; parameters load as float32",
-    "torch_dtype": "the storage dtype (older name); parameters load as float32",
-    "transformers_version": "provenance",
-    "_name_or_path": "provenance",
-    "bos_token_id": "a tokenizer and generation setting",
-    "eos_token_id": "a tokenizer and generation setting",
-    "pad_token_id": "a tokenizer and generation setting",
-    "use_cache": "a switch of the torch API",
-    "output_attentions": "a switch of the torch API",
-    "output_hidden_states": "a switch of the torch API",
-    "return_dict": "a switch of the torch API",
+    **dict.fromkeys(("dtype", "torch_dtype"), "the storage dtype; parameters load as float32"),
+    **dict.fromkeys(("transformers_version", "_name_or_path"), "provenance"),
+    **dict.fromkeys(
+        ("bos_token_id", "eos_token_id", "pad_token_id", "tokenizer_class", "task_specific_params"),
+        "a tokenizer or generation setting",
+    ),
+    **dict.fromkeys(
+        ("use_cache", "output_attentions", "output_hidden_states", "return_dict"), "a switch of the torch API"
+    ),
     "chunk_size_feed_forward": "trades memory for speed in torch; same result",
-    "id2label": "labels of classification heads, absent from a causal LM",
-    "label2id": "labels of classification heads, absent from a causal LM",
-    "problem_type": "the loss of classification heads, absent from a causal LM",
-    "tokenizer_class": "a tokenizer setting",
-    "task_specific_params": "generation presets",
+    **dict.fromkeys(("id2label", "label2id", "problem_type"), "settings of classification heads, absent here"),
 }
 _DROPOUT = "a training choice; set TransformerConfig.dropout through overrides"
 
@@ -77,6 +71,17 @@ _ACTIVATIONS_FROM_HF = {
 }
 _ACTIVATIONS_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu", "relu": "relu"}
 _ROPE_FIELDS = {f.name for f in fields(RopeScaling)} - {"rope_type"}
+# The RopeScaling fields each rope_type reads, the ones written to config.json.
+_ROPE_TYPE_FIELDS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+    "yarn": (
+        *("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"),
+        *("attention_factor", "mscale", "mscale_all_dim", "truncate"),
+    ),
+}
 
 
 class _Fields:
@@ -132,7 +137,8 @@ def _rope_to_hf(config: TransformerConfig) -> dict[str, Any]:
     params: dict[str, Any] = {"rope_type": "default" if scaling is None else scaling.rope_type}
     params["rope_theta"] = config.rope_theta
     if scaling is not None:
-        params |= {k: getattr(scaling, k) for k in sorted(_ROPE_FIELDS) if getattr(scaling, k) is not None}
+        used = _ROPE_TYPE_FIELDS[scaling.rope_type]
+        params |= {k: getattr(scaling, k) for k in used if getattr(scaling, k) is not None}
     return params
 
 
@@ -174,11 +180,10 @@ _GPT2_IGNORED = {
     "resid_pdrop": _DROPOUT,
     "n_ctx": "an older duplicate of n_positions",
     "reorder_and_upcast_attn": "fp16 numerics of torch's attention; xax computes softmax in float32",
-    "summary_type": "the multiple-choice head of GPT2DoubleHeadsModel",
-    "summary_use_proj": "the multiple-choice head of GPT2DoubleHeadsModel",
-    "summary_activation": "the multiple-choice head of GPT2DoubleHeadsModel",
-    "summary_proj_to_labels": "the multiple-choice head of GPT2DoubleHeadsModel",
-    "summary_first_dropout": "the multiple-choice head of GPT2DoubleHeadsModel",
+    **dict.fromkeys(
+        ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout"),
+        "the multiple-choice head of GPT2DoubleHeadsModel",
+    ),
 }
 
 
@@ -227,7 +232,7 @@ def _gpt2_to_hf(c: TransformerConfig) -> dict[str, Any]:
 
 
 def _gpt2_table(c: TransformerConfig) -> list[Rule]:
-    qkv = ("q_proj", "k_proj", "v_proj")
+    qkv = ("k_proj", "q_proj", "v_proj")
     rows = [
         Rule("transformer.wte.weight", "embed_tokens.weight"),
         Rule("transformer.wpe.weight", "embed_positions.weight"),
