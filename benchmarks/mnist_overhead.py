@@ -13,6 +13,7 @@ import functools
 import json
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import equinox as eqx
@@ -36,7 +37,7 @@ def make_optimizer(config: Config, total: int) -> optax.GradientTransformation:
 
 
 def loss_fn(params: eqx.Module, static: eqx.Module, images: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
-    model = eqx.combine(params, static)
+    model = typing.cast(CNN, eqx.combine(params, static))
     x = (images.astype(jnp.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD
     keys = jax.random.split(key, x.shape[0])
     logits = jax.vmap(lambda image, k: model(image[None], key=k))(x, keys)
@@ -54,16 +55,17 @@ def hand_written(steps: int, warmup: int, on_device: bool) -> float:
     opt_state = optimizer.init(params)
     key = jax.random.key(1)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(params, opt_state, key, images, labels):
+    def update(params, opt_state, key, images, labels):
         key, step_key = jax.random.split(key)
         loss, grads = jax.value_and_grad(loss_fn)(params, static, images, labels, step_key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, key, loss
 
+    step = jax.jit(update, donate_argnums=(0, 1, 2))
+
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def step_gather(params, opt_state, key, all_images, all_labels, indices):
-        return step.__wrapped__(params, opt_state, key, all_images[indices], all_labels[indices])
+        return update(params, opt_state, key, all_images[indices], all_labels[indices])
 
     all_images, all_labels = jax.device_put(images_np), jax.device_put(labels_np)
     per_epoch = len(images_np) // BATCH

@@ -55,14 +55,14 @@ class State:
     @classmethod
     def unpack(cls, packed: Array, phase: Phase) -> "State":
         """The State seen inside the jitted step, from ``pack``'s array."""
-        return cls(
-            num_steps=packed[0],
-            num_samples=packed[1],
-            num_valid_steps=packed[2],
-            epoch=packed[3],
-            elapsed_time_s=packed[4].astype(jnp.float32) / 1000.0,
-            phase=phase,
-        )
+        traced: dict[str, typing.Any] = {
+            "num_steps": packed[0],
+            "num_samples": packed[1],
+            "num_valid_steps": packed[2],
+            "epoch": packed[3],
+            "elapsed_time_s": packed[4].astype(jnp.float32) / 1000.0,
+        }
+        return cls(**traced, phase=phase)
 
     def to_dict(self) -> dict[str, int | float | str]:
         return dataclasses.asdict(self)

@@ -232,7 +232,7 @@ def _gpt2_to_hf(c: TransformerConfig) -> dict[str, Any]:
 
 
 def _gpt2_table(c: TransformerConfig) -> list[Rule]:
-    qkv = ("k_proj", "q_proj", "v_proj")
+    qkv = ("q_proj", "k_proj", "v_proj")
     rows = [
         Rule("transformer.wte.weight", "embed_tokens.weight"),
         Rule("transformer.wpe.weight", "embed_positions.weight"),

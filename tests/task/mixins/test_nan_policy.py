@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import xax
-from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl
+from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl, regression_dataset
 from xax.task.mixins.checkpointing import checkpoint_steps
 from xax.task.mixins.data_loader import shuffle_order
 
@@ -20,7 +20,8 @@ POISONED_STEP = int(np.argwhere(shuffle_order(512, 0, 0) == POISONED_ROW)[0, 0])
 
 class Poisoned(Regression):
     def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
-        dataset = super().get_dataset(phase)
+        num, seed = (self.config.num_train, 0) if phase == "train" else (self.config.num_valid, 1)
+        dataset = regression_dataset(num, seed)
         if phase != "train":
             return dataset
         data = dataset.with_format("numpy")[:]
