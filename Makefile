@@ -6,7 +6,7 @@ PYTEST_WORKERS ?= 2
 install:
 	test -x $(PYTHON) || python3 -m venv .venv
 	$(PYTHON) -m pip install --upgrade pip
-	$(PYTHON) -m pip install -e '.[dev]'
+	$(PYTHON) -m pip install -e '.[dev,test]'
 
 format:
 	$(PYTHON) -m ruff format .

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from xax.arch.ssm import SSMConfig, SSMLanguageModel
 from xax.core.errors import ConfigError
@@ -150,8 +152,6 @@ def _get(obj: Any, path: str) -> Any:
 
 
 def test_selective_model_matches_transformers_mamba() -> None:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf_config = transformers.MambaConfig(
         vocab_size=VOCAB,

@@ -8,12 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from xax.arch.transformer import Transformer, TransformerConfig
 from xax.nn.attention import KVCache
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 # Random weights of this scale give logits with a spread comparable to a trained model's.
 WEIGHT_STD = 0.2

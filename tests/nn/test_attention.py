@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from xax.nn.attention import KVCache, MultiHeadAttention, dot_product_attention, select_implementation
 from xax.nn.embeddings import RotaryEmbedding
-
-torch = pytest.importorskip("torch")
 
 
 def _reference_mask(seq: int, lengths: list[int], window: int | None) -> np.ndarray:

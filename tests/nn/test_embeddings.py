@@ -6,6 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
+import transformers.modeling_rope_utils as rope_utils
+import transformers.models.llama.modeling_llama as modeling_llama
 
 from xax.nn.embeddings import (
     Embedding,
@@ -15,11 +19,6 @@ from xax.nn.embeddings import (
     rope_frequencies,
     sinusoidal_embedding,
 )
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
-modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
 
 HEAD_DIM = 16
 MAX_POS = 128

@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from xax.nn.mlp import MLP, SwiGLU, get_activation
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 
 def _set(layer: Any, weight: Any, bias: Any = None) -> Any:

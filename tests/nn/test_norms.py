@@ -5,10 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from xax.nn.norms import LayerNorm, RMSNorm, make_norm
-
-torch = pytest.importorskip("torch")
 
 
 def _random(shape: tuple[int, ...], seed: int) -> np.ndarray:
