@@ -626,7 +626,11 @@ class DataLoaderMixin(BaseTask[Config], Generic[Config]):
         if isinstance(dataset, datasets.Dataset):
             max_mb = config.data.in_memory_max_mb
             return MapBatchSource(dataset, batch_size, repeat=train, in_memory_max_mb=max_mb, **kwargs)
+        from xax.task.grain_source import GrainBatchSource, is_grain_map_dataset
+
+        if is_grain_map_dataset(dataset):
+            return GrainBatchSource(dataset, batch_size, repeat=train, **kwargs)
         raise DataError(
             f"get_dataset({phase!r}) returned a {type(dataset).__name__}; return a datasets.Dataset, "
-            "IterableDataset or DatasetDict"
+            "IterableDataset, DatasetDict or grain.MapDataset"
         )
