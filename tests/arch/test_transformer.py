@@ -119,7 +119,7 @@ def test_llama_and_qwen_match_transformers(family: str) -> None:
     config = (TransformerConfig.llama_tiny() if family == "llama" else TransformerConfig.qwen_tiny()).with_updates(
         scan_layers=False
     )
-    common = {
+    common: dict[str, Any] = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.hidden_dim,

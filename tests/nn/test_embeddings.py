@@ -59,7 +59,7 @@ SCALINGS = [
 ]
 
 
-def _hf_config(rope_type: str, theta: float, params: dict) -> object:
+def _hf_config(rope_type: str, theta: float, params: dict) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
         hidden_size=HEAD_DIM * 4,
         num_attention_heads=4,

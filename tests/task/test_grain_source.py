@@ -26,7 +26,8 @@ def test_batches_follow_the_seeded_order() -> None:
     source = GrainBatchSource(elements(64), 16, seed=3)
     batch = next(iter(source))
     order = shuffle_order(64, 3, 0)
-    expected = np.stack([elements(64)[int(i)]["x"] for i in order[:16]])
+    dataset = elements(64)
+    expected = np.stack([dataset[int(i)]["x"] for i in order[:16]])  # ty: ignore[not-subscriptable]
     np.testing.assert_array_equal(batch["x"], expected)
     assert source.cursor == Cursor(0, 1)
 
@@ -45,7 +46,7 @@ class GrainConfig(RegressionConfig):
 
 
 class GrainRegression(RegressionBase[GrainConfig]):
-    def get_dataset(self, phase: xax.Phase) -> grain.MapDataset:  # ty: ignore[invalid-method-override]
+    def get_dataset(self, phase: xax.Phase) -> grain.MapDataset:  # ty: ignore[incompatible-method-override]
         return elements(256 if phase == "train" else 64)
 
 
