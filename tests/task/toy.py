@@ -1,7 +1,11 @@
 """Small real tasks shared by the tests: a linear regression and an MNIST-sized CNN."""
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import datasets
 import equinox as eqx
@@ -118,6 +122,23 @@ class Digits(xax.SupervisedTask[DigitsConfig]):
 
 def read_jsonl(path: "object") -> list[dict]:
     import json
-    from pathlib import Path
 
     return [json.loads(line) for line in Path(str(path)).read_text().splitlines()]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_toy(run_dir: Path, *overrides: str, **popen: Any) -> subprocess.Popen[str]:
+    """Starts ``python -m tests.task.toy_main`` (the regression task) in its own process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    argv = [f"artifacts.run_dir={run_dir}", "compile.cache=false", "log.tensorboard=false", *overrides]
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.task.toy_main", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )

@@ -1,30 +1,19 @@
 """Launchers, exit codes and clean shutdown, with real subprocesses where it matters."""
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.task.toy import Regression, RegressionConfig
+from tests.task.toy import Regression, RegressionConfig, start_toy
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def start(tmp_path: Path, *overrides: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    argv = [f"artifacts.run_dir={tmp_path}", "compile.cache=false", "log.tensorboard=false", *overrides]
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.task.toy_main", *argv],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_toy(tmp_path, *overrides)
 
 
 def test_multi_cpu_launcher_simulates_devices(tmp_path: Path) -> None:

@@ -1,43 +1,24 @@
 """Signals and crashes, with real subprocesses: nothing saved is lost, and resumes are exact."""
 
-import os
 import random
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 import pytest
 
-from tests.task.toy import read_jsonl
+from tests.task.toy import read_jsonl, start_toy
 from xax.task.mixins.checkpointing import checkpoint_steps, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[3]
 
-
-def start(run_dir: Path, *overrides: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    argv = [
-        f"artifacts.run_dir={run_dir}",
-        "compile.cache=false",
-        "log.tensorboard=false",
-        "log.stdout=false",
-        "log.every_n_steps=1",
-        "valid_every_n_steps=null",
-        *overrides,
-    ]
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.task.toy_main", *argv],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start(run_dir: Path, *overrides: str, **popen: Any) -> subprocess.Popen[str]:
+    quiet = ("log.stdout=false", "log.every_n_steps=1", "valid_every_n_steps=null")
+    return start_toy(run_dir, *quiet, *overrides, **popen)
 
 
 def logged_steps(run_dir: Path) -> int:
@@ -146,20 +127,10 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert checkpoint_steps(tmp_path / "checkpoints") == [4]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    argv = [f"artifacts.run_dir={tmp_path}", "compile.cache=false", "log.tensorboard=false", "log.stdout=false"]
-    second = subprocess.run(
-        [sys.executable, "-m", "tests.task.toy_main", *argv, "max_steps=8", "resume=auto", "num_features=65536"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=_limit_file_size,
-        check=False,
-    )
+    second = start(tmp_path, "max_steps=8", "resume=auto", "num_features=65536", preexec_fn=_limit_file_size)
+    _, stderr = second.communicate(timeout=120)
     assert second.returncode != 0
-    assert "writing a checkpoint" in second.stderr and "the previous checkpoints are intact" in second.stderr
+    assert "writing a checkpoint" in stderr and "the previous checkpoints are intact" in stderr
     assert checkpoint_steps(tmp_path / "checkpoints") == [4]
     tree, metadata = load_checkpoint(tmp_path / "checkpoints", 4, None)
     assert tree["params"]["weight"].shape == (1, 65536)
