@@ -1,11 +1,15 @@
 """A character-level language model on Tiny Shakespeare: ``python -m examples.shakespeare``.
 
-The default is nanoGPT's ``shakespeare-char`` recipe (a 6-layer, 384-wide GPT over a 256-character
-context, about 10.7M parameters), which reaches a validation loss below 1.50 nats per character in
-5,000 steps. Any config field can be overridden on the command line::
+The default is nanoGPT's ``shakespeare-char`` model (a 6-layer, 384-wide GPT over a 256-character
+context, about 10.7M parameters, dropout 0.2, AdamW at 1e-3 with warmup and cosine decay, batches
+of 64 windows). It reaches a validation loss of about 1.485 nats per character in 1,500 steps (a
+little over a minute on one H100). nanoGPT trains 5,000 steps and reports the best validation loss
+seen on the way (1.47); without nanoGPT's dropout on the attention weights this model overfits
+sooner (1.89 after 5,000 steps), so its schedule ends where the validation loss is lowest. Any
+config field can be overridden on the command line::
 
-    python -m examples.shakespeare                        # the GPT
-    python -m examples.shakespeare model=ssm              # a Mamba-style state-space model instead
+    python -m examples.shakespeare                                      # the GPT
+    python -m examples.shakespeare model=ssm max_steps=300 valid_every_n_steps=100   # a Mamba-style SSM
     python -m examples.shakespeare mode=sample resume=runs/shakespeare/run_000 'prompt="JULIET:"' num_chars=500
 
 ``mode=sample`` restores the weights of a checkpoint (a run directory, its ``checkpoints`` folder or
@@ -290,14 +294,17 @@ class Config(xax.SupervisedConfig):
     top_k: int | None = xax.field(None, help="Sample only from the K most likely characters (None: all)")
     # The recipe's values for options every task has.
     batch_size: int = xax.field(64, help="Windows per optimizer step (64 x 256 = 16k characters)")
-    max_steps: int | None = xax.field(5000, help="Optimizer steps; nanoGPT's 5,000 reach about 1.47 val loss")
+    max_steps: int | None = xax.field(
+        1500,
+        help="Optimizer steps; the validation loss is lowest here (nanoGPT's 5,000 overfit without attention dropout)",
+    )
     valid_every_n_steps: int | None = xax.field(500, help="Validate every N steps")
     max_grad_norm: float | None = xax.field(1.0, help="Clip gradients to this global norm, as nanoGPT does")
     precision: PrecisionOptions = xax.field(
         PrecisionOptions(compute_dtype="bfloat16"), help="Mixed precision: bfloat16 compute, made for GPUs"
     )
     log: LogOptions = xax.field(
-        LogOptions(heavy_every_n_steps=1000), help="Logging options (a generated sample every 1,000 steps)"
+        LogOptions(heavy_every_n_steps=500), help="Logging options (a generated sample every 500 steps)"
     )
 
 

@@ -44,6 +44,7 @@ def test_shapes_at_mnist_sizes(size: int) -> None:
     assert (out.shape, out.dtype) == (x.shape, x.dtype)
 
 
+@pytest.mark.slow  # compiles the UNet/VAE's many layer shapes: about a minute on 2 cores
 def test_zero_output_at_init() -> None:
     model = UNet(TINY, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (4, 1, 8, 8))
@@ -93,6 +94,7 @@ def test_timestep_embedding_formula() -> None:
     np.testing.assert_allclose(got, np.concatenate([np.cos(angles), np.sin(angles)], axis=1), atol=2e-4)
 
 
+@pytest.mark.slow  # compiles the UNet/VAE's many layer shapes: about a minute on 2 cores
 def test_time_and_class_change_the_output() -> None:
     model = randomized(UNet(TINY, key=jax.random.key(0)), 1, 0.1)
     x = jnp.broadcast_to(jax.random.normal(jax.random.key(2), (1, 8, 8)), (4, 1, 8, 8))
@@ -105,6 +107,7 @@ def test_time_and_class_change_the_output() -> None:
     assert float(jnp.abs(unconditional[0] - out[0]).max()) > 1e-3
 
 
+@pytest.mark.slow  # compiles the UNet/VAE's many layer shapes: about a minute on 2 cores
 def test_gradients_are_finite_and_bf16_stays_bf16() -> None:
     model = randomized(UNet(TINY, key=jax.random.key(0)), 1, 0.1)
     x = jax.random.normal(jax.random.key(2), (2, 1, 8, 8))

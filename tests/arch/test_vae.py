@@ -61,6 +61,7 @@ def test_shapes_and_config_errors() -> None:
         VAE(VAEConfig(norm_groups=3), key=jax.random.key(0))
 
 
+@pytest.mark.slow  # compiles the UNet/VAE's many layer shapes: about a minute on 2 cores
 def test_reconstructions_improve_on_mnist() -> None:
     # 512 real digits, average-pooled to 14x14 and scaled to [-1, 1] to keep the run short on a CPU.
     images = load_mnist("train").with_format("numpy")[:512]["image"].astype(np.float32) / 255.0

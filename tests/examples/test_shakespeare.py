@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import equinox as eqx
+import jax
 import numpy as np
 import pytest
 
@@ -10,7 +12,6 @@ from examples.shakespeare import (
     DATA_PATH,
     DATA_SHA256,
     Config,
-    GPTOptions,
     Shakespeare,
     Vocabulary,
     corpus,
@@ -120,4 +121,13 @@ def test_config_mistakes_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         launch(tmp_path / "sample", "mode=sample")
     assert "mode=sample needs resume=" in capsys.readouterr().err
-    assert GPTOptions().d_model == 384 and Config().max_steps == 5000
+
+
+def test_default_model_has_nanogpts_parameter_count() -> None:
+    config = Config()
+    assert (config.context, config.batch_size, config.precision.compute_dtype) == (256, 64, "bfloat16")
+    model = Shakespeare(config).get_model(xax.InitParams(key=jax.random.key(0)))
+    params = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    # nanoGPT's shakespeare-char prints "number of parameters: 10.65M", position table excluded.
+    assert model.embed_positions is not None
+    assert sum(p.size for p in params) - model.embed_positions.weight.size == 10_646_784
