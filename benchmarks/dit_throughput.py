@@ -20,7 +20,7 @@ token, N_image those applied once per image (timestep MLP, adaLN modulations), a
 and value products, against the H100's dense bf16 peak of 989 TFLOP/s.
 
     python -m benchmarks.dit_throughput --steps 300 --warmup 50 --out benchmarks/results
-    python -m benchmarks.dit_throughput --tiny    # a CPU check of the script in seconds; no numbers
+    python -m benchmarks.dit_throughput --tiny    # a CPU check of the script (a minute or two); no numbers
 """
 
 import argparse

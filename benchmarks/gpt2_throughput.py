@@ -19,8 +19,8 @@ framework's allocator holds memory the next one needs. MFU counts ``6 N + 12 L T
 token (N: parameters without the position table, whose lookup does no matmul; the second term is
 attention's score and value products) against the H100's dense bf16 peak of 989 TFLOP/s.
 
-    python -m benchmarks.gpt2_throughput --steps 600 --warmup 100 --out benchmarks/results
-    python -m benchmarks.gpt2_throughput --tiny    # a CPU check of the script in seconds; no numbers
+    python -m benchmarks.gpt2_throughput --steps 500 --warmup 100 --out benchmarks/results
+    python -m benchmarks.gpt2_throughput --tiny    # a CPU check of the script (a minute or two); no numbers
 """
 
 import argparse
@@ -410,9 +410,10 @@ def report(args: argparse.Namespace, rates: dict[str, float | None]) -> None:
             }
         )
     cfg = setup.model
+    name = "TINY (a CPU check, not a measurement): GPT-2 tiny" if args.tiny else "GPT-2 small"
     notes = (
-        f"{'TINY (a CPU check, not a measurement): ' if args.tiny else ''}GPT-2 small, {num_params / 1e6:.1f}M "
-        f"parameters, batch {setup.batch}x{cfg.max_seq_len}, vocabulary {cfg.vocab_size}, bf16 compute, AdamW "
+        f"{name}, {num_params / 1e6:.1f}M parameters, batch {setup.batch}x{cfg.max_seq_len}, vocabulary "
+        f"{cfg.vocab_size}, bf16 compute, AdamW "
         f"(lr {setup.learning_rate}, betas {setup.betas}, weight decay {setup.weight_decay}); JAX loss '{args.loss}', "
         f"attention '{args.jax_attention}'; PyTorch attention '{args.torch_sdpa}'. Steps {args.warmup}..{args.steps} "
         f"timed, each loop in its own process. MFU: {per_token / 1e9:.3f} GFLOP per token (6N + 12LTd) over "
@@ -424,10 +425,10 @@ def report(args: argparse.Namespace, rates: dict[str, float | None]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="GPT-2 small training throughput: xax, JAX and PyTorch")
-    add_common_args(parser, steps=600, warmup=100)
+    add_common_args(parser, steps=500, warmup=100)
     parser.add_argument("--loss", choices=LOSSES, default="full", help="Loss of both JAX loops")
     args = parser.parse_args(argv)
-    loops = resolve_common_args(args, steps=600, warmup=100)
+    loops = resolve_common_args(args, steps=500, warmup=100)
     if args.child is not None:
         rate = RUNNERS[args.child](args)
         args.result_file.write_text(json.dumps({"steps_per_s": rate}))

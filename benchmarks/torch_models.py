@@ -68,7 +68,7 @@ class GPTMLP(nn.Module):
         self.c_proj = nn.Linear(4 * shape.d_model, shape.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class GPTBlock(nn.Module):
@@ -218,7 +218,7 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), eps=1e-5)
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
 
 
 class DiTBlock(nn.Module):

@@ -280,7 +280,8 @@ class Config(xax.SupervisedConfig):
     gpt: GPTOptions = xax.field(GPTOptions(), help="The GPT's shape (model=gpt)")
     ssm: SSMConfig = xax.field(
         SSMConfig(d_model=384, num_layers=6),
-        help="The SSM's shape (model=ssm); its vocab_size and compute_dtype come from the data and precision",
+        help="The SSM's shape (model=ssm): 6 x 384 like the GPT; vocab_size and compute_dtype follow the data and "
+        "precision",
     )
     learning_rate: float = xax.field(1e-3, help="Peak learning rate; nanoGPT's for this small model")
     min_learning_rate: float = xax.field(1e-4, help="Learning rate at the end of the cosine decay (peak / 10)")

@@ -42,7 +42,7 @@ TINY_UNET = (
     "unet.num_heads=2",
     "unet.norm_groups=4",
 )
-TINY_DIT = ("model=dit", "dit.patch_size=4", "dit.hidden_dim=32", "dit.depth=2", "dit.num_heads=2")
+TINY_DIT = ("model=dit", "dit.patch_size=4", "dit.hidden_dim=32", "dit.depth=2", "dit.num_heads=2", "learning_rate=5e-3")
 
 
 class SmallMnistDiffusion(MnistDiffusion):
