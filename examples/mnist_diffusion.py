@@ -7,7 +7,7 @@ label so that one network is both conditional and unconditional (classifier-free
 logging cadence a grid of samples, one row per digit, goes to TensorBoard and to
 ``<run dir>/samples/step_<N>.png``. Any config field can be overridden on the command line::
 
-    python -m examples.mnist_diffusion                       # the UNet (about 4 minutes on one H100)
+    python -m examples.mnist_diffusion                       # the UNet (about 5.5 minutes on one H100)
     python -m examples.mnist_diffusion model=dit             # a DiT-S/2 instead
     python -m examples.mnist_diffusion mode=sample resume=runs/mnist_diffusion/run_000 num_per_class=8 out=grid.png
 
@@ -49,7 +49,7 @@ from xax.task.mixins.train import EMAOptions, PrecisionOptions
 from xax.task.mixins.train_step import COMPUTE_DTYPES, cast_floating
 
 MODES = ("train", "sample")
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("xla", "cudnn")
 IMAGE_SHAPE = (1, 28, 28)
 
 Batch = dict[str, Array]
@@ -96,7 +96,7 @@ def generate(
     schedule: GaussianSchedule,
     labels: Int[Array, " n"],
     key: PRNGKeyArray,
-    guidance: float,
+    guidance: Float[Array, ""],
     num_steps: int,
     dtype: jnp.dtype,
 ) -> UInt8[Array, "n 28 28"]:
@@ -107,7 +107,8 @@ def generate(
         schedule: The schedule it was trained with.
         labels: The class of each sample.
         key: Draws the starting noise.
-        guidance: The guidance scale ``s`` of ``f_u + s (f_c - f_u)``: 1 is conditional, larger is sharper.
+        guidance: The guidance scale ``s`` of ``f_u + s (f_c - f_u)``: 1 is conditional, larger is sharper (an
+            array, so that other scales reuse the compiled sampler).
         num_steps: DDIM steps.
         dtype: The dtype the network computes in.
 
@@ -178,7 +179,9 @@ class Config(xax.Config):
         help="The DiT's shape (model=dit): DiT-S/2 over 28x28 digits, 196 tokens",
     )
     attention: str = xax.field(
-        "auto", help="Attention kernel: 'auto' (cuDNN on GPU with 16-bit compute, else XLA), 'xla' or 'cudnn'"
+        "xla",
+        help="Attention kernel: 'xla', or 'cudnn' (GPU, 16-bit compute; it refuses the UNet's 49 and the DiT's 196 "
+        "tokens in JAX 0.11)",
     )
     schedule: str = xax.field("cosine", help="Noise schedule: cosine (Nichol & Dhariwal 2021), linear or sigmoid")
     diffusion_steps: int = xax.field(1000, help="Steps T of the discrete schedule (Ho et al. 2020's 1,000)")
@@ -187,7 +190,11 @@ class Config(xax.Config):
     min_learning_rate: float = xax.field(5e-5, help="Learning rate at the end of the cosine decay (peak / 10)")
     warmup_steps: int = xax.field(500, help="Linear warmup steps before the cosine decay")
     weight_decay: float = xax.field(1e-4, help="AdamW weight decay")
-    guidance_scale: float = xax.field(2.0, help="Guidance s of f_u + s (f_c - f_u) when sampling; 1: no guidance")
+    guidance_scale: float = xax.field(
+        1.5,
+        help="Guidance s of f_u + s (f_c - f_u) when sampling; 1: none. On the default run 1.5 gave 99.9% of "
+        "samples their digit at a Fréchet distance of 11; 1.0 gave 98.3% at 3.4; 2.0, 100% at 21",
+    )
     sampling_steps: int = xax.field(50, help="DDIM steps per sample")
     num_per_class: int = xax.field(8, help="Samples per digit (one grid row per digit), logged and in mode=sample")
     mode: str = xax.field("train", help="'train', or 'sample': write a grid from the checkpoint in `resume` to `out`")
@@ -212,17 +219,9 @@ class Config(xax.Config):
     )
 
 
-def resolve_attention(config: Config) -> str:
-    """The attention kernel: cuDNN's fused one where it applies (a GPU and 16-bit compute), else XLA's."""
-    if config.attention != "auto":
-        return config.attention
-    on_gpu = jax.devices()[0].platform == "gpu"
-    return "cudnn" if on_gpu and config.precision.compute_dtype != "float32" else "xla"
-
-
 def build_model(config: Config, key: PRNGKeyArray) -> Denoiser:
-    """The denoiser that ``config.model`` names, with the attention kernel of :func:`resolve_attention`."""
-    return MODELS[config.model](config, resolve_attention(config), key)
+    """The denoiser that ``config.model`` names, with the attention kernel ``config.attention``."""
+    return MODELS[config.model](config, config.attention, key)
 
 
 def noise_schedule(config: Config) -> GaussianSchedule:
@@ -320,15 +319,9 @@ class MnistDiffusion(xax.Task[Config]):
         config = self.config
         labels = jnp.repeat(jnp.arange(NUM_CLASSES, dtype=jnp.int32), config.num_per_class)
         key = jax.random.fold_in(jax.random.key(config.seed), 3)
-        images = generate(
-            model,
-            noise_schedule(self.config),
-            labels,
-            key,
-            config.guidance_scale,
-            config.sampling_steps,
-            self.compute_dtype,
-        )
+        guidance = jnp.asarray(config.guidance_scale, jnp.float32)
+        schedule = noise_schedule(config)
+        images = generate(model, schedule, labels, key, guidance, config.sampling_steps, self.compute_dtype)
         return grid_metric(np.asarray(jax.device_get(images)), config.num_per_class)
 
     @override

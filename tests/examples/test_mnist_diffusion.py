@@ -33,6 +33,9 @@ TINY = (
     "log.every_n_steps=10",
     "log.every_n_seconds=null",
     "log.heavy_every_n_steps=30",
+    # One device: the launchers have their own tests, and a replicated checkpoint on four simulated CPU
+    # devices costs seconds of per-shard slicing.
+    "launcher.kind=single_device",
 )
 TINY_UNET = (
     "unet.base_channels=8",
@@ -42,7 +45,14 @@ TINY_UNET = (
     "unet.num_heads=2",
     "unet.norm_groups=4",
 )
-TINY_DIT = ("model=dit", "dit.patch_size=4", "dit.hidden_dim=32", "dit.depth=2", "dit.num_heads=2", "learning_rate=5e-3")
+TINY_DIT = (
+    "model=dit",
+    "dit.patch_size=4",
+    "dit.hidden_dim=32",
+    "dit.depth=2",
+    "dit.num_heads=2",
+    "learning_rate=5e-3",
+)
 
 
 class SmallMnistDiffusion(MnistDiffusion):
