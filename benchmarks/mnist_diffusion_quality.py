@@ -44,9 +44,8 @@ from examples.mnist_diffusion import (
     generate,
     load_trained,
     noise_schedule,
-    restore_weights,
 )
-from xax.task.mixins.checkpointing import resolve_checkpoint
+from xax.task.mixins.checkpointing import resolve_checkpoint, restore_weights
 from xax.task.mixins.train_step import COMPUTE_DTYPES
 
 # The configuration `python -m examples.mnist` runs: 4 epochs at batch 128.

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, UInt8
+from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 from PIL import Image as PILImage
 from typing_extensions import override
 
@@ -36,14 +36,7 @@ from examples.mnist_data import NUM_CLASSES, load_mnist
 from xax.arch.diffusion import GaussianSchedule, ddim_sample, diffusion_loss, drop_labels, guided
 from xax.arch.dit import DiT, DiTConfig, dit_config
 from xax.arch.unet import UNet, UNetConfig
-from xax.core.errors import CheckpointError
-from xax.task.mixins.checkpointing import (
-    check_shapes,
-    load_arrays_anywhere,
-    named_leaves,
-    read_metadata,
-    resolve_checkpoint,
-)
+from xax.task.mixins.checkpointing import read_metadata, resolve_checkpoint, restore_weights
 from xax.task.mixins.logger import LogOptions
 from xax.task.mixins.train import EMAOptions, PrecisionOptions
 from xax.task.mixins.train_step import COMPUTE_DTYPES, cast_floating
@@ -133,33 +126,6 @@ def save_png(metric: xax.Images, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     PILImage.fromarray(metric.to_log().pixels).save(path)
     return path
-
-
-def restore_weights(template: PyTree, directory: Path, step: int, *, prefer_ema: bool = True) -> PyTree:
-    """``template`` with its floating-point arrays replaced by those saved in a training checkpoint.
-
-    Args:
-        template: A model of the same configuration as the saved one (its weights are not used).
-        directory: The checkpoints folder (see ``resolve_checkpoint``).
-        step: The step to read.
-        prefer_ema: Take the moving average of the weights when the checkpoint kept one.
-
-    Returns:
-        The model with the saved weights, on the first device.
-
-    Raises:
-        CheckpointError: If a parameter of ``template`` is missing from the checkpoint or has another shape.
-    """
-    tree = load_arrays_anywhere(directory, step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    weights = tree["ema"] if prefer_ema and tree.get("ema") is not None else tree["params"]
-    arrays, static = eqx.partition(template, eqx.is_inexact_array)
-    check_shapes(arrays, weights, directory / str(step))
-    found, wanted = named_leaves(weights), named_leaves(arrays)
-    missing = sorted(wanted.keys() - found.keys())
-    if missing:
-        raise CheckpointError(f"{directory / str(step)} has no {missing[0]}; it holds a different model")
-    leaves = [jnp.asarray(found[name], dtype=leaf.dtype) for name, leaf in wanted.items()]
-    return eqx.combine(jax.tree.unflatten(jax.tree.structure(arrays), leaves), static)
 
 
 def _tuples(values: dict[str, Any]) -> dict[str, Any]:

@@ -43,9 +43,8 @@ import xax
 from xax.arch.generate import SamplingConfig, generate, sample_token
 from xax.arch.ssm import SSMConfig, SSMLanguageModel
 from xax.arch.transformer import Transformer, TransformerConfig
-from xax.core.errors import CheckpointError
 from xax.nn.losses import cross_entropy, token_accuracy
-from xax.task.mixins.checkpointing import check_shapes, load_checkpoint, named_leaves, resolve_checkpoint
+from xax.task.mixins.checkpointing import read_metadata, resolve_checkpoint, restore_weights
 from xax.task.mixins.logger import LogOptions
 from xax.task.mixins.train import PrecisionOptions
 
@@ -419,8 +418,7 @@ class Shakespeare(xax.SupervisedTask[Config]):
         if self.config.resume in (None, "auto"):
             raise xax.ConfigError("mode=sample needs resume=<run directory or checkpoint path>")
         directory, steps = resolve_checkpoint(Path(self.config.resume))
-        tree, metadata = load_checkpoint(directory, steps[0], None)
-        saved = metadata["config"]
+        saved = read_metadata(directory, steps[0])["config"]
         self.config = replace(
             self.config,
             model=saved["model"],
@@ -428,16 +426,7 @@ class Shakespeare(xax.SupervisedTask[Config]):
             gpt=GPTOptions(**saved["gpt"]),
             ssm=SSMConfig(**saved["ssm"]),
         )
-        model = self.get_model(xax.InitParams(key=jax.random.key(0)))
-        params, static = eqx.partition(model, eqx.is_inexact_array)
-        weights = tree["ema"] if tree.get("ema") is not None else tree["params"]
-        check_shapes(params, weights, directory / str(steps[0]))
-        found, wanted = named_leaves(weights), named_leaves(params)
-        missing = sorted(wanted.keys() - found.keys())
-        if missing:
-            raise CheckpointError(f"{directory / str(steps[0])} has no {missing[0]}; it holds a different model")
-        leaves = [jnp.asarray(found[name], dtype=leaf.dtype) for name, leaf in wanted.items()]
-        model = eqx.combine(jax.tree.unflatten(jax.tree.structure(params), leaves), static)
+        model = restore_weights(self.get_model(xax.InitParams(key=jax.random.key(0))), directory, steps[0])
         return self.generate_text(model)
 
 

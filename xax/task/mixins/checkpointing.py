@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
@@ -169,6 +171,33 @@ def load_arrays_anywhere(directory: Path, step: int, sharding: jax.sharding.Shar
     )
     tree, _ = load_checkpoint(directory, step, target)
     return tree
+
+
+def restore_weights(template: PyTree, directory: Path, step: int, *, prefer_ema: bool = True) -> PyTree:
+    """``template`` with its floating-point arrays replaced by those saved in a training checkpoint.
+
+    For using a trained model outside training (sampling, evaluation), on the first device,
+    whatever mesh saved it.
+
+    Args:
+        template: A model of the same configuration as the saved one (its weights are not used).
+        directory: The checkpoints folder (see ``resolve_checkpoint``).
+        step: The step to read.
+        prefer_ema: Take the moving average of the weights when the checkpoint kept one.
+
+    Raises:
+        CheckpointError: If a parameter of ``template`` is missing from the checkpoint or has another shape.
+    """
+    tree = load_arrays_anywhere(directory, step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    weights = tree["ema"] if prefer_ema and tree.get("ema") is not None else tree["params"]
+    arrays, static = eqx.partition(template, eqx.is_inexact_array)
+    check_shapes(arrays, weights, directory / str(step))
+    found, wanted = named_leaves(weights), named_leaves(arrays)
+    missing = sorted(wanted.keys() - found.keys())
+    if missing:
+        raise CheckpointError(f"{directory / str(step)} has no {missing[0]}; it holds a different model")
+    leaves = [jnp.asarray(found[name], dtype=leaf.dtype) for name, leaf in wanted.items()]
+    return eqx.combine(jax.tree.unflatten(jax.tree.structure(arrays), leaves), static)
 
 
 def read_metadata(directory: Path, step: int) -> dict[str, Any]:
