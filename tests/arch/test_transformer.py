@@ -145,7 +145,7 @@ def test_llama_and_qwen_match_transformers(family: str) -> None:
 
 def test_gpt2_small_has_124m_parameters() -> None:
     shapes = eqx.filter_eval_shape(Transformer, TransformerConfig.gpt2_small(), key=jax.random.key(0))
-    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes) if hasattr(leaf, "shape"))
     assert count == 124_439_808  # GPT2LMHeadModel's count (tied lm_head counted once)
 
 
@@ -181,3 +181,14 @@ def test_dropout_is_active_only_with_a_key() -> None:
 def test_config_errors_name_the_field(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TransformerConfig.llama_tiny().with_updates(**changes)
+
+
+def test_inference_mode_turns_dropout_off_even_with_a_key() -> None:
+    config = TransformerConfig.gpt2_tiny().with_updates(dropout=0.5)
+    model = Transformer(config, key=jax.random.key(0))
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+    with_key, _ = model(tokens, key=jax.random.key(1))
+    without_key, _ = model(tokens)
+    in_inference, _ = eqx.nn.inference_mode(model)(tokens, key=jax.random.key(1))
+    assert not np.allclose(np.asarray(with_key), np.asarray(without_key))
+    np.testing.assert_array_equal(np.asarray(in_inference), np.asarray(without_key))

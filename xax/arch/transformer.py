@@ -305,6 +305,8 @@ class Transformer(eqx.Module):
         norm: The final norm.
         lm_head: The output projection (vocab <- d_model), or None when tied to ``embed_tokens``.
         config: The configuration.
+        inference: When True, dropout is off even if a key is passed (set by ``eqx.nn.inference_mode``,
+            which the training loop applies for validation).
     """
 
     embed_tokens: Embedding
@@ -314,10 +316,12 @@ class Transformer(eqx.Module):
     norm: LayerNorm | RMSNorm
     lm_head: AnyLinear | None
     config: TransformerConfig = eqx.field(static=True)
+    inference: bool
 
-    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray) -> None:
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray, inference: bool = False) -> None:
         k_tok, k_pos, k_layers, k_head = jax.random.split(key, 4)
         self.config = config
+        self.inference = inference
         self.embed_tokens = Embedding(config.vocab_size, config.d_model, key=k_tok, init_std=config.init_std)
         self.embed_positions = None
         self.rotary = None
@@ -375,6 +379,10 @@ class Transformer(eqx.Module):
         if positions is None:
             start = jnp.zeros((), jnp.int32) if cache is None else _cache_index(cache)
             positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        # A concrete flag (the training loop and eqx.filter_jit keep bools static); a model passed
+        # whole to jax.jit sees a traced one, and then the key alone decides.
+        if isinstance(self.inference, bool) and self.inference:
+            key = None
         k_embed, k_layers = (None, None) if key is None else jax.random.split(key)
 
         x = model.embed_tokens(tokens)  # (B, T, D)
