@@ -24,7 +24,12 @@ from jaxtyping import Shaped
 from orbax.checkpoint import metadata as ocp_metadata
 
 from xax.core.errors import CheckpointError, XaxError
-from xax.task.mixins.checkpointing import load_checkpoint, named_leaves, resolve_checkpoint
+from xax.task.mixins.checkpointing import (
+    flatten_dict,
+    load_arrays_anywhere,
+    named_leaves,
+    resolve_checkpoint,
+)
 
 # The TrainState fields in their saved order; a checkpoint's other top-level entries follow them.
 GROUPS = ("params", "frozen", "opt_state", "ema", "key")
@@ -129,9 +134,8 @@ def read_arrays(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
         CheckpointError: Naming the checkpoint when an array file is truncated or corrupt.
     """
     device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), checkpoint.tree)
     with _quiet_orbax():
-        tree, _ = load_checkpoint(checkpoint.directory, checkpoint.step, target)
+        tree = load_arrays_anywhere(checkpoint.directory, checkpoint.step, device)
     return {name: np.asarray(value) for name, value in named_leaves(tree).items()}
 
 
@@ -185,16 +189,6 @@ def _mesh(mesh: dict[str, Any] | None) -> str:
     if not mesh:
         return "none"
     return " x ".join(f"{name}={size}" for name, size in zip(mesh.get("axis_names", []), mesh.get("shape", [])))
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _group_order(names: Sequence[str]) -> list[str]:
@@ -275,7 +269,7 @@ def _array_diff_lines(a: Checkpoint, b: Checkpoint) -> list[str]:
 
 
 def _dict_diff_lines(title: str, a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    flat_a, flat_b = _flatten(a), _flatten(b)
+    flat_a, flat_b = flatten_dict(a), flatten_dict(b)
     missing = object()
     pairs = []
     for key in [*flat_a, *(key for key in flat_b if key not in flat_a)]:

@@ -366,8 +366,8 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
 
     def _config_drift(self, saved_config: dict[str, Any]) -> list[str]:
         """``key: saved -> current`` for every config value that differs from the checkpoint's."""
-        current = _flatten(config_to_dict(self.config))
-        saved = _flatten(saved_config)
+        current = flatten_dict(config_to_dict(self.config))
+        saved = flatten_dict(saved_config)
         return [
             f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
             for key in sorted(set(current) | set(saved))
@@ -418,11 +418,12 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
                     self._checkpoints = None
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dict(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": value}`` (an empty dict stays a value, so it can be compared)."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and value:
+            flat.update(flatten_dict(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
