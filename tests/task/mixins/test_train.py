@@ -90,15 +90,8 @@ def test_gradient_accumulation_equals_full_batch(tmp_path: Path) -> None:
 
 def test_ema_follows_its_formula(tmp_path: Path) -> None:
     decay = 0.9
-    params_history = []
-
-    class Tracked(Regression):
-        def get_optimizer(self) -> optax.GradientTransformation:
-            return optax.sgd(self.config.learning_rate)
-
     task, _ = run(tmp_path, "max_steps=1", f"ema.decay={decay}")
     initial = eqx.filter(task.get_model(xax.InitParams(jax.random.split(jax.random.key(0))[0])), eqx.is_array)
-    params_history.append(initial)
     final = final_params(task)
     for ema_leaf, p0, p1 in zip(
         jax.tree.leaves(final.ema), jax.tree.leaves(initial), jax.tree.leaves(final.params), strict=True
