@@ -57,7 +57,7 @@ def _transformer_equivalences(config: TransformerConfig, extended: bool) -> Call
             return eqx.filter_jit(_logits)(variant, (tokens,))
 
         pairs = [
-            Equivalence("scan equals loop", lambda: (full, other(scan_layers=False)), atol=1e-5),
+            Equivalence("loop equals scan", lambda: (full, other(scan_layers=True)), atol=1e-5),
             Equivalence("cache equals full forward", lambda: (full, _cached_logits(model, tokens, 5)), atol=1e-5),
         ]
         if not extended:

@@ -65,7 +65,7 @@ def test_apply_lora_to_transformer_and_merge(scan_layers: bool) -> None:
 
 def test_apply_lora_with_no_match_lists_paths() -> None:
     model = Transformer(TransformerConfig.gpt2_tiny(), key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"matches no linear layer; paths are \['layers.self_attn.q_proj'"):
+    with pytest.raises(ValueError, match=r"matches no linear layer; paths are \['layers.0.self_attn.q_proj'"):
         apply_lora(model, "c_attn", rank=2, alpha=1.0, key=jax.random.key(1))
 
 
@@ -78,8 +78,8 @@ def test_optimizer_state_only_for_adapters() -> None:
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(adapters)
     adapter_leaves = jax.tree.leaves(adapters)
-    # Two adapters (up, down), each A and B, stacked over layers.
-    assert len(adapter_leaves) == 4
+    # Two adapters (up, down) in each of the layers, each with A and B.
+    assert len(adapter_leaves) == 4 * config.num_layers
     moments = [leaf for leaf in jax.tree.leaves(opt_state) if leaf.ndim > 0]
     assert sorted(m.shape for m in moments) == sorted([a.shape for a in adapter_leaves] * 2)
 
@@ -100,4 +100,4 @@ def test_optimizer_state_only_for_adapters() -> None:
     assert float(eqx.filter_jit(loss_fn)(adapters)) < float(loss_before)
     # Frozen weights are untouched by construction: they never entered the optimizer.
     trainable = jax.tree.leaves(lora_filter(model))
-    assert sum(trainable) == 4
+    assert sum(trainable) == 4 * config.num_layers

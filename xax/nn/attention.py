@@ -25,6 +25,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from xax.nn.embeddings import apply_rotary
 from xax.nn.lora import AnyLinear, apply_linear, make_linear
+from xax.nn.precision import mixed_dot_general
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -162,9 +163,7 @@ def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     kv_heads = k.shape[2]
     groups = heads // kv_heads
     q = q.reshape(batch, seq_q, kv_heads, groups, dim)  # (B, T, K, G, D)
-    logits = jax.lax.dot_general(
-        q, k, (((4,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32
-    )  # (B, K, T, G, S)
+    logits = mixed_dot_general(q, k, (((4,), (3,)), ((0, 2), (0, 2))))  # (B, K, T, G, S) float32
     logits = logits * (1.0 / math.sqrt(dim))
     grouped_mask = mask[:, :, :, None, :]  # (B, 1, T, 1, S)
     logits = jnp.where(grouped_mask, logits, jnp.finfo(jnp.float32).min)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from xax.nn.precision import mixed_dot_general
+
 # The label PyTorch and Hugging Face use for "no loss here" (padding, prompt tokens).
 IGNORE_INDEX = -100
 
@@ -100,9 +102,7 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def chunk_loss(args: tuple[Array, Array]) -> tuple[Array, Array]:
         chunk_hidden, chunk_labels = args  # (C, D), (C,)
-        logits = jax.lax.dot_general(
-            chunk_hidden, unembedding, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )  # (C, V)
+        logits = mixed_dot_general(chunk_hidden, unembedding, (((1,), (1,)), ((), ())))  # (C, V) float32
         loss, mask = _token_losses(logits, chunk_labels, label_smoothing, ignore_index)
         return jnp.sum(loss), jnp.sum(mask)
 

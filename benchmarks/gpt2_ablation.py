@@ -1,0 +1,165 @@
+"""Where GPT-2 small's training step spends its time: variants of the hand-written JAX step, timed
+side by side, and a kernel-by-kernel breakdown of the device time of the baseline.
+
+Every variant is the hand-written JAX loop of ``benchmarks.gpt2_throughput`` (same model, batch,
+loss and AdamW) with one thing changed, each in a process of its own:
+
+- ``base``: the model's defaults (a Python loop over the layers), cuDNN attention, float32
+  logits then the cross-entropy;
+- ``chunked``: ``chunked_cross_entropy`` instead of full float32 logits;
+- ``scanned``: the layers under ``lax.scan`` (``scan_layers=True``);
+- ``xla_attention``: attention in plain XLA ops instead of cuDNN's fused kernel;
+- ``grad_only``: the forward and backward pass without the optimizer update;
+- ``forward``: the loss alone;
+- ``no_triton_gemm``: ``base`` with XLA's Triton GEMM emitter off (cuBLAS for every matmul).
+
+    python -m benchmarks.gpt2_ablation --steps 60 --warmup 15 --out benchmarks/results
+    python -m benchmarks.gpt2_ablation --tiny    # a CPU check of the script; no numbers
+"""
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+import optax
+from jaxtyping import Array
+
+from benchmarks.common import environment, write_results
+from benchmarks.gpt2_throughput import gpt2_loss, make_optimizer, make_setup, time_steps, token_windows
+from benchmarks.profile_tools import format_breakdown, kernel_breakdown
+from xax.arch.transformer import Transformer
+
+# name -> (model changes, loss, what the step does, extra XLA flags)
+VARIANTS: dict[str, tuple[dict[str, Any], str, str, str]] = {
+    "base": ({}, "full", "train", ""),
+    "chunked": ({}, "chunked", "train", ""),
+    "scanned": ({"scan_layers": True}, "full", "train", ""),
+    "xla_attention": ({"attention_impl": "xla"}, "full", "train", ""),
+    "grad_only": ({}, "full", "grad", ""),
+    "forward": ({}, "full", "forward", ""),
+    "no_triton_gemm": ({}, "full", "train", "--xla_gpu_enable_triton_gemm=false"),
+}
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Times one variant in this process; the baseline also gets a kernel breakdown."""
+    changes, loss, mode, _ = VARIANTS[name]
+    setup = make_setup(args.tiny, "auto" if args.tiny else "cudnn")
+    cfg = setup.model.with_updates(**changes)
+    if args.tiny and "attention_impl" in changes:
+        cfg = cfg.with_updates(attention_impl="xla")
+    model = Transformer(cfg, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_array)
+    optimizer = make_optimizer(setup)
+    opt_state = optimizer.init(params)
+    windows = jax.device_put(token_windows(setup))
+    rng = np.random.default_rng(1)
+
+    def loss_fn(params: Any, tokens: Array) -> Array:
+        return gpt2_loss(eqx.combine(params, static), tokens, loss)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train(params: Any, opt_state: Any, windows: Array, indices: Array) -> tuple[Any, Any, Array]:
+        value, grads = jax.value_and_grad(loss_fn)(params, windows[indices])
+        if mode == "grad":
+            # Keep the gradients alive without the optimizer: one reduction over all of them.
+            norm = optax.global_norm(grads)
+            return params, opt_state, value + 0.0 * norm
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    @functools.partial(jax.jit, donate_argnums=())
+    def forward(params: Any, opt_state: Any, windows: Array, indices: Array) -> tuple[Any, Any, Array]:
+        return params, opt_state, loss_fn(params, windows[indices])
+
+    step = forward if mode == "forward" else train
+    state = [params, opt_state]
+
+    def indices() -> np.ndarray:
+        return rng.integers(0, setup.num_windows, setup.batch, dtype=np.int32)
+
+    def one_step(_: int) -> Array:
+        state[0], state[1], value = step(state[0], state[1], windows, indices())
+        return value
+
+    rate = time_steps(one_step, jax.block_until_ready, args.steps, args.warmup)
+    result: dict[str, Any] = {"steps_per_s": rate}
+    if name == "base" and args.profile_steps > 0:
+
+        def thread(out: Any, call_args: Sequence[Any]) -> Sequence[Any]:
+            return (out[0], out[1], windows, indices())
+
+        rows = kernel_breakdown(step, state[0], state[1], windows, indices(), steps=args.profile_steps, thread=thread)
+        result["breakdown"] = format_breakdown(rows, steps=args.profile_steps, top=args.top)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="GPT-2 small step variants and a kernel breakdown")
+    parser.add_argument("--steps", type=int, default=None, help="Last timed step (default 60; 6 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="Untimed steps (default 15; 2 with --tiny)")
+    parser.add_argument("--which", default=",".join(VARIANTS), help="Comma-separated variants")
+    parser.add_argument("--profile-steps", type=int, default=5, help="Steps of the baseline to profile (0: none)")
+    parser.add_argument("--top", type=int, default=30, help="Kernels listed per profiler line")
+    parser.add_argument("--out", type=Path, default=None, help="Results folder (default benchmarks/results)")
+    parser.add_argument("--tiny", action="store_true", help="Tiny model: checks the script on CPU")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else (6 if args.tiny else 60)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 15)
+    if args.child is not None:
+        args.result_file.write_text(json.dumps(run_variant(args.child, args)))
+        return
+    names = [n.strip() for n in args.which.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"error: --which names unknown variants {unknown}; choose from {list(VARIANTS)}")
+    out = args.out or (Path(tempfile.mkdtemp(prefix="xax_ablation_")) if args.tiny else Path("benchmarks/results"))
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            result_file = Path(tmp) / f"{name}.json"
+            flags = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--profile-steps={args.profile_steps}"]
+            command = [sys.executable, "-m", "benchmarks.gpt2_ablation", "--child", name, "--result-file"]
+            command += [str(result_file), *flags, f"--top={args.top}", *(["--tiny"] if args.tiny else [])]
+            env = dict(os.environ)
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {VARIANTS[name][3]}".strip()
+            print(f"== {name}", flush=True)
+            done = subprocess.run(command, env=env, check=False)
+            results[name] = json.loads(result_file.read_text()) if done.returncode == 0 else {"steps_per_s": None}
+    setup = make_setup(args.tiny, "auto")
+    tokens = setup.batch * setup.model.max_seq_len
+    base = results.get("base", {}).get("steps_per_s")
+    rows = []
+    for name, result in results.items():
+        rate = result["steps_per_s"]
+        rows.append(
+            {
+                "variant": name,
+                "step_ms": "failed" if rate is None else 1000.0 / rate,
+                "tokens_per_s": "" if rate is None else rate * tokens,
+                "speed_over_base": "" if rate is None or base is None else rate / base,
+            }
+        )
+    breakdown = results.get("base", {}).get("breakdown", "")
+    notes = (
+        f"{'TINY (a CPU check): ' if args.tiny else ''}GPT-2 small hand-written JAX step variants "
+        f"(batch {setup.batch}x{setup.model.max_seq_len}, bf16 compute, AdamW), steps {args.warmup}..{args.steps} "
+        f"timed, each in its own process.\n\n## Device time of `base` by kernel\n{breakdown}"
+    )
+    write_results(out, "gpt2_ablation_tiny" if args.tiny else "gpt2_ablation", environment(), rows, notes)
+
+
+if __name__ == "__main__":
+    main()
