@@ -43,6 +43,17 @@ def test_cross_entropy_matches_optax(smoothing: float) -> None:
         np.testing.assert_allclose(float(cross_entropy(logits, labels)), float(expected), rtol=1e-6)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_gradient_matches_optax(smoothing: float) -> None:
+    hidden, unembedding, labels = _data()
+    logits = hidden @ unembedding.T
+    ours = jax.grad(lambda z: cross_entropy(z, labels, label_smoothing=smoothing))(logits)
+    reference = jax.grad(lambda z: _optax_reference(z, labels, smoothing))(logits)
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)
+    ignored = np.asarray(labels == IGNORE_INDEX)
+    assert ignored.any() and not np.asarray(ours)[ignored].any()  # ignored tokens get no gradient
+
+
 @pytest.mark.parametrize(("smoothing", "chunk_size"), [(0.0, 4), (0.1, 5), (0.2, 64)])
 def test_chunked_equals_full_logits_value_and_gradient(smoothing: float, chunk_size: int) -> None:
     hidden, unembedding, labels = _data(1)

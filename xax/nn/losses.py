@@ -13,6 +13,8 @@ matrix, ``chunk_size`` tokens at a time under ``jax.checkpoint``, so neither the
 backward pass ever holds the full (B, T, V) logits: peak memory is one (chunk_size, V) block.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -27,16 +29,38 @@ def _token_losses(
     logits: Float[Array, "*batch vocab"], labels: Int[Array, "*batch"], label_smoothing: float, ignore_index: int
 ) -> tuple[Float[Array, "*batch"], Float[Array, "*batch"]]:
     """Per-token smoothed cross-entropy (zero where ignored) and the float32 mask of counted tokens."""
-    logits = logits.astype(jnp.float32)
     valid = labels != ignore_index
     safe_labels = jnp.where(valid, labels, 0)
+    mask = valid.astype(jnp.float32)
+    return _smoothed_xent(logits.astype(jnp.float32), safe_labels, label_smoothing) * mask, mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _smoothed_xent(logits: Array, labels: Array, label_smoothing: float) -> Array:
+    """``logsumexp(z) - (1 - ε) z[label] - ε mean(z)`` per token, float32."""
+    return _smoothed_xent_forward(logits, labels, label_smoothing)[0]
+
+
+def _smoothed_xent_forward(logits: Array, labels: Array, label_smoothing: float) -> tuple[Array, tuple]:
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
-    loss = lse - (1.0 - label_smoothing) * target
+    loss = lse - (1.0 - label_smoothing) * jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     if label_smoothing:
         loss = loss - label_smoothing * jnp.mean(logits, axis=-1)
-    mask = valid.astype(jnp.float32)
-    return loss * mask, mask
+    return loss, (logits, labels, lse)
+
+
+def _smoothed_xent_backward(label_smoothing: float, residuals: tuple, cotangent: Array) -> tuple[Array, None]:
+    # d loss / d z = softmax(z) - (1 - ε) onehot(label) - ε / V, in one elementwise pass: autodiff
+    # of take_along_axis would instead scatter into a zeroed (tokens, vocab) array, two more passes
+    # over the largest tensor of a language model's step.
+    logits, labels, lse = residuals
+    vocab = logits.shape[-1]
+    onehot = jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1) == labels[..., None]
+    target = jnp.where(onehot, 1.0 - label_smoothing, 0.0) + label_smoothing / vocab
+    return cotangent[..., None] * (jnp.exp(logits - lse[..., None]) - target), None
+
+
+_smoothed_xent.defvjp(_smoothed_xent_forward, _smoothed_xent_backward)
 
 
 def cross_entropy(
