@@ -71,7 +71,7 @@ def test_inspect_prints_step_counters_arrays_and_size(run: tuple[Path, Regressio
     assert out.splitlines()[0] == f"Checkpoint {step_dir}"
     assert row(out, "step", "4")
     assert row(out, "xax version", xax.__version__)
-    assert row(out, "mesh", "data=4")  # conftest's four simulated devices
+    assert row(out, "mesh", "data=4 x fsdp=1 x tensor=1")  # conftest's four simulated devices, plan dp
     assert row(out, "num_steps", "4")
     assert row(out, "num_samples", "128")
     assert row(out, "index", "4")  # data cursor: four batches of the first epoch consumed

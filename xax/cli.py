@@ -1,13 +1,15 @@
-"""The ``xax`` console command: ``xax ckpt inspect PATH`` and ``xax ckpt diff A B``.
+"""The ``xax`` console command: ``xax ckpt inspect PATH``, ``xax ckpt diff A B`` and ``xax plan MODULE:CLASS``.
 
 Checkpoints are read through orbax metadata, orbax array restores and JSON only: nothing in a
 checkpoint is unpickled or executed, and the model class is never needed.
 """
 
 import argparse
+import importlib
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
@@ -23,7 +25,7 @@ from etils import epath
 from jaxtyping import Shaped
 from orbax.checkpoint import metadata as ocp_metadata
 
-from xax.core.errors import CheckpointError, XaxError
+from xax.core.errors import CheckpointError, ConfigError, XaxError
 from xax.task.mixins.checkpointing import (
     flatten_dict,
     load_arrays_anywhere,
@@ -363,7 +365,59 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("b", metavar="B", type=Path, help="the checkpoint compared with it")
     diff.add_argument("--arrays-only", action="store_true", help="compare only the arrays")
     diff.set_defaults(run=_diff_command)
+
+    plan = commands.add_parser(
+        "plan",
+        help="Print a task's parallel plan: memory per device and FLOPs, before training",
+        description="Build a task's train state and training step abstractly (nothing is allocated) and print "
+        "the plan's memory per device, XLA's memory analysis of the compiled step and its FLOPs. "
+        "Example: xax plan examples.shakespeare:Shakespeare parallel.plan=fsdp launcher.kind=multi_cpu "
+        "launcher.num_cpu_devices=8",
+    )
+    plan.add_argument("task", metavar="MODULE:CLASS", help="the task class, e.g. examples.mnist:MnistClassification")
+    plan.add_argument(
+        "overrides", metavar="KEY=VALUE", nargs="*", help="config overrides, as on the task's command line"
+    )
+    plan.add_argument("--no-compile", action="store_true", help="skip compiling the step (shardings only)")
+    plan.set_defaults(run=_plan_command)
     return parser
+
+
+def load_task_class(spec: str) -> type:
+    """The class named by ``module:Class`` (the module is imported).
+
+    Raises:
+        ConfigError: When the spec is malformed, the module cannot be imported or has no such class.
+    """
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ConfigError(f"task {spec!r} is not MODULE:CLASS; e.g. examples.mnist:MnistClassification")
+    if os.getcwd() not in sys.path:  # a console script does not look in the working directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"task {spec!r}: cannot import {module_name} ({error})") from error
+    task_class = getattr(module, class_name, None)
+    if not isinstance(task_class, type):
+        raise ConfigError(f"task {spec!r}: {module_name} has no class {class_name}")
+    return task_class
+
+
+def _plan_command(args: argparse.Namespace) -> int:
+    from xax.core.config import parse_cli
+    from xax.task.launchers import get_launcher
+    from xax.task.mixins.train import TrainMixin
+
+    task_class = load_task_class(args.task)
+    if not issubclass(task_class, TrainMixin):
+        raise ConfigError(f"task {args.task!r} is not a training task (an xax.Task subclass)")
+    config = parse_cli(task_class.get_config_class(), None, list(args.overrides))
+    mesh = get_launcher(config.launcher).make_mesh()
+    task = task_class(config)
+    task.mesh = mesh
+    print("\n".join(task.plan_report(compile_step=not args.no_compile).lines()))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,10 +6,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array
 
 from xax.task.mixins.data_loader import Batch, Cursor, DevicePrefetcher, MapBatchSource
+from xax.task.process_batches import place_rows
 
 
 class Feed:
@@ -63,7 +64,8 @@ class ResidentFeed(Feed):
 
     Making a batch is then a gather inside the jitted step, and the host sends B int32 indices a
     step instead of the batch itself: for small datasets such as MNIST this is what keeps the
-    device busy when a step takes well under a millisecond.
+    device busy when a step takes well under a millisecond. In a run of several processes every
+    process holds the whole dataset and places its rows of each batch's indices.
     """
 
     def __init__(self, source: MapBatchSource, replicated: NamedSharding) -> None:
@@ -74,12 +76,19 @@ class ResidentFeed(Feed):
         self._indices: Iterator[np.ndarray] = source.iter_indices()
         self._wait_time_s = 0.0
         self.data = jax.device_put(arrays, replicated)
+        self._mesh: Mesh | None = None
+        if jax.process_count() > 1:
+            assert isinstance(replicated.mesh, Mesh), "the launcher's mesh is a concrete one"
+            self._mesh = replicated.mesh
 
-    def __next__(self) -> np.ndarray:
+    def __next__(self) -> np.ndarray | Array:
         start = time.perf_counter()
-        indices = next(self._indices)  # placed by the jitted step's input sharding
+        indices = next(self._indices)
         self._wait_time_s += time.perf_counter() - start
-        return indices
+        if self._mesh is None:
+            return indices  # placed by the jitted step's input sharding
+        # A jitted call cannot place numpy data on other processes' devices.
+        return place_rows(indices, self._mesh, len(indices), local=False)
 
     @property
     def cursor(self) -> Cursor:

@@ -1,7 +1,11 @@
 """The one place environment variables are read, each validated with its legal values."""
 
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+from xax.core.errors import LaunchError
 
 
 def user_cache_dir() -> Path:
@@ -13,3 +17,66 @@ def user_cache_dir() -> Path:
 def is_interactive_terminal(stream_isatty: bool) -> bool:
     """Whether progress bars may redraw in place: a TTY and not a dumb terminal."""
     return stream_isatty and os.environ.get("TERM", "") != "dumb"
+
+
+def find_executable(name: str) -> str | None:
+    """The full path of the program ``name`` found on ``$PATH``, or None."""
+    return shutil.which(name)
+
+
+@dataclass(frozen=True)
+class SlurmStep:
+    """The SLURM job step (an ``srun``) this process runs in.
+
+    Attributes:
+        job_id: ``SLURM_JOB_ID``.
+        node_list: ``SLURM_STEP_NODELIST``, the step's hosts in SLURM's compressed form.
+        num_tasks: ``SLURM_NTASKS``, processes in the step.
+        task_id: ``SLURM_PROCID``, this process's rank in the step.
+        local_task_id: ``SLURM_LOCALID``, this process's rank on its node.
+        num_nodes: ``SLURM_STEP_NUM_NODES`` (else ``SLURM_NNODES``), nodes in the step.
+    """
+
+    job_id: int
+    node_list: str
+    num_tasks: int
+    task_id: int
+    local_task_id: int
+    num_nodes: int
+
+
+def _slurm_int(name: str, minimum: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value.isdigit() or int(value) < minimum:
+        raise LaunchError(
+            f"${name}={value!r} is not an integer >= {minimum}; start the processes with srun inside a SLURM job"
+        )
+    return int(value)
+
+
+def slurm_job_id() -> str | None:
+    """``SLURM_JOB_ID`` when this process runs inside a SLURM job (an sbatch or salloc), else None."""
+    return os.environ.get("SLURM_JOB_ID", "").strip() or None
+
+
+def slurm_step() -> SlurmStep | None:
+    """The SLURM job step this process was started in by ``srun``, or None outside one.
+
+    Raises:
+        LaunchError: When the step's variables are present but one is missing or not a number.
+    """
+    node_list = os.environ.get("SLURM_STEP_NODELIST", "").strip()
+    if not node_list:
+        return None
+    nodes_key = "SLURM_STEP_NUM_NODES" if "SLURM_STEP_NUM_NODES" in os.environ else "SLURM_NNODES"
+    step = SlurmStep(
+        job_id=_slurm_int("SLURM_JOB_ID", 0),
+        node_list=node_list,
+        num_tasks=_slurm_int("SLURM_NTASKS", 1),
+        task_id=_slurm_int("SLURM_PROCID", 0),
+        local_task_id=_slurm_int("SLURM_LOCALID", 0),
+        num_nodes=_slurm_int(nodes_key, 1),
+    )
+    if step.task_id >= step.num_tasks:
+        raise LaunchError(f"$SLURM_PROCID={step.task_id} is not below $SLURM_NTASKS={step.num_tasks}")
+    return step

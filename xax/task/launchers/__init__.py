@@ -1,6 +1,7 @@
 """Launchers, chosen by name from ``launcher.kind``."""
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 
@@ -8,25 +9,36 @@ from xax.core.errors import ConfigError
 from xax.task.launchers.base import Launcher as Launcher
 from xax.task.launchers.multi_cpu import MultiCpuLauncher as MultiCpuLauncher
 from xax.task.launchers.multi_device import MultiDeviceLauncher as MultiDeviceLauncher
+from xax.task.launchers.multi_host import MultiHostLauncher as MultiHostLauncher
+from xax.task.launchers.multi_host import wants_multi_host
 from xax.task.launchers.single_device import SingleDeviceLauncher as SingleDeviceLauncher
+from xax.task.launchers.slurm import SlurmLauncher as SlurmLauncher
+
+if TYPE_CHECKING:
+    from xax.task.mixins.runnable import LauncherOptions
 
 
-def _auto(num_devices: int | None, num_cpu_devices: int) -> Launcher:
-    if num_devices is not None or len(jax.local_devices()) > 1:
-        return MultiDeviceLauncher(num_devices)
+def _auto(options: "LauncherOptions") -> Launcher:
+    # Decided before any device is touched: jax.distributed must start before JAX's backends.
+    if wants_multi_host(options.distributed):
+        return MultiHostLauncher(options.distributed)
+    if options.num_devices is not None or len(jax.local_devices()) > 1:
+        return MultiDeviceLauncher(options.num_devices)
     return SingleDeviceLauncher()
 
 
-LAUNCHERS: dict[str, Callable[[int | None, int], Launcher]] = {
+LAUNCHERS: dict[str, Callable[["LauncherOptions"], Launcher]] = {
     "auto": _auto,
-    "single_device": lambda num_devices, num_cpu_devices: SingleDeviceLauncher(),
-    "multi_device": lambda num_devices, num_cpu_devices: MultiDeviceLauncher(num_devices),
-    "multi_cpu": lambda num_devices, num_cpu_devices: MultiCpuLauncher(num_cpu_devices),
+    "single_device": lambda options: SingleDeviceLauncher(),
+    "multi_device": lambda options: MultiDeviceLauncher(options.num_devices),
+    "multi_cpu": lambda options: MultiCpuLauncher(options.num_cpu_devices),
+    "multi_host": lambda options: MultiHostLauncher(options.distributed),
+    "slurm": lambda options: SlurmLauncher(options.slurm),
 }
 
 
-def get_launcher(kind: str, num_devices: int | None = None, num_cpu_devices: int = 4) -> Launcher:
-    """The launcher registered under ``kind``."""
-    if kind not in LAUNCHERS:
-        raise ConfigError(f"launcher.kind={kind!r} is not one of {sorted(LAUNCHERS)}")
-    return LAUNCHERS[kind](num_devices, num_cpu_devices)
+def get_launcher(options: "LauncherOptions") -> Launcher:
+    """The launcher registered under ``options.kind``, built from ``options`` (``config.launcher``)."""
+    if options.kind not in LAUNCHERS:
+        raise ConfigError(f"launcher.kind={options.kind!r} is not one of {sorted(LAUNCHERS)}")
+    return LAUNCHERS[options.kind](options)

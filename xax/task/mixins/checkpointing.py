@@ -387,8 +387,9 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
         if path is None:
             return params
         directory, steps = resolve_checkpoint(Path(path))
-        first = jax.tree.leaves(params)[0]
-        tree = load_arrays_anywhere(directory, steps[0], first.sharding)
+        # Read onto one device, then place each array with its own parameter's sharding (a plan's
+        # shardings differ from leaf to leaf, in rank too).
+        tree = load_arrays_anywhere(directory, steps[0], jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
         saved = named_leaves(tree["params"])
         check_shapes(params, tree["params"], directory / str(steps[0]))
         loaded = 0

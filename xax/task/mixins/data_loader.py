@@ -9,6 +9,7 @@ Columns are read at the Arrow level, never row by row, and keep their stored dty
 stays uint8; the numpy formatter of ``datasets`` would widen every integer column to int64).
 """
 
+import functools
 import math
 import queue
 import threading
@@ -23,11 +24,13 @@ import datasets
 import jax
 import numpy as np
 import pyarrow as pa
+from jax.sharding import Mesh
 
 from xax.core.config import field
 from xax.core.errors import ConfigError, DataError
 from xax.core.state import Phase
 from xax.task.base import BaseConfig, BaseTask
+from xax.task.process_batches import ProcessRows, process_rows
 
 Batch = dict[str, np.ndarray]
 AnyDataset = datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict | datasets.IterableDatasetDict
@@ -236,9 +239,19 @@ class BatchSource(ABC):
     """
 
     _cursor: Cursor = Cursor()
+    _share: Callable[[int], slice] | None = None
 
     @abstractmethod
     def __iter__(self) -> Iterator[Batch]: ...
+
+    def keep_rows(self, rows: Callable[[int], slice] | None) -> None:
+        """Makes every batch hold only ``rows(n)`` of the n rows of the global batch, as a
+        ``ProcessRows``: in a run of several processes each reads only its share of each batch,
+        in the same global order. None yields whole batches again."""
+        self._share = rows
+
+    def _local(self, rows: Batch, global_size: int) -> Batch:
+        return rows if self._share is None else ProcessRows(rows, global_size)
 
     @property
     @abstractmethod
@@ -361,7 +374,8 @@ class MapBatchSource(BatchSource):
 
     def __iter__(self) -> Iterator[Batch]:
         for indices in self.iter_indices():
-            yield self.gather(indices)
+            local = indices if self._share is None else indices[self._share(len(indices))]
+            yield self._local(self.gather(local), len(indices))
 
 
 def _estimated_nbytes(dataset: datasets.Dataset, columns: Sequence[str]) -> float:
@@ -435,7 +449,8 @@ class IterableBatchSource(BatchSource):
                 position += 1
                 if position > index:
                     columns = self.columns if self.columns is not None else current.column_names
-                    batch = table_to_batch(current, columns)
+                    rows = slice(None) if self._share is None else self._share(current.num_rows)
+                    batch = self._local(table_to_batch(current[rows], columns), current.num_rows)
                     self._cursor = Cursor(epoch, position) if following is not None else Cursor(epoch + 1, 0)
                     yield batch
                 current = following
@@ -577,7 +592,13 @@ def _split_for(dataset: Mapping[Any, Any], phase: Phase) -> str:
 
 
 class DataLoaderMixin(BaseTask[Config], Generic[Config]):
-    """Builds the batch source of each phase from the task's dataset."""
+    """Builds the batch source of each phase from the task's dataset.
+
+    In a run of several processes, each process's sources read only the rows of each global batch
+    that its devices hold on ``mesh`` (set by the launcher).
+    """
+
+    mesh: Mesh | None = None
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -617,6 +638,14 @@ class DataLoaderMixin(BaseTask[Config], Generic[Config]):
         dataset = self.get_dataset(phase)
         if isinstance(dataset, datasets.DatasetDict | datasets.IterableDatasetDict):
             dataset = dataset[_split_for(dataset, phase)]
+        source = self._make_source(dataset, phase, batch_size, seed)
+        if self.mesh is not None and jax.process_count() > 1:
+            source.keep_rows(functools.partial(process_rows, self.mesh))
+        return source
+
+    def _make_source(self, dataset: object, phase: Phase, batch_size: int, seed: int) -> BatchSource:
+        config = self.config
+        train = phase == "train"
         columns = self.batch_columns()
         kwargs: dict[str, Any] = {"columns": columns, "seed": seed, "shuffle": train, "drop_last": train}
         if isinstance(dataset, datasets.IterableDataset):

@@ -13,6 +13,8 @@ from xax.core.config import field, parse_cli
 from xax.core.errors import TrainingStopped, XaxError
 from xax.core.state import State
 from xax.task.base import BaseConfig, BaseTask
+from xax.task.launchers.multi_host import DistributedOptions
+from xax.task.launchers.slurm import SlurmOptions
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +26,17 @@ EXIT_INTERRUPTED = 130
 @dataclass
 class LauncherOptions:
     kind: str = field(
-        "auto", help="single_device, multi_device, multi_cpu, or auto (multi_device when several devices exist)"
+        "auto",
+        help="single_device, multi_device, multi_cpu, multi_host (jax.distributed), slurm (submit an sbatch job), "
+        "or auto (multi_host under srun with several tasks or with distributed.num_processes > 1, else "
+        "multi_device when several devices exist)",
     )
     num_devices: int | None = field(None, help="multi_device: how many local devices to use (None: all)")
     num_cpu_devices: int = field(4, help="multi_cpu: how many CPU devices to simulate")
+    distributed: DistributedOptions = field(
+        DistributedOptions(), help="multi_host: how the processes find each other (unset values: from SLURM)"
+    )
+    slurm: SlurmOptions = field(SlurmOptions(), help="slurm: the job to submit")
 
 
 @dataclass
@@ -67,8 +76,7 @@ class RunnableMixin(BaseTask[Config], Generic[Config]):
         config_class = cls.get_config_class()
         resolved = parse_cli(config_class, config, sys.argv[1:] if argv is None else list(argv))
         try:
-            options = resolved.launcher
-            launcher = get_launcher(options.kind, options.num_devices, options.num_cpu_devices)
+            launcher = get_launcher(resolved.launcher)
             return launcher.launch(cls, resolved)
         except TrainingStopped as stopped:
             print(str(stopped), file=sys.stderr)

@@ -19,9 +19,25 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from typing_extensions import override
 
 from xax.core.config import field
-from xax.core.errors import ConfigError, LaunchError, TrainingStopped
+from xax.core.errors import ConfigError, TrainingStopped
 from xax.core.metric import Metric
 from xax.core.state import State
+from xax.parallel import (
+    AXES,
+    ParallelOptions,
+    Plan,
+    PlanReport,
+    axis_sizes,
+    batch_axis_size,
+    batch_spec,
+    check_batch_size,
+    make_mesh,
+    make_report,
+    mirror_specs,
+    named,
+    param_specs,
+    plan_axis_sizes,
+)
 from xax.task.feeds import Feed, PrefetchFeed, ResidentFeed, gather_batch, resident_bytes
 from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin, abstract_like, named_leaves
 from xax.task.mixins.compile import CompileConfig, CompileMixin
@@ -44,6 +60,7 @@ from xax.task.mixins.train_step import (
     make_eval_step,
     make_train_step,
 )
+from xax.task.process_batches import place_global_batch
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +143,7 @@ class TrainConfig(LoggerConfig, CheckpointingConfig, DataLoaderConfig, CompileCo
     precision: PrecisionOptions = field(PrecisionOptions(), help="Mixed-precision policy")
     ema: EMAOptions = field(EMAOptions(), help="Exponential moving average of the weights")
     nan: NanOptions = field(NanOptions(), help="What to do about non-finite losses and gradients")
+    parallel: ParallelOptions = field(ParallelOptions(), help="How the model and batches are split over devices")
 
 
 Config = TypeVar("Config", bound=TrainConfig)
@@ -152,6 +170,7 @@ class TrainMixin(
         self.train_feed: Feed | None = None
         self.nonfinite_alert: dict[str, float] | None = None
         self._grad_leaf_names: list[str] = []
+        self._state_shardings: TrainState | None = None
 
     @abstractmethod
     def get_model(self, params: InitParams) -> PyTree:
@@ -174,10 +193,18 @@ class TrainMixin(
     # ---- set-up ----------------------------------------------------------------------------
 
     def get_mesh(self) -> Mesh:
-        """The device mesh; the launcher sets ``self.mesh``, otherwise the first device alone."""
-        if self.mesh is None:
-            self.mesh = Mesh(np.array(jax.devices()[:1]), (DATA_AXIS,))
-        return self.mesh
+        """The ``(data, fsdp, tensor)`` mesh of ``parallel`` over the launcher's devices (the devices
+        of ``self.mesh``, in their order), or over the first device when no launcher set one."""
+        mesh = self.mesh
+        if mesh is None or tuple(mesh.axis_names) != AXES:
+            devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+            mesh = self.mesh = make_mesh(devices, **plan_axis_sizes(self.plan, self.config.parallel))
+        return mesh
+
+    @property
+    def plan(self) -> Plan:
+        """The parallel plan of ``parallel.plan``."""
+        return Plan.parse(self.config.parallel.plan)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -201,13 +228,7 @@ class TrainMixin(
             raise ConfigError(f"nan.policy={config.nan.policy!r} is not one of {list(NAN_POLICIES)}")
         if config.ema.decay is not None and not 0.0 <= config.ema.decay < 1.0:
             raise ConfigError(f"ema.decay={config.ema.decay} must be in [0, 1)")
-        num_data = self.get_mesh().shape[DATA_AXIS]
-        per_step = config.grad_accum_steps * num_data
-        if config.batch_size % per_step != 0:
-            raise LaunchError(
-                f"batch_size={config.batch_size} is not divisible by grad_accum_steps x data-parallel devices "
-                f"= {config.grad_accum_steps} x {num_data}; use a multiple of {per_step}"
-            )
+        check_batch_size(config.batch_size, config.grad_accum_steps, self.get_mesh())
 
     def full_optimizer(self) -> optax.GradientTransformation:
         """The user's optimizer, behind global-norm clipping when ``max_grad_norm`` is set."""
@@ -216,8 +237,8 @@ class TrainMixin(
             optimizer = optax.chain(optax.clip_by_global_norm(self.config.max_grad_norm), optimizer)
         return optimizer
 
-    def init_train_state(self, optimizer: optax.GradientTransformation) -> tuple[TrainState, PyTree]:
-        """Builds the model, splits it into arrays and structure, and places it on the mesh."""
+    def fresh_train_state(self, optimizer: optax.GradientTransformation) -> tuple[TrainState, PyTree]:
+        """Builds the model and splits it into the train state's arrays and its structure (unplaced)."""
         model_key, train_key = jax.random.split(jax.random.key(self.config.seed))
         model = self.get_model(InitParams(key=model_key))
         arrays, static = eqx.partition(model, eqx.is_array)
@@ -229,19 +250,72 @@ class TrainMixin(
             opt_state = optimizer.init(params)
         streak = jnp.zeros((), jnp.int32)
         state = TrainState(params, frozen, opt_state, ema, jax.random.key_data(train_key), streak)
-        return jax.device_put(state, self.replicated_sharding()), static
+        return state, static
+
+    def abstract_train_state(self, optimizer: optax.GradientTransformation) -> tuple[TrainState, PyTree]:
+        """The train state's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves; nothing is allocated)
+        and the model's structure."""
+        statics: list[PyTree] = []
+
+        def build() -> TrainState:
+            state, static = self.fresh_train_state(optimizer)
+            statics.append(static)
+            return state
+
+        return jax.eval_shape(build), statics[0]
+
+    def train_state_shardings(self, ts: TrainState) -> TrainState:
+        """The plan's NamedSharding for every leaf of ``ts`` (arrays or ShapeDtypeStructs): parameters
+        by the rules, optimizer state and EMA like the parameters they mirror, the rest replicated.
+
+        Raises:
+            ShardingError: When a dimension the plan shards does not divide over its mesh axis.
+        """
+        mesh, plan = self.get_mesh(), self.plan
+        sizes = axis_sizes(mesh)
+        specs = param_specs(ts.params, plan, sizes)
+        whole: Any = PartitionSpec()
+        frozen = jax.tree.map(lambda _: whole, ts.frozen)
+        opt_state = mirror_specs(ts.opt_state, ts.params, specs, plan, sizes)
+        return named(mesh, TrainState(specs, frozen, opt_state, None if ts.ema is None else specs, whole, whole))
+
+    def init_train_state(self, optimizer: optax.GradientTransformation) -> tuple[TrainState, PyTree]:
+        """Builds the model, splits it into arrays and structure, and places it per the plan: inside
+        one jitted program when ``parallel.sharded_init`` (no device ever holds a whole copy), else
+        eagerly on one device and then moved."""
+        abstract, static = self.abstract_train_state(optimizer)
+        shardings = self._state_shardings = self.train_state_shardings(abstract)
+        if self.config.parallel.sharded_init:
+            state = jax.jit(lambda: self.fresh_train_state(optimizer)[0], out_shardings=shardings)()
+        else:
+            state = jax.device_put(self.fresh_train_state(optimizer)[0], shardings)
+        return state, static
 
     def replicated_sharding(self) -> NamedSharding:
         return NamedSharding(self.get_mesh(), PartitionSpec())
 
+    def batch_sharding(self) -> NamedSharding:
+        """A batch's leading axis split over every batch axis of the mesh (data and fsdp)."""
+        return NamedSharding(self.get_mesh(), batch_spec())
+
+    def constrain_batch(self, batch: PyTree) -> PyTree:
+        """Inside a jitted step: lays each batch leaf out along the batch axes, wherever it came from
+        (a batch they cannot split, a last short validation batch, is left as it is)."""
+        shards = batch_axis_size(self.get_mesh())
+        sharding = self.batch_sharding()
+
+        def constrain(x: Array) -> Array:
+            if x.ndim == 0 or x.shape[0] % shards != 0:
+                return x
+            return jax.lax.with_sharding_constraint(x, sharding)
+
+        return jax.tree.map(constrain, batch)
+
     def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
-        """Shards a host batch along the data axis; a batch the axis cannot split (a last, short
-        validation batch) is replicated instead, so no sample is dropped."""
-        num_data = self.get_mesh().shape[DATA_AXIS]
-        size = next(iter(batch.values())).shape[0]
-        if size % num_data == 0:
-            return jax.device_put(batch, NamedSharding(self.get_mesh(), PartitionSpec(DATA_AXIS)))
-        return jax.device_put(batch, self.replicated_sharding())
+        """Shards a host batch over the mesh's batch axes; a batch they cannot split (a last, short
+        validation batch) is replicated instead, so no sample is dropped. With several processes,
+        each places its own rows (a ``ProcessRows``, or its share of a whole batch) of one global batch."""
+        return place_global_batch(batch, self.get_mesh())
 
     @override
     def expected_total_steps(self) -> int | None:
@@ -276,27 +350,31 @@ class TrainMixin(
         self._grad_leaf_names = list(named_leaves(ts.params))
         ts, state, cursor = self.resume_or_start(ts)
         treedef = jax.tree.structure(ts)
-        train_step = self._build_steps(optimizer, static, treedef)
+        train_steps = self._build_steps(optimizer, static, treedef)
+        if self.config.parallel.report:
+            logger.info("%s", "\n".join(self._plan_report(ts, train_steps[False]).lines()))
         skipped: set[int] = set()
         while True:
             try:
-                return self._train_loop(train_step, treedef, ts, state, cursor, skipped)
+                return self._train_loop(train_steps, treedef, ts, state, cursor, skipped)
             except _Rewind as rewind:
                 ts, state, cursor = self._rewind(template, rewind)
                 skipped.add(rewind.step)
 
     def _train_loop(
         self,
-        train_step: Callable[..., Any],
+        train_steps: dict[bool, Any],
         treedef: jax.tree_util.PyTreeDef,
         ts: TrainState,
         state: State,
         cursor: Cursor | None,
         skipped: set[int],
     ) -> State:
-        """Steps until a limit; ``skipped`` holds steps whose batch is dropped (after a rewind)."""
+        """Steps until a limit; ``skipped`` holds steps whose batch is dropped (after a rewind);
+        ``train_steps`` holds the step taking indices into resident data (True) or whole batches."""
         feed = self.train_feed = self.make_train_feed(cursor)
         self.add_worker(feed)
+        train_step = train_steps[feed.data is not None]
         leaves = jax.tree.leaves(ts)
         batch: PyTree | None = next(feed)
         zero_sums = self._zero_sums_fn(train_step, leaves, empty_sums(), batch, state.pack(), feed.data)
@@ -405,7 +483,10 @@ class TrainMixin(
             if self.config.warm_start is not None:
                 ts = ts._replace(params=self.warm_start_params(ts.params))
                 if ts.ema is not None:
-                    ts = ts._replace(ema=jax.tree.map(jnp.copy, ts.params))
+                    ema = jax.tree.map(jnp.copy, ts.params)
+                    ts = ts._replace(
+                        ema=ema if self._state_shardings is None else jax.device_put(ema, self._state_shardings.ema)
+                    )
             return ts, State(), None
         ts, info = restored
         logger.info("Resumed from %s at step %d", info.path, info.state.num_steps)
@@ -438,12 +519,17 @@ class TrainMixin(
 
     def _build_steps(
         self, optimizer: optax.GradientTransformation, static: PyTree, treedef: jax.tree_util.PyTreeDef
-    ) -> Callable[..., Any]:
-        """Jits the training step (returned) and the validation step (kept on self).
+    ) -> dict[bool, Any]:
+        """Jits the training step and the validation step (kept on self).
 
         The training step takes the train state as a flat list of arrays: flattening Equinox
-        modules and typed keys in Python at every call costs more than a small model's step.
+        modules and typed keys in Python at every call costs more than a small model's step. It
+        comes in two variants: True takes sample indices into device-resident data, False whole
+        batches already on the devices.
         """
+        if self._state_shardings is None:
+            raise RuntimeError("init_train_state must run before the steps are built")
+        shardings = self._state_shardings
         loss_fn = self.compute_loss_and_metrics
         step = make_train_step(
             loss_fn,
@@ -452,6 +538,7 @@ class TrainMixin(
             compute_dtype=self.compute_dtype,
             grad_accum_steps=self.config.grad_accum_steps,
             ema_decay=self.config.ema.decay,
+            grad_shardings=shardings.params,
         )
 
         def flat_step(
@@ -459,23 +546,65 @@ class TrainMixin(
         ) -> tuple[list[Array], dict[str, Array], Array]:
             if data is not None:
                 batch = gather_batch(batch, data)
+            batch = self.constrain_batch(batch)
             ts, sums, loss = step(jax.tree.unflatten(treedef, leaves), sums, batch, State.unpack(packed, "train"))
             return jax.tree.leaves(ts), sums, loss
 
         donate = self.config.compile.donate
         eval_step = make_eval_step(loss_fn, static, compute_dtype=self.compute_dtype)
-        self._eval_step = jax.jit(eval_step, donate_argnums=(2,) if donate else ())
+
+        def constrained_eval_step(
+            params: PyTree, frozen: PyTree, sums: dict[str, Array], batch: PyTree, packed: Array, key: PRNGKeyArray
+        ) -> dict[str, Array]:
+            return eval_step(params, frozen, sums, self.constrain_batch(batch), packed, key)
+
+        self._eval_step = jax.jit(constrained_eval_step, donate_argnums=(2,) if donate else ())
         self._valid_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
         # Explicit shardings let the host pass numpy inputs (indices, counters) straight to the call,
-        # placed by the jit's fast path rather than a separate, slower device_put.
+        # placed by the jit's fast path rather than a separate, slower device_put. Whole batches
+        # keep the layout ``place_batch`` gave them (None); the step lays them out by the plan.
         replicated = self.replicated_sharding()
-        data_sharded = NamedSharding(self.get_mesh(), PartitionSpec(DATA_AXIS))
-        return jax.jit(
-            flat_step,
-            in_shardings=(replicated, replicated, data_sharded, replicated, replicated),
-            out_shardings=(replicated, replicated, replicated),
-            donate_argnums=(0, 1) if donate else (),
-        )
+        state = jax.tree.leaves(shardings)
+        return {
+            resident: jax.jit(
+                flat_step,
+                in_shardings=(state, replicated, self.batch_sharding() if resident else None, replicated, replicated),
+                out_shardings=(state, replicated, replicated),
+                donate_argnums=(0, 1) if donate else (),
+            )
+            for resident in (True, False)
+        }
+
+    def example_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes and dtypes of a training batch, laid out along the batch axes (one batch is read)."""
+        batch = next(iter(self.get_batch_source("train", seed=self.config.seed)))
+        sharding = self.batch_sharding()
+        return {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for name, x in batch.items()}
+
+    def _plan_report(self, ts: TrainState, train_step: Any | None) -> PlanReport:
+        """The report of ``ts``'s layout and, given the (whole-batch) training step, of its compiled form."""
+        compiled = None
+        if train_step is not None:
+            leaves, batch, packed = jax.tree.leaves(ts), self.example_batch(), State().pack()
+            _, sums, _ = jax.eval_shape(train_step, leaves, empty_sums(), batch, packed, None)
+            sums = jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated_sharding()), sums
+            )
+            compiled = train_step.lower(leaves, sums, batch, packed, None).compile()
+        groups = {"params": ts.params, "opt_state": ts.opt_state, "ema": ts.ema, "frozen": ts.frozen}
+        return make_report(self.plan.name, axis_sizes(self.get_mesh()), groups, ts.params, compiled)
+
+    def plan_report(self, *, compile_step: bool = True) -> PlanReport:
+        """Memory per device of the train state under the plan and, with ``compile_step``, XLA's memory
+        analysis and FLOPs of the compiled training step; the train state is never allocated."""
+        self.validate_config()
+        optimizer = self.full_optimizer()
+        abstract, static = self.abstract_train_state(optimizer)
+        shardings = self._state_shardings = self.train_state_shardings(abstract)
+        ts = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
+        self._static = static
+        steps = self._build_steps(optimizer, static, jax.tree.structure(ts)) if compile_step else None
+        return self._plan_report(ts, None if steps is None else steps[False])
 
     def _max_inflight_steps(self) -> int:
         """How many steps may be queued on the devices.

@@ -1,0 +1,178 @@
+"""Parallel plans on 2 GPUs: parity with one GPU, data-parallel scaling, and memory per device.
+
+(a) Parity: ``xax.testing.plan_parity`` trains a tiny float32 transformer through the Task loop on
+    1 GPU (dp) and on 2 GPUs under dp, fsdp and tp; every step's loss and gradient norm and the
+    validation loss must agree at 1e-4 relative.
+(b) Scaling: GPT-2 small (``benchmarks.gpt2_throughput``'s task: seq 1024, bf16 compute, AdamW,
+    cuDNN attention), 16 windows per GPU, plan dp, on 1 GPU and on 2; tokens per second from the
+    JSONL log, and their ratio (target at least 1.9x).
+(c) Memory: the same GPT-2 run on 2 GPUs under dp and under fsdp: the peak bytes each device
+    reports (``device.memory_stats()``) and XLA's memory analysis of the compiled step.
+
+Every run is a process of its own, so no allocator holds memory the next one needs.
+
+    python -m benchmarks.parallel_gpu --out benchmarks/results
+    python -m benchmarks.parallel_gpu --tiny    # a CPU check of the script on 2 simulated devices; no numbers
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from benchmarks.common import environment, write_results
+from xax.parallel.report import human_bytes
+
+CHILDREN = ("parity", "dp1", "dp2", "fsdp2")
+PARITY_RTOL = 1e-4
+SCALING_TARGET = 1.9
+
+
+def run_parity_child(args: argparse.Namespace) -> dict[str, Any]:
+    from xax.testing.plan_parity import PlanCase, run_parity
+
+    cases = [PlanCase(2, "dp"), PlanCase(2, "fsdp"), PlanCase(2, "tp")]
+    with tempfile.TemporaryDirectory() as work:
+        _, differences = run_parity(PlanCase(1, "dp"), cases, Path(work), steps=5, rtol=PARITY_RTOL)
+    return {"differences": differences}
+
+
+def run_gpt2_child(args: argparse.Namespace, num_devices: int, plan: str) -> dict[str, Any]:
+    """Trains GPT-2 through the Task loop; returns tokens/s, per-device peak bytes and XLA's analysis."""
+    from benchmarks.gpt2_throughput import Config, GPT2Throughput, make_setup, xax_argv, xax_steps_per_second
+
+    setup = make_setup(args.tiny, "auto" if args.tiny else "cudnn")
+    finished: list[GPT2Throughput] = []
+
+    class Recorded(GPT2Throughput):
+        def on_run_end(self) -> None:
+            super().on_run_end()
+            finished.append(self)
+
+    batch = setup.batch * num_devices
+    with tempfile.TemporaryDirectory() as run_dir:
+        argv = [
+            *xax_argv(run_dir, args.steps, args.warmup),
+            "launcher.kind=multi_device",
+            f"launcher.num_devices={num_devices}",
+            f"parallel.plan={plan}",
+            "log.tensorboard=false",
+        ]
+        Recorded.launch(Config(batch_size=batch, tiny=args.tiny, attention="auto" if args.tiny else "cudnn"), argv=argv)
+        steps_per_s = xax_steps_per_second(Path(run_dir) / "log.jsonl", args.warmup)
+    task = finished[0]
+    peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in task.get_mesh().devices.flat]
+    report = task.plan_report()
+    compiled = report.compiled
+    return {
+        "tokens_per_s": steps_per_s * batch * setup.model.max_seq_len,
+        "peak_bytes": peaks,
+        "state_bytes_per_device": {name: per_device for name, (_, per_device) in report.groups.items()},
+        "xla_peak_bytes": None if compiled is None else compiled.peak_bytes,
+        "xla_temp_bytes": None if compiled is None else compiled.temp_bytes,
+        "flops_per_step": None if compiled is None else compiled.flops,
+    }
+
+
+def run_child(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tiny:  # two simulated CPU devices stand in for the GPUs
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", 2)
+    if args.child == "parity":
+        return run_parity_child(args)
+    num_devices, plan = {"dp1": (1, "dp"), "dp2": (2, "dp"), "fsdp2": (2, "fsdp")}[args.child]
+    return run_gpt2_child(args, num_devices, plan)
+
+
+def run_children(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
+    results: dict[str, dict[str, Any] | None] = {}
+    flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), *(["--tiny"] if args.tiny else [])]
+    with tempfile.TemporaryDirectory() as tmp:
+        for child in CHILDREN:
+            out = Path(tmp) / f"{child}.json"
+            command = [sys.executable, "-m", "benchmarks.parallel_gpu", "--child", child, "--result-file", str(out)]
+            print(f"== {child}", flush=True)
+            done = subprocess.run([*command, *flags], check=False)
+            ok = done.returncode == 0 and out.exists()
+            results[child] = json.loads(out.read_text()) if ok else None
+            print(f"== {child}: {'ok' if ok else f'failed with exit code {done.returncode}'}", flush=True)
+    return results
+
+
+def _bytes(value: float | None) -> str:
+    return "n/a" if value is None else human_bytes(value)
+
+
+def rows_of(results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def row(measure: str, setting: str, value: str, target: str, ok: bool | None) -> None:
+        met = "" if ok is None else ("yes" if ok else "NO")
+        rows.append({"measure": measure, "setting": setting, "value": value, "target": target, "met": met})
+
+    parity = results["parity"]
+    if parity is None:
+        row("parity", "1 vs 2 GPUs", "failed", f"<= {PARITY_RTOL:g} rel", False)
+    else:
+        for label, values in parity["differences"].items():
+            worst = max(values.values())
+            row("parity (max rel diff)", label, f"{worst:.2e}", f"<= {PARITY_RTOL:g}", worst <= PARITY_RTOL)
+    for name in ("dp1", "dp2"):
+        result = results[name]
+        value = "failed" if result is None else f"{result['tokens_per_s']:,.0f} tokens/s"
+        row("GPT-2 throughput", f"dp, {name[-1]} GPU(s)", value, "", None if result else False)
+    one, two = results["dp1"], results["dp2"]
+    if one is not None and two is not None:
+        ratio = two["tokens_per_s"] / one["tokens_per_s"]
+        row("dp scaling", "2 GPUs / 1 GPU", f"{ratio:.3f}x", f">= {SCALING_TARGET}x", ratio >= SCALING_TARGET)
+    for name, plan in (("dp2", "dp"), ("fsdp2", "fsdp")):
+        result = results[name]
+        if result is None:
+            row("memory", f"{plan}, 2 GPUs", "failed", "", False)
+            continue
+        peaks = [p for p in result["peak_bytes"] if p is not None]
+        state = result["state_bytes_per_device"]
+        row("memory: device peak", f"{plan}, 2 GPUs", _bytes(max(peaks) if peaks else None), "", None)
+        row("memory: XLA step peak", f"{plan}, 2 GPUs", _bytes(result["xla_peak_bytes"]), "", None)
+        row("memory: params+opt", f"{plan}, 2 GPUs", _bytes(state["params"] + state["opt_state"]), "", None)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Parallel plans on 2 GPUs: parity, scaling and memory")
+    parser.add_argument("--steps", type=int, default=None, help="Last timed step (default 60; 6 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 20; 2 with --tiny)")
+    parser.add_argument("--out", type=Path, default=None, help="Results folder (default benchmarks/results)")
+    parser.add_argument("--tiny", action="store_true", help="Tiny model on 2 simulated CPU devices: a script check")
+    parser.add_argument("--child", choices=CHILDREN, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else (6 if args.tiny else 60)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 20)
+    if args.child is not None:
+        args.result_file.write_text(json.dumps(run_child(args)))
+        return
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="xax_bench_tiny_")) if args.tiny else Path("benchmarks/results")
+    results = run_children(args)
+    name = "TINY (a CPU check on 2 simulated devices, not a measurement)" if args.tiny else "2 GPUs"
+    notes = (
+        f"{name}. (a) plan_parity's tiny float32 transformer, 5 steps, 1 GPU dp against 2 GPUs under each plan. "
+        f"(b) GPT-2 small (bf16 compute, AdamW, cuDNN attention), 16 x 1024 tokens per GPU, steps "
+        f"{args.warmup}..{args.steps} timed through the Task loop. (c) peak bytes in use per device after that "
+        "run, and XLA's memory analysis (arguments + outputs - aliased + temporaries) of its compiled step."
+    )
+    stem = "parallel_gpu_tiny" if args.tiny else "parallel_gpu"
+    write_results(args.out, stem, environment(), rows_of(results), notes)
+    # The raw measurements (per-device peaks, FLOPs, every parity difference) next to the table.
+    (args.out / f"{stem}_raw.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The multi-host launcher: settings from the config or SLURM, and a real two-process CPU run."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests.task.toy import ROOT, Regression, RegressionConfig, read_jsonl
+from xax.core.errors import LaunchError
+from xax.task.launchers import MultiHostLauncher, get_launcher
+from xax.task.launchers.multi_host import (
+    DistributedOptions,
+    first_host,
+    initialize,
+    resolve_settings,
+    slurm_coordinator,
+    step_based,
+    wait_for_coordinator,
+    wants_multi_host,
+)
+from xax.task.mixins.checkpointing import checkpoint_steps
+from xax.task.mixins.runnable import LauncherOptions
+from xax.utils.env import SlurmStep, slurm_step
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+@pytest.fixture
+def no_slurm(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in (*SLURM_VARS, "SLURM_STEP_NUM_NODES", "SLURM_NNODES"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def set_step(monkeypatch: pytest.MonkeyPatch, *, tasks: int, nodes: int, rank: int, local: int) -> None:
+    values = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[007-008,010],login", "SLURM_NTASKS": str(tasks)}
+    values |= {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(local), "SLURM_STEP_NUM_NODES": str(nodes)}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize(
+    ("node_list", "host"),
+    [("node001", "node001"), ("node001,host2", "node001"), ("node[001-015],host2", "node001"), ("a-b[7,9]", "a-b7")],
+)
+def test_first_host_of_a_slurm_node_list(node_list: str, host: str) -> None:
+    assert first_host(node_list) == host
+
+
+def test_slurm_step_is_read_from_the_environment(no_slurm: pytest.MonkeyPatch) -> None:
+    assert slurm_step() is None
+    set_step(no_slurm, tasks=3, nodes=3, rank=2, local=0)
+    step = slurm_step()
+    assert step == SlurmStep(
+        job_id=4242, node_list="gpu[007-008,010],login", num_tasks=3, task_id=2, local_task_id=0, num_nodes=3
+    )
+    # The port jax.distributed derives from the job id, so every task agrees on it.
+    assert slurm_coordinator(step) == f"gpu007:{4242 % 4096 + 61440}"
+    settings = resolve_settings(DistributedOptions(), step)
+    assert (settings.num_processes, settings.process_id, settings.local_device_ids) == (3, 2, None)
+    assert settings.source == "SLURM job 4242"
+
+
+def test_several_tasks_per_node_get_one_device_each(no_slurm: pytest.MonkeyPatch) -> None:
+    set_step(no_slurm, tasks=8, nodes=2, rank=5, local=1)
+    assert resolve_settings(DistributedOptions(), slurm_step()).local_device_ids == (1,)
+    explicit = resolve_settings(DistributedOptions(local_device_ids=[0, 1]), slurm_step())
+    assert explicit.local_device_ids == (0, 1)
+
+
+def test_config_values_override_slurm(no_slurm: pytest.MonkeyPatch) -> None:
+    set_step(no_slurm, tasks=2, nodes=2, rank=1, local=0)
+    options = DistributedOptions(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3)
+    settings = resolve_settings(options, slurm_step())
+    assert (settings.coordinator_address, settings.num_processes, settings.process_id) == ("10.0.0.1:1234", 4, 3)
+    assert settings.source == "launcher config"
+
+
+def test_malformed_slurm_variable_is_named(no_slurm: pytest.MonkeyPatch) -> None:
+    set_step(no_slurm, tasks=2, nodes=2, rank=0, local=0)
+    no_slurm.setenv("SLURM_NTASKS", "two")
+    with pytest.raises(LaunchError, match=r"\$SLURM_NTASKS='two'"):
+        slurm_step()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            DistributedOptions(),
+            r"launcher.distributed.coordinator_address is not set and this process is not in a SLURM",
+        ),
+        (DistributedOptions(coordinator_address="h:1"), r"launcher.distributed.num_processes is not set"),
+        (DistributedOptions(coordinator_address="h:1", num_processes=2), r"launcher.distributed.process_id is not"),
+        (DistributedOptions(coordinator_address="h", num_processes=2, process_id=0), r"coordinator_address='h' is not"),
+        (DistributedOptions(coordinator_address="h:1", num_processes=2, process_id=2), r"process_id=2 must be from 0"),
+        (
+            DistributedOptions(coordinator_address="h:1", num_processes=2, process_id=0, local_device_ids=[1, 1]),
+            r"local_device_ids=\[1, 1\] must be distinct",
+        ),
+    ],
+)
+def test_missing_or_bad_settings_name_the_key(
+    no_slurm: pytest.MonkeyPatch, options: DistributedOptions, message: str
+) -> None:
+    with pytest.raises(LaunchError, match=message):
+        resolve_settings(options, slurm_step())
+
+
+def test_inside_a_job_but_outside_srun_says_so(no_slurm: pytest.MonkeyPatch) -> None:
+    no_slurm.setenv("SLURM_JOB_ID", "77")
+    with pytest.raises(LaunchError, match="runs in SLURM job 77 but not in a job step; start it with srun"):
+        resolve_settings(DistributedOptions(), slurm_step())
+
+
+def test_auto_picks_multi_host_only_for_several_processes(no_slurm: pytest.MonkeyPatch) -> None:
+    assert not wants_multi_host(DistributedOptions())
+    assert wants_multi_host(DistributedOptions(num_processes=2))
+    assert not wants_multi_host(DistributedOptions(num_processes=1))
+    set_step(no_slurm, tasks=1, nodes=1, rank=0, local=0)
+    assert not wants_multi_host(DistributedOptions())
+    set_step(no_slurm, tasks=2, nodes=2, rank=0, local=0)
+    assert wants_multi_host(DistributedOptions())
+    assert isinstance(get_launcher(LauncherOptions(kind="auto")), MultiHostLauncher)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_coordinator_is_a_launch_error() -> None:
+    port = free_port()
+    with pytest.raises(
+        LaunchError, match=rf"nothing listens at launcher.distributed.coordinator_address=localhost:{port}"
+    ):
+        wait_for_coordinator(f"localhost:{port}", timeout_s=0.5)
+    with pytest.raises(LaunchError, match=r"unknown host 'no-such-host\.invalid'"):
+        wait_for_coordinator("no-such-host.invalid:1234", timeout_s=0.5)
+
+
+def test_starting_after_jax_is_a_launch_error() -> None:
+    jax.devices()  # JAX has started, as in a program that computes before calling launch
+    settings = resolve_settings(
+        DistributedOptions(coordinator_address="localhost:1", num_processes=2, process_id=0), None
+    )
+    with pytest.raises(LaunchError, match=r"must set up jax\.distributed before JAX starts its devices"):
+        initialize(settings, timeout_s=1)
+
+
+# ---- a real run of two processes on CPU ------------------------------------------------------
+
+COMMON = (
+    "compile.cache=false",
+    "log.tensorboard=false",
+    "log.every_n_steps=1",
+    "log.every_n_seconds=null",
+    "valid_every_n_steps=2",
+    "checkpoint.every_n_steps=2",
+)
+
+
+def run_two_processes(run_dir: Path, *overrides: str) -> list[str]:
+    """Runs the toy regression in two processes of two CPU devices each; returns their stdouts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))}
+    env |= {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.task.toy_main",
+                f"artifacts.run_dir={run_dir}",
+                "launcher.kind=multi_host",
+                f"launcher.distributed.coordinator_address=localhost:{port}",
+                "launcher.distributed.num_processes=2",
+                f"launcher.distributed.process_id={rank}",
+                "launcher.distributed.init_timeout_s=60",
+                *COMMON,
+                *overrides,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=150)
+            assert proc.returncode == 0, err[-3000:]
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return outputs
+
+
+def losses(run_dir: Path, phase: str) -> dict[int, float]:
+    records = [r for r in read_jsonl(run_dir / "log.jsonl") if r["phase"] == phase]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"{phase} steps logged twice: {steps}"
+    return {r["step"]: r["scalars"]["loss"] for r in records}
+
+
+def test_two_processes_train_resume_and_match_one(tmp_path: Path) -> None:
+    run_dir = tmp_path / "two"
+    # Device-resident data first (every process gathers its rows of each batch by index) ...
+    out_0, out_1 = run_two_processes(run_dir, "max_steps=4")
+    assert "devices=4 steps=4" in out_0 and "devices=4 steps=4" in out_1
+    assert checkpoint_steps(run_dir / "checkpoints") == [2, 4]
+    # Only process 0 logs and writes the run's metadata.
+    assert "train step=4" in out_0 and "train step=" not in out_1
+    assert "launcher.distributed.process_id=0" in (run_dir / "command.txt").read_text()
+    assert sorted(losses(run_dir, "train")) == [1, 2, 3, 4]
+    assert (run_dir / "versions.json").is_file() and (run_dir / "config.yaml").is_file()
+
+    # ... then a resumed run reading only each process's rows from the host.
+    out_0, _ = run_two_processes(run_dir, "max_steps=7", "resume=auto", "data.device_resident_max_mb=0")
+    assert "devices=4 steps=7" in out_0
+    assert checkpoint_steps(run_dir / "checkpoints") == [4, 6, 7]
+    two_train, two_valid = losses(run_dir, "train"), losses(run_dir, "valid")
+    assert sorted(two_train) == list(range(1, 8))  # resumed at step 5, not restarted
+
+    one_dir = tmp_path / "one"
+    Regression.launch(
+        RegressionConfig(batch_size=32, max_steps=7),
+        argv=[f"artifacts.run_dir={one_dir}", "launcher.kind=multi_device", "log.stdout=false", *COMMON],
+    )
+    one_train, one_valid = losses(one_dir, "train"), losses(one_dir, "valid")
+    assert one_train[7] < 0.5 * one_train[1]  # it learns, so equal losses are not equal constants
+    np.testing.assert_allclose([two_train[s] for s in one_train], list(one_train.values()), rtol=1e-5)
+    assert sorted(two_valid) == sorted(one_valid) == [2, 4, 6, 7]
+    np.testing.assert_allclose([two_valid[s] for s in one_valid], list(one_valid.values()), rtol=1e-5)
+
+
+def test_timed_cadences_are_refused_or_turned_off() -> None:
+    with pytest.raises(LaunchError, match=r"max_seconds=60\.0 is timed.*set max_seconds=null and use max_steps"):
+        step_based(RegressionConfig(max_seconds=60.0))
+    config = RegressionConfig()
+    config.checkpoint.every_n_seconds = 600.0
+    with pytest.raises(LaunchError, match=r"checkpoint\.every_n_seconds=600\.0 is timed"):
+        step_based(config)
+    adjusted = step_based(RegressionConfig(max_steps=5))
+    assert isinstance(adjusted, RegressionConfig)
+    assert adjusted.log.heavy_every_n_seconds is None and adjusted.max_steps == 5
