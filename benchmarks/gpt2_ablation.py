@@ -11,7 +11,10 @@ loss and AdamW) with one thing changed, each in a process of its own:
 - ``xla_attention``: attention in plain XLA ops instead of cuDNN's fused kernel;
 - ``grad_only``: the forward and backward pass without the optimizer update;
 - ``forward``: the loss alone;
-- ``no_triton_gemm``: ``base`` with XLA's Triton GEMM emitter off (cuBLAS for every matmul).
+- ``no_triton_gemm``: ``base`` with XLA's Triton GEMM emitter off (cuBLAS for every matmul);
+- ``vocab_50304``: the vocabulary padded to a multiple of 128 (as nanoGPT and llm.c do);
+- ``projected``: ``projected_cross_entropy`` (the vocabulary padded inside the loss, float32 logits);
+- ``projected_bf16``: the same with bfloat16 logits, as ``torch.autocast`` computes them.
 
     python -m benchmarks.gpt2_ablation --steps 60 --warmup 15 --out benchmarks/results
     python -m benchmarks.gpt2_ablation --tiny    # a CPU check of the script; no numbers
@@ -48,6 +51,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, str, str]] = {
     "grad_only": ({}, "full", "grad", ""),
     "forward": ({}, "full", "forward", ""),
     "no_triton_gemm": ({}, "full", "train", "--xla_gpu_enable_triton_gemm=false"),
+    "vocab_50304": ({"vocab_size": 50304}, "full", "train", ""),
+    "vocab_50304_no_triton": ({"vocab_size": 50304}, "full", "train", "--xla_gpu_enable_triton_gemm=false"),
+    "projected": ({}, "projected", "train", ""),
+    "projected_bf16": ({}, "projected_bf16", "train", ""),
+    "projected_bf16_no_triton": ({}, "projected_bf16", "train", "--xla_gpu_enable_triton_gemm=false"),
 }
 
 
@@ -94,7 +102,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     rate = time_steps(one_step, jax.block_until_ready, args.steps, args.warmup)
     result: dict[str, Any] = {"steps_per_s": rate}
-    if name == "base" and args.profile_steps > 0:
+    if name == args.profile and args.profile_steps > 0:
 
         def thread(out: Any, call_args: Sequence[Any]) -> Sequence[Any]:
             return (out[0], out[1], windows, indices())
@@ -109,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="Last timed step (default 60; 6 with --tiny)")
     parser.add_argument("--warmup", type=int, default=None, help="Untimed steps (default 15; 2 with --tiny)")
     parser.add_argument("--which", default=",".join(VARIANTS), help="Comma-separated variants")
-    parser.add_argument("--profile-steps", type=int, default=5, help="Steps of the baseline to profile (0: none)")
+    parser.add_argument("--profile", default="base", help="The variant whose kernels are broken down")
+    parser.add_argument("--profile-steps", type=int, default=5, help="Steps to profile (0: none)")
     parser.add_argument("--top", type=int, default=30, help="Kernels listed per profiler line")
     parser.add_argument("--out", type=Path, default=None, help="Results folder (default benchmarks/results)")
     parser.add_argument("--tiny", action="store_true", help="Tiny model: checks the script on CPU")
@@ -131,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in names:
             result_file = Path(tmp) / f"{name}.json"
             flags = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--profile-steps={args.profile_steps}"]
+            flags.append(f"--profile={args.profile}")
             command = [sys.executable, "-m", "benchmarks.gpt2_ablation", "--child", name, "--result-file"]
             command += [str(result_file), *flags, f"--top={args.top}", *(["--tiny"] if args.tiny else [])]
             env = dict(os.environ)
@@ -152,11 +162,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "speed_over_base": "" if rate is None or base is None else rate / base,
             }
         )
-    breakdown = results.get("base", {}).get("breakdown", "")
+    breakdown = results.get(args.profile, {}).get("breakdown", "")
     notes = (
         f"{'TINY (a CPU check): ' if args.tiny else ''}GPT-2 small hand-written JAX step variants "
         f"(batch {setup.batch}x{setup.model.max_seq_len}, bf16 compute, AdamW), steps {args.warmup}..{args.steps} "
-        f"timed, each in its own process.\n\n## Device time of `base` by kernel\n{breakdown}"
+        f"timed, each in its own process.\n\n## Device time of `{args.profile}` by kernel\n{breakdown}"
     )
     write_results(out, "gpt2_ablation_tiny" if args.tiny else "gpt2_ablation", environment(), rows, notes)
 

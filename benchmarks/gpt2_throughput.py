@@ -51,14 +51,16 @@ import xax
 from benchmarks.common import environment, write_results
 from xax.arch.transformer import Transformer, TransformerConfig
 from xax.arch.unet import count_params
-from xax.nn.losses import chunked_cross_entropy, cross_entropy
+from xax.nn.losses import chunked_cross_entropy, cross_entropy, projected_cross_entropy
 
 LOOPS = ("xax", "jax", "torch")
 # The H100 SXM's dense bfloat16 tensor-core peak.
 PEAK_FLOPS = 989e12
 # "full": float32 logits (B, T, V), then the cross-entropy; "chunked": xax's chunked_cross_entropy,
 # 1024 tokens at a time, recomputing each chunk's logits in the backward pass.
-LOSSES = ("full", "chunked")
+# "projected": xax's projected_cross_entropy (vocabulary padded to a multiple of 128 for the GEMMs,
+# float32 logits); "projected_bf16": the same with bfloat16 logits, as torch.autocast computes them.
+LOSSES = ("full", "chunked", "projected", "projected_bf16")
 SDPA_BACKENDS = ("flash", "cudnn", "auto")
 JAX_ATTENTION = ("cudnn", "xla", "auto")
 
@@ -115,6 +117,9 @@ def gpt2_loss(model: Transformer, tokens: Int[Array, "batch seq_plus_one"], loss
     if loss == "chunked":
         hidden, _ = model.hidden_states(inputs)  # (B, T, D)
         return chunked_cross_entropy(hidden, model.unembedding(), targets)
+    if loss in ("projected", "projected_bf16"):
+        hidden, _ = model.hidden_states(inputs)  # (B, T, D)
+        return projected_cross_entropy(hidden, model.unembedding(), targets, float32_logits=loss == "projected")
     logits, _ = model(inputs)  # (B, T, V) float32
     return cross_entropy(logits, targets)
 

@@ -6,7 +6,14 @@ import numpy as np
 import optax
 import pytest
 
-from xax.nn.losses import IGNORE_INDEX, chunked_cross_entropy, cross_entropy, perplexity, token_accuracy
+from xax.nn.losses import (
+    IGNORE_INDEX,
+    chunked_cross_entropy,
+    cross_entropy,
+    perplexity,
+    projected_cross_entropy,
+    token_accuracy,
+)
 
 VOCAB, DIM = 11, 6
 
@@ -99,3 +106,34 @@ def test_accuracy_and_perplexity() -> None:
     assert float(perplexity(loss)) == pytest.approx(float(np.exp(loss)), rel=1e-6)
     uniform = cross_entropy(jnp.zeros((4, 5)), jnp.arange(4))
     assert float(perplexity(uniform)) == pytest.approx(5.0, rel=1e-6)
+
+
+@pytest.mark.parametrize(("smoothing", "pad_multiple"), [(0.0, 8), (0.1, 8), (0.0, 1)])
+def test_projected_equals_full_logits_value_and_gradient(smoothing: float, pad_multiple: int) -> None:
+    hidden, unembedding, labels = _data()
+    assert unembedding.shape[0] % 8 != 0  # so padding happens
+
+    def full(h: jax.Array, w: jax.Array) -> jax.Array:
+        return cross_entropy(h @ w.T, labels, label_smoothing=smoothing)
+
+    def projected(h: jax.Array, w: jax.Array) -> jax.Array:
+        return projected_cross_entropy(h, w, labels, label_smoothing=smoothing, pad_multiple=pad_multiple)
+
+    value, grads = jax.value_and_grad(projected, argnums=(0, 1))(hidden, unembedding)
+    ref_value, ref_grads = jax.value_and_grad(full, argnums=(0, 1))(hidden, unembedding)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    assert grads[1].shape == unembedding.shape
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_projected_bfloat16_logits_stay_close_to_float32() -> None:
+    hidden, unembedding, labels = _data()
+    h16 = hidden.astype(jnp.bfloat16)
+    exact = projected_cross_entropy(h16, unembedding, labels)
+    fast = projected_cross_entropy(h16, unembedding, labels, float32_logits=False)
+    assert exact.dtype == fast.dtype == jnp.float32
+    # bfloat16 logits carry a relative rounding of 2^-8 each; the mean loss moves by far less.
+    np.testing.assert_allclose(fast, exact, rtol=1e-2)
+    grad = jax.grad(lambda h: projected_cross_entropy(h, unembedding, labels, float32_logits=False))(h16)
+    assert grad.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grad)))

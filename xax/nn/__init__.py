@@ -20,6 +20,7 @@ from xax.nn.losses import IGNORE_INDEX as IGNORE_INDEX
 from xax.nn.losses import chunked_cross_entropy as chunked_cross_entropy
 from xax.nn.losses import cross_entropy as cross_entropy
 from xax.nn.losses import perplexity as perplexity
+from xax.nn.losses import projected_cross_entropy as projected_cross_entropy
 from xax.nn.losses import token_accuracy as token_accuracy
 from xax.nn.mlp import MLP as MLP
 from xax.nn.mlp import SwiGLU as SwiGLU
