@@ -62,3 +62,38 @@ def write_results(out_dir: Path, name: str, env: dict[str, Any], rows: list[dict
     lines += ["", notes, ""]
     (out_dir / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def train_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The training records of an xax run's ``log.jsonl``, in step order."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return sorted((r for r in records if r["phase"] == "train"), key=lambda r: r["step"])
+
+
+def steps_per_second_after(run_dir: Path, warmup: int) -> float:
+    """Steps per second of an xax run between its first training record at or after step ``warmup``
+    and its last one (from the JSONL ``elapsed_time_s``, so compilation and warmup are left out).
+
+    Raises:
+        RuntimeError: If fewer than two records follow the warmup.
+    """
+    timed = [(r["step"], r["elapsed_time_s"]) for r in train_records(run_dir) if r["step"] >= warmup]
+    if len(timed) < 2 or timed[-1][0] == timed[0][0]:
+        raise RuntimeError(f"{run_dir} has {len(timed)} training record(s) from step {warmup} on; log more often")
+    (first_step, first_s), (last_step, last_s) = timed[0], timed[-1]
+    return (last_step - first_step) / (last_s - first_s)
+
+
+def quiet_run_argv(run_dir: Path | str, steps: int) -> list[str]:
+    """Overrides for an xax benchmark run: one device, a fixed step count, no validation, no media,
+    logging by steps only, and no cache shared with other runs."""
+    return [
+        f"artifacts.run_dir={run_dir}",
+        "launcher.kind=single_device",
+        f"max_steps={steps}",
+        "valid_every_n_steps=null",
+        "log.every_n_seconds=null",
+        "log.heavy_every_n_steps=null",
+        "log.heavy_every_n_seconds=null",
+        "compile.cache=false",
+    ]

@@ -211,3 +211,50 @@ def test_report_counts_bytes_per_device_from_the_shardings() -> None:
     assert "Plan fsdp on mesh data=1 x fsdp=4 x tensor=1" in text
     assert "w  (64, 32)" in text and "P('fsdp',)" in text.replace("PartitionSpec", "P")
     assert np.isfinite(report.compiled.peak_bytes)
+
+
+def test_gathered_spec_drops_only_the_fsdp_axis() -> None:
+    from jax.sharding import PartitionSpec as P
+
+    from xax.parallel import gathered_spec
+
+    assert gathered_spec(P("fsdp", None)) == P(None, None)
+    assert gathered_spec(P(None, "tensor")) == P(None, "tensor")
+    assert gathered_spec(P(("data", "fsdp"), "tensor")) == P("data", "tensor")
+    assert gathered_spec(
+        P(
+            ("fsdp", "tensor"),
+        )
+    ) == P("tensor")
+
+
+def test_fsdp_step_moves_weights_not_activations() -> None:
+    import re
+
+    import numpy as np
+    from jax.sharding import Mesh
+
+    import xax.task.mixins.train as train_module
+    from xax.core.config import load_config
+    from xax.testing.plan_parity import TinyLM, TinyLMConfig
+
+    compiled = []
+    original = train_module.make_report
+
+    def capture(*args: object) -> object:
+        compiled.append(args[-1])
+        return original(*args)  # type: ignore[arg-type]
+
+    config = load_config(TinyLMConfig, TinyLMConfig(batch_size=8), ["parallel.plan=fsdp"])
+    task = TinyLM(config)
+    task.mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    train_module.make_report = capture  # type: ignore[assignment]
+    try:
+        task.plan_report(compile_step=True)
+    finally:
+        train_module.make_report = original
+    text = compiled[0].as_text()
+    collectives = re.findall(r"= ([^=]*?) (?:all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\(", text)
+    assert any("64,64]" in shapes for shapes in collectives)  # the weights are gathered
+    # No collective carries activations: the global batch of 8 windows of 16 tokens.
+    assert not [shapes for shapes in collectives if re.search(r"\[8,16\b", shapes)], collectives

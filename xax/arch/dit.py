@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from xax.arch.diffusion.embeddings import TimestepEmbedder, sincos_2d
 from xax.arch.diffusion.layers import attention, zero_init
+from xax.arch.transformer import REMAT_POLICIES
 from xax.core.config import field
 
 
@@ -36,8 +37,13 @@ class DiTConfig:
     num_classes: int | None = field(1000, help="Class labels (ImageNet), plus a null label for CFG; None: none")
     frequency_dim: int = field(256, help="Sinusoidal timestep features fed to the timestep MLP (DiT's value)")
     attention_impl: str | None = field(None, help="jax.nn.dot_product_attention implementation: xla, cudnn or None")
+    remat: str = field(
+        "none", help="Recompute each block in the backward pass: none (fastest), full, or dots_saveable (keep matmuls)"
+    )
 
     def validate(self) -> None:
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"DiTConfig.remat={self.remat!r} is unknown; expected one of {sorted(REMAT_POLICIES)}")
         if self.input_size % self.patch_size:
             raise ValueError(f"DiTConfig.patch_size={self.patch_size} must divide input_size={self.input_size}")
         if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
@@ -223,7 +229,8 @@ class DiT(eqx.Module):
         def body(h: Array, layer: Any) -> tuple[Array, None]:
             return eqx.combine(layer, static)(h, c), None
 
-        tokens, _ = jax.lax.scan(body, tokens, arrays)
+        policy = REMAT_POLICIES[self.config.remat]
+        tokens, _ = jax.lax.scan(body if policy is None else jax.checkpoint(body, policy=policy), tokens, arrays)
         return unpatchify(self.final(tokens, c), patch, size, size)
 
 

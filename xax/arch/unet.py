@@ -7,8 +7,9 @@ of the image's shape; ``jax.vmap`` it over a batch.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import final
+from typing import Any, final
 
 import equinox as eqx
 import jax
@@ -17,6 +18,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from xax.arch.diffusion.embeddings import TimestepEmbedder
 from xax.arch.diffusion.layers import attention, zero_init
+from xax.arch.transformer import REMAT_POLICIES
 from xax.core.config import field
 
 
@@ -37,8 +39,15 @@ class UNetConfig:
     num_classes: int | None = field(10, help="Class labels (10 MNIST digits), plus a null label for CFG; None: none")
     time_dim: int | None = field(None, help="Width of the timestep/class embedding; None is 4x base_channels (ADM)")
     attention_impl: str | None = field(None, help="jax.nn.dot_product_attention implementation: xla, cudnn or None")
+    remat: str = field(
+        "none",
+        help="Recompute each residual and attention block in the backward pass: none (fastest), full, or "
+        "dots_saveable (keep matmuls)",
+    )
 
     def validate(self) -> None:
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"UNetConfig.remat={self.remat!r} is unknown; expected one of {sorted(REMAT_POLICIES)}")
         widths = [self.base_channels * mult for mult in self.channel_mults]
         for width in widths:
             if width % self.norm_groups:
@@ -173,6 +182,7 @@ class UNet(eqx.Module):
     norm_out: eqx.nn.GroupNorm
     conv_out: eqx.nn.Conv2d
     num_classes: int | None = eqx.field(static=True)
+    remat: str = eqx.field(static=True)
 
     def __init__(self, config: UNetConfig, *, key: PRNGKeyArray) -> None:
         config.validate()
@@ -181,6 +191,7 @@ class UNet(eqx.Module):
         emb = config.time_dim or 4 * base
         self.time_embed = TimestepEmbedder(base, emb, key=next(keys))
         self.num_classes = config.num_classes
+        self.remat = config.remat
         self.class_embed = None
         if config.num_classes is not None:
             self.class_embed = eqx.nn.Embedding(config.num_classes + 1, emb, key=next(keys))
@@ -245,24 +256,36 @@ class UNet(eqx.Module):
         if x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"UNet input of size {x.shape[1:]} must be divisible by {factor}; pad the images")
         emb = self.embed(t, y).astype(x.dtype)
+        call = _block_caller(self.remat)
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
             for i, block in enumerate(level.blocks):
-                h = block(h, emb)
-                h = h if level.attentions is None else level.attentions[i](h)
+                h = call(block, h, emb)
+                h = h if level.attentions is None else call(level.attentions[i], h)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        h = call(self.mid[2], call(self.mid[1], call(self.mid[0], h, emb)), emb)
         for level in self.up:
             for i, block in enumerate(level.blocks):
-                h = block(jnp.concatenate([h, skips.pop()], axis=0), emb)
-                h = h if level.attentions is None else level.attentions[i](h)
+                h = call(block, jnp.concatenate([h, skips.pop()], axis=0), emb)
+                h = h if level.attentions is None else call(level.attentions[i], h)
             if level.resample is not None:
                 h = level.resample(h)
         return self.conv_out(jax.nn.silu(self.norm_out(h)))
+
+
+def _block_caller(remat: str) -> Callable[..., Array]:
+    """``call(block, *inputs)``: the block applied directly, or under ``REMAT_POLICIES[remat]`` so
+    that the backward pass recomputes its activations instead of keeping them."""
+
+    def call(block: Any, *inputs: Array) -> Array:
+        return block(*inputs)
+
+    policy = REMAT_POLICIES[remat]
+    return call if policy is None else eqx.filter_checkpoint(call, policy=policy)
 
 
 def count_params(model: eqx.Module) -> int:

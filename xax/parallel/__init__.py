@@ -14,6 +14,8 @@ from xax.parallel.plan import ParallelOptions as ParallelOptions
 from xax.parallel.plan import Plan as Plan
 from xax.parallel.plan import batch_spec as batch_spec
 from xax.parallel.plan import check_batch_size as check_batch_size
+from xax.parallel.plan import gathered_shardings as gathered_shardings
+from xax.parallel.plan import gathered_spec as gathered_spec
 from xax.parallel.plan import mirror_specs as mirror_specs
 from xax.parallel.plan import named as named
 from xax.parallel.plan import param_spec as param_spec

@@ -211,6 +211,31 @@ def named(mesh: Mesh, specs: PyTree) -> PyTree:
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
 
 
+def gathered_spec(spec: PartitionSpec) -> PartitionSpec:
+    """``spec`` without the fsdp axis: the layout a parameter is used in by the step.
+
+    FSDP keeps parameters split over ``fsdp`` between steps; the step gathers each one (after the
+    cast to the compute dtype, so bfloat16 crosses the links) and the gradients come back
+    reduce-scattered. Without this constraint XLA's partitioner may instead move the activations,
+    which for a language model are much larger than its weights.
+    """
+
+    def drop(entry: Any) -> Any:
+        if entry == FSDP:
+            return None
+        if isinstance(entry, tuple):
+            kept = tuple(axis for axis in entry if axis != FSDP)
+            return kept if len(kept) > 1 else (kept[0] if kept else None)
+        return entry
+
+    return PartitionSpec(*(drop(entry) for entry in spec))
+
+
+def gathered_shardings(shardings: PyTree) -> PyTree:
+    """``gathered_spec`` for a tree of NamedShardings."""
+    return jax.tree.map(lambda sh: NamedSharding(sh.mesh, gathered_spec(sh.spec)), shardings)
+
+
 def batch_spec() -> PartitionSpec:
     """The batch's leading axis split over every batch axis (data and fsdp)."""
     return PartitionSpec(BATCH_AXES)

@@ -103,7 +103,21 @@ class Trace:
 
 
 def run_case(case: PlanCase, run_dir: Path, *, steps: int, batch_size: int = 8, overrides: Sequence[str] = ()) -> Trace:
-    """Trains ``TinyLM`` for ``steps`` steps under ``case`` and reads back what it logged."""
+    """Trains ``TinyLM`` for ``steps`` steps under ``case`` and reads back what it logged.
+
+    Matmuls run at full float32 precision: GPUs otherwise multiply float32 in TF32 (10-bit
+    mantissas), whose rounding, differing with each plan's reduction order, reached 3e-4 relative
+    in the gradient norm on two H200s, and would hide the plans' own differences.
+    """
+    with jax.default_matmul_precision("highest"):
+        _launch_case(case, run_dir, steps=steps, batch_size=batch_size, overrides=overrides)
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    train = [r["scalars"] for r in records if r["phase"] == "train"]
+    valid = [r["scalars"]["loss"] for r in records if r["phase"] == "valid"]
+    return Trace([s["loss"] for s in train], [s["grad_norm"] for s in train], valid[-1])
+
+
+def _launch_case(case: PlanCase, run_dir: Path, *, steps: int, batch_size: int, overrides: Sequence[str]) -> None:
     TinyLM.launch(
         TinyLMConfig(batch_size=batch_size, max_steps=steps),
         argv=[
@@ -122,10 +136,6 @@ def run_case(case: PlanCase, run_dir: Path, *, steps: int, batch_size: int = 8, 
             *case.overrides,
         ],
     )
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    train = [r["scalars"] for r in records if r["phase"] == "train"]
-    valid = [r["scalars"]["loss"] for r in records if r["phase"] == "valid"]
-    return Trace([s["loss"] for s in train], [s["grad_norm"] for s in train], valid[-1])
 
 
 def relative_differences(reference: Trace, other: Trace) -> dict[str, float]:

@@ -31,6 +31,7 @@ from xax.parallel import (
     batch_axis_size,
     batch_spec,
     check_batch_size,
+    gathered_shardings,
     make_mesh,
     make_report,
     mirror_specs,
@@ -50,6 +51,7 @@ from xax.task.mixins.data_loader import (
     MapBatchSource,
 )
 from xax.task.mixins.logger import LoggerConfig, LoggerMixin, LogItem
+from xax.task.mixins.perf import PerfConfig, PerfMixin
 from xax.task.mixins.runnable import EXIT_FAILURE, EXIT_INTERRUPTED
 from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
 from xax.task.mixins.train_step import (
@@ -129,7 +131,7 @@ class NanOptions:
 
 
 @dataclass
-class TrainConfig(LoggerConfig, CheckpointingConfig, DataLoaderConfig, CompileConfig, StepContextConfig):
+class TrainConfig(LoggerConfig, CheckpointingConfig, DataLoaderConfig, CompileConfig, StepContextConfig, PerfConfig):
     seed: int = field(0, help="Seed for weights, data order and every random draw in the step")
     max_steps: int | None = field(None, help="Stop after this many optimizer steps")
     max_samples: int | None = field(None, help="Stop after this many training samples")
@@ -155,6 +157,7 @@ class TrainMixin(
     CheckpointingMixin[Config],
     CompileMixin[Config],
     StepContextMixin[Config],
+    PerfMixin[Config],
     Generic[Config],
 ):
     """Trains a model: the user supplies the model, optimizer and loss; this supplies the loop."""
@@ -393,7 +396,12 @@ class TrainMixin(
                 logger.warning("Skipping the batch of step %d, which gave a non-finite loss", state.num_steps + 1)
                 batch = None
                 continue
+            if state.num_steps == first_step:
+                self.analyze_train_step(
+                    train_step, leaves, sums, batch, state.pack(), feed.data, dtype=self.compute_dtype
+                )
             leaves, sums, loss = train_step(leaves, sums, batch, state.pack(), feed.data)
+            self.perf_after_step(state.num_steps + 1, loss)
             batch = None
             inflight.append(loss)
             if len(inflight) > max_inflight:
@@ -418,6 +426,7 @@ class TrainMixin(
                     **self.pop_section_times(),
                     **self.host_metrics(),
                 }
+                host.update(self.perf_metrics(host["steps_per_second"]))
                 self.log_item(LogItem(state=state, phase="train", sums=sums, host_scalars=host))
                 sums = zero_sums()
                 window = _Window(time.perf_counter(), feed.wait_time_s)
@@ -539,6 +548,7 @@ class TrainMixin(
             grad_accum_steps=self.config.grad_accum_steps,
             ema_decay=self.config.ema.decay,
             grad_shardings=shardings.params,
+            compute_shardings=gathered_shardings(shardings.params) if "fsdp" in self.plan.parts else None,
         )
 
         def flat_step(

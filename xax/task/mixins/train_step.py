@@ -98,17 +98,22 @@ def make_train_step(
     grad_accum_steps: int,
     ema_decay: float | None,
     grad_shardings: PyTree | None = None,
+    compute_shardings: PyTree | None = None,
 ) -> Callable[[TrainState, dict[str, Array], PyTree, State], tuple[TrainState, dict[str, Array], Array]]:
     """Builds the (unjitted) training step.
 
     The step returns the new train state, the metric sums with this step added, and the step's loss
     (a small output the host can wait on to bound how far it runs ahead of the device).
     ``grad_shardings`` (the parameters' shardings) lays the gradients out like the parameters, so
-    that a sharded plan reduce-scatters them instead of all-reducing whole copies.
+    that a sharded plan reduce-scatters them instead of all-reducing whole copies;
+    ``compute_shardings`` is the layout the cast parameters are used in (FSDP gathers them there).
     """
 
     def forward(params: PyTree, frozen: PyTree, batch: PyTree, state: State, key: PRNGKeyArray) -> Any:
-        model = eqx.combine(cast_floating(params, compute_dtype), frozen, static)
+        params = cast_floating(params, compute_dtype)
+        if compute_shardings is not None:
+            params = jax.lax.with_sharding_constraint(params, compute_shardings)
+        model = eqx.combine(params, frozen, static)
         loss, metrics = loss_fn(model, batch, state, key)
         return loss.astype(jnp.float32), scalar_metrics(metrics, "compute_metrics")
 
