@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -197,7 +198,12 @@ def run_children(module: str, loops: Sequence[str], child_args: list[str]) -> di
             result = Path(tmp) / f"{loop}.json"
             command = [sys.executable, "-m", module, "--child", loop, "--result-file", str(result), *child_args]
             print(f"== {loop}: {' '.join(command[1:])}", flush=True)
-            finished = subprocess.run(command, check=False)
+            env = dict(os.environ)
+            if loop == "torch":
+                # JAX, imported by the shared module, would otherwise reserve most of the GPU's memory
+                # for itself as soon as anything touches a device, and PyTorch would run out of it.
+                env["JAX_PLATFORMS"] = "cpu"
+            finished = subprocess.run(command, env=env, check=False)
             if finished.returncode != 0 or not result.exists():
                 print(f"== {loop} failed with exit code {finished.returncode}", flush=True)
                 rates[loop] = None

@@ -206,3 +206,25 @@ def test_bad_profile_range_is_a_config_error(tmp_path: Path, capsys: pytest.Capt
         launch_chain(tmp_path, "max_steps=2", "perf.profile_steps=[5,3]")
     assert exit_info.value.code == 2
     assert "perf.profile_steps=[5, 3]" in capsys.readouterr().err
+
+
+def test_without_a_backend_analysis_the_matmuls_are_counted() -> None:
+    def sgd_step(weights: list[Array], x: Array) -> list[Array]:
+        grads = jax.grad(chain_loss, argnums=(0, 1))(weights, x)[0]
+        return [w - 0.1 * g for w, g in zip(weights, grads, strict=True)]
+
+    traced = jax.jit(sgd_step).trace(random_weights(WIDTHS), jnp.ones((M, WIDTHS[0])))
+
+    class NoAnalysis:
+        """A traced step whose backend gives no cost analysis of the unoptimized program."""
+
+        jaxpr = traced.jaxpr
+
+        def lower(self) -> "NoAnalysis":
+            return self
+
+        def cost_analysis(self) -> None:
+            return None
+
+    # The input gradient is computed but unused, so it is dropped before counting.
+    assert step_flops(NoAnalysis()) == chain_formula(M, WIDTHS, False)
