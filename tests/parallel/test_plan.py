@@ -228,7 +228,7 @@ def test_gathered_spec_drops_only_the_fsdp_axis() -> None:
     ) == P("tensor")
 
 
-def test_fsdp_step_moves_weights_not_activations() -> None:
+def test_fsdp_step_moves_weights_not_activations(monkeypatch: pytest.MonkeyPatch) -> None:
     import re
 
     import numpy as np
@@ -238,21 +238,18 @@ def test_fsdp_step_moves_weights_not_activations() -> None:
     from xax.core.config import load_config
     from xax.testing.plan_parity import TinyLM, TinyLMConfig
 
-    compiled = []
+    compiled: list[Any] = []
     original = train_module.make_report
 
-    def capture(*args: object) -> object:
+    def capture(*args: Any) -> Any:
         compiled.append(args[-1])
-        return original(*args)  # type: ignore[arg-type]
+        return original(*args)
 
+    monkeypatch.setattr(train_module, "make_report", capture)
     config = load_config(TinyLMConfig, TinyLMConfig(batch_size=8), ["parallel.plan=fsdp"])
     task = TinyLM(config)
     task.mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
-    train_module.make_report = capture  # type: ignore[assignment]
-    try:
-        task.plan_report(compile_step=True)
-    finally:
-        train_module.make_report = original
+    task.plan_report(compile_step=True)
     text = compiled[0].as_text()
     collectives = re.findall(r"= ([^=]*?) (?:all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\(", text)
     assert any("64,64]" in shapes for shapes in collectives)  # the weights are gathered
