@@ -21,8 +21,12 @@ from xax.core.metric import Scalar as Scalar
 from xax.core.metric import Text as Text
 from xax.core.state import Phase as Phase
 from xax.core.state import State as State
+from xax.parallel import ParallelOptions as ParallelOptions
+from xax.parallel import Plan as Plan
 from xax.task.base import BaseConfig as BaseConfig
 from xax.task.base import BaseTask as BaseTask
+from xax.task.launchers.multi_host import MultiHostLauncher as MultiHostLauncher
+from xax.task.launchers.slurm import SlurmLauncher as SlurmLauncher
 from xax.task.mixins.train import InitParams as InitParams
 from xax.task.mixins.train_step import TrainState as TrainState
 from xax.task.task import Config as Config

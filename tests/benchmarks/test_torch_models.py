@@ -126,7 +126,8 @@ def test_dit_parameter_count_matches_xax(name: str) -> None:
 
 
 def gpt_pair() -> tuple[Transformer, torch.nn.Module]:
-    config = TransformerConfig.gpt2_tiny()
+    # GPT_TABLE names the stacked (scanned) layout's weights.
+    config = TransformerConfig.gpt2_tiny().with_updates(scan_layers=True)
     model = randomized(Transformer(config, key=jax.random.key(0)), seed=1)
     reference = GPT(gpt_shape(config))
     state_dict = to_state_dict(model, GPT_TABLE)
