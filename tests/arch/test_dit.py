@@ -1,8 +1,9 @@
 """DiT and the mmDiT block: patchify and the sine-cosine embedding against their definitions, adaLN-Zero
-blocks starting as the identity, the scanned stack against a loop, preset sizes against the paper, and
-joint attention against a hand-written softmax over the concatenated streams."""
+blocks starting as the identity, the scanned and looped stack against a loop over unstacked blocks,
+preset sizes against the paper, and joint attention against a hand-written softmax over the concatenated streams."""
 
 import math
+from dataclasses import replace
 from typing import TypeVar
 
 import equinox as eqx
@@ -74,8 +75,10 @@ def test_dit_outputs_zero_at_init_and_shapes() -> None:
     np.testing.assert_array_equal(out, jnp.zeros_like(out))
 
 
-def test_scanned_blocks_equal_a_loop() -> None:
-    model = randomized(DiT(tiny_config(), key=jax.random.key(0)), 1)
+@pytest.mark.parametrize("scan_blocks", [True, False])
+def test_scanned_and_looped_blocks_equal_a_loop_over_unstacked_blocks(scan_blocks: bool) -> None:
+    config = replace(tiny_config(), scan_blocks=scan_blocks)
+    model = randomized(DiT(config, key=jax.random.key(0)), 1)
     x = jax.random.normal(jax.random.key(2), (2, 8, 8))
     t, y = jnp.float32(0.4), jnp.int32(1)
     out = model(x, t, y)

@@ -31,7 +31,7 @@ def transformer(remat: str) -> tuple[Any, Callable[[Any], jax.Array]]:
 
 def dit(remat: str) -> tuple[Any, Callable[[Any], jax.Array]]:
     config = DiTConfig(input_size=8, patch_size=2, in_channels=2, hidden_dim=32, depth=3, num_heads=2)
-    config = replace(config, num_classes=3, frequency_dim=16, remat=remat)
+    config = replace(config, num_classes=3, frequency_dim=16, remat=remat, scan_blocks=True)
     model = eqx.filter_eval_shape(DiT, config, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (BATCH, 2, 8, 8))
     t, y = jnp.linspace(0.1, 0.9, BATCH), jnp.arange(BATCH, dtype=jnp.int32) % 3
