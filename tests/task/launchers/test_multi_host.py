@@ -1,10 +1,13 @@
 """The multi-host launcher: settings from the config or SLURM, and a real two-process CPU run."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -166,12 +169,12 @@ COMMON = (
 )
 
 
-def run_two_processes(run_dir: Path, *overrides: str) -> list[str]:
-    """Runs the toy regression in two processes of two CPU devices each; returns their stdouts."""
+def start_two_processes(run_dir: Path, *overrides: str, stdout: Any = subprocess.PIPE) -> list[subprocess.Popen]:
+    """Starts the toy regression in two processes of two CPU devices each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))}
     env |= {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
     port = free_port()
-    procs = [
+    return [
         subprocess.Popen(
             [
                 sys.executable,
@@ -188,12 +191,17 @@ def run_two_processes(run_dir: Path, *overrides: str) -> list[str]:
             ],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
         )
         for rank in range(2)
     ]
+
+
+def run_two_processes(run_dir: Path, *overrides: str) -> list[str]:
+    """Runs the toy regression in two processes of two CPU devices each; returns their stdouts."""
+    procs = start_two_processes(run_dir, *overrides)
     outputs = []
     try:
         for proc in procs:
@@ -255,3 +263,30 @@ def test_timed_cadences_are_refused_or_turned_off() -> None:
     adjusted = step_based(RegressionConfig(max_steps=5))
     assert isinstance(adjusted, RegressionConfig)
     assert adjusted.log.heavy_every_n_seconds is None and adjusted.max_steps == 5
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path: Path) -> None:
+    run_dir = tmp_path / "signal"
+    log_0 = tmp_path / "out_0.txt"
+    with log_0.open("w") as out:
+        procs = start_two_processes(run_dir, "max_steps=100000", "checkpoint.every_n_steps=100000", stdout=out)
+    try:
+        deadline = time.monotonic() + 120
+        while "train step=3 " not in log_0.read_text():
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), log_0.read_text()[-2000:]
+            time.sleep(0.2)
+        # Only process 1 is told to stop; process 0 must stop with it rather than wait in a collective.
+        procs[1].send_signal(signal.SIGTERM)
+        errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    stopped = [
+        int(line.split(" at step ")[1].split(";")[0])
+        for line in "".join(errors).splitlines()
+        if "interrupted by SIGTERM at step" in line
+    ]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], stopped  # both processes, the same step
+    assert checkpoint_steps(run_dir / "checkpoints") == [stopped[0]]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from typing_extensions import override
@@ -432,15 +433,45 @@ class TrainMixin(
                 window = _Window(time.perf_counter(), feed.wait_time_s)
                 if over:
                     self.flush_logs()  # so a non-finite last window is seen before the final save
-            if self.nonfinite_alert is not None:
-                self._on_nonfinite(self.nonfinite_alert)
+            stop_signal, save_requested, nonfinite = self._requests(state, over)
+            if nonfinite is not None:
+                self._on_nonfinite(nonfinite)
             if self.valid_is_due(state) or self.heavy_log_is_due(state) or over:
                 state = self._between_steps(jax.tree.unflatten(treedef, leaves), state, over)
-            if over or self.stop_signal is not None or self.save_requested or self.checkpoint_is_due(state):
-                self._checkpoint_or_stop(jax.tree.unflatten(treedef, leaves), state, feed.cursor, over)
+            if over or stop_signal is not None or save_requested or self.checkpoint_is_due(state):
+                ts = jax.tree.unflatten(treedef, leaves)
+                self._checkpoint_or_stop(ts, state, feed.cursor, over, stop_signal)
         self.flush_logs()
         self.final_train_state = jax.tree.unflatten(treedef, leaves)
         return state
+
+    def _requests(self, state: State, over: bool) -> tuple[int | None, bool, dict[str, float] | None]:
+        """The stop signal, save request and non-finite alert to act on after this step.
+
+        With one process, whatever has arrived. With several, a signal reaches each process at its
+        own step, and the logging threads see a non-finite window at their own times: acting on
+        them apart would send one process into a checkpoint or a rewind (collectives) while the
+        others run the next step, and all would wait forever. There, the requests are pooled at
+        steps every process agrees on (multiples of ``multi_process_sync_steps``, and the last
+        step), after each process's logging thread has caught up, and all act on them together.
+        """
+        if jax.process_count() == 1:
+            return self.stop_signal, self.save_requested, self.nonfinite_alert
+        every = self.multi_process_sync_steps()
+        if not over and state.num_steps % every != 0:
+            return None, False, None
+        self.flush_logs()  # every process has now seen the same metrics
+        mine = np.array([self.stop_signal or 0, int(self.save_requested)], dtype=np.int32)
+        pooled = np.asarray(multihost_utils.process_allgather(mine))  # (processes, 2)
+        signals = [int(signum) for signum in pooled[:, 0] if signum]
+        # SIGINT (exit 130) wins over SIGTERM (exit 0): someone asked to interrupt.
+        stop = None if not signals else (signal.SIGINT if signal.SIGINT in signals else signals[0])
+        return stop, bool(pooled[:, 1].any()), self.nonfinite_alert
+
+    def multi_process_sync_steps(self) -> int:
+        """How often (in steps) processes pool stop, save and non-finite requests: the light-log
+        cadence, or every 100 steps when logging is by time only."""
+        return self.config.log.every_n_steps or 100
 
     @override
     def on_health(self, state: State, health: dict[str, float]) -> None:
@@ -503,16 +534,18 @@ class TrainMixin(
         self.resume_cadences(info.state.num_steps)
         return ts, info.state, info.cursor
 
-    def _checkpoint_or_stop(self, ts: TrainState, state: State, cursor: Cursor, over: bool) -> None:
-        """Saves when due, asked (SIGUSR1) or stopping; on SIGTERM/SIGINT, saves and stops."""
-        stopping = self.stop_signal is not None
+    def _checkpoint_or_stop(
+        self, ts: TrainState, state: State, cursor: Cursor, over: bool, stop_signal: int | None
+    ) -> None:
+        """Saves when due, asked (SIGUSR1) or stopping; on ``stop_signal`` (SIGTERM/SIGINT), saves and stops."""
+        stopping = stop_signal is not None
         with self.step_context("checkpoint"):
             path = self.save_checkpoint(ts, state, cursor, self.get_mesh(), wait=over or stopping)
         self.save_requested = False
-        if stopping and not over:
+        if stop_signal is not None and not over:
             self.flush_logs()
-            name = signal.Signals(self.stop_signal).name
-            code = 0 if self.stop_signal == signal.SIGTERM else EXIT_INTERRUPTED
+            name = signal.Signals(stop_signal).name
+            code = 0 if stop_signal == signal.SIGTERM else EXIT_INTERRUPTED
             raise TrainingStopped(f"interrupted by {name} at step {state.num_steps}; saved {path}", code)
 
     def make_train_feed(self, cursor: Cursor | None = None) -> Feed:
