@@ -176,8 +176,8 @@ def load_arrays_anywhere(directory: Path, step: int, sharding: jax.sharding.Shar
 def restore_weights(template: PyTree, directory: Path, step: int, *, prefer_ema: bool = True) -> PyTree:
     """``template`` with its floating-point arrays replaced by those saved in a training checkpoint.
 
-    For using a trained model outside training (sampling, evaluation), on the first device,
-    whatever mesh saved it.
+    For using a trained model outside training (sampling, evaluation), on this process's first
+    device (each process of a multi-process job reads its own copy), whatever mesh saved it.
 
     Args:
         template: A model of the same configuration as the saved one (its weights are not used).
@@ -188,7 +188,7 @@ def restore_weights(template: PyTree, directory: Path, step: int, *, prefer_ema:
     Raises:
         CheckpointError: If a parameter of ``template`` is missing from the checkpoint or has another shape.
     """
-    tree = load_arrays_anywhere(directory, step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    tree = load_arrays_anywhere(directory, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     weights = tree["ema"] if prefer_ema and tree.get("ema") is not None else tree["params"]
     arrays, static = eqx.partition(template, eqx.is_inexact_array)
     check_shapes(arrays, weights, directory / str(step))
