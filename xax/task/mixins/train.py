@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from typing_extensions import override
 
@@ -24,21 +23,11 @@ from xax.core.errors import ConfigError, TrainingStopped
 from xax.core.metric import Metric
 from xax.core.state import State
 from xax.parallel import (
-    AXES,
-    ParallelOptions,
-    Plan,
     PlanReport,
     axis_sizes,
-    batch_axis_size,
-    batch_spec,
     check_batch_size,
     gathered_shardings,
-    make_mesh,
     make_report,
-    mirror_specs,
-    named,
-    param_specs,
-    plan_axis_sizes,
 )
 from xax.task.feeds import Feed, PrefetchFeed, ResidentFeed, gather_batch, resident_bytes
 from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin, abstract_like, named_leaves
@@ -54,6 +43,7 @@ from xax.task.mixins.data_loader import (
 from xax.task.mixins.logger import LoggerConfig, LoggerMixin, LogItem
 from xax.task.mixins.perf import PerfConfig, PerfMixin
 from xax.task.mixins.runnable import EXIT_FAILURE, EXIT_INTERRUPTED
+from xax.task.mixins.sharding import ShardingConfig, ShardingMixin
 from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
 from xax.task.mixins.train_step import (
     COMPUTE_DTYPES,
@@ -63,7 +53,6 @@ from xax.task.mixins.train_step import (
     make_eval_step,
     make_train_step,
 )
-from xax.task.process_batches import place_global_batch
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +121,15 @@ class NanOptions:
 
 
 @dataclass
-class TrainConfig(LoggerConfig, CheckpointingConfig, DataLoaderConfig, CompileConfig, StepContextConfig, PerfConfig):
+class TrainConfig(
+    LoggerConfig,
+    CheckpointingConfig,
+    DataLoaderConfig,
+    CompileConfig,
+    StepContextConfig,
+    PerfConfig,
+    ShardingConfig,
+):
     seed: int = field(0, help="Seed for weights, data order and every random draw in the step")
     max_steps: int | None = field(None, help="Stop after this many optimizer steps")
     max_samples: int | None = field(None, help="Stop after this many training samples")
@@ -146,7 +143,6 @@ class TrainConfig(LoggerConfig, CheckpointingConfig, DataLoaderConfig, CompileCo
     precision: PrecisionOptions = field(PrecisionOptions(), help="Mixed-precision policy")
     ema: EMAOptions = field(EMAOptions(), help="Exponential moving average of the weights")
     nan: NanOptions = field(NanOptions(), help="What to do about non-finite losses and gradients")
-    parallel: ParallelOptions = field(ParallelOptions(), help="How the model and batches are split over devices")
 
 
 Config = TypeVar("Config", bound=TrainConfig)
@@ -159,11 +155,10 @@ class TrainMixin(
     CompileMixin[Config],
     StepContextMixin[Config],
     PerfMixin[Config],
+    ShardingMixin[Config],
     Generic[Config],
 ):
     """Trains a model: the user supplies the model, optimizer and loss; this supplies the loop."""
-
-    mesh: Mesh | None = None
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -195,20 +190,6 @@ class TrainMixin(
         return {}
 
     # ---- set-up ----------------------------------------------------------------------------
-
-    def get_mesh(self) -> Mesh:
-        """The ``(data, fsdp, tensor)`` mesh of ``parallel`` over the launcher's devices (the devices
-        of ``self.mesh``, in their order), or over the first device when no launcher set one."""
-        mesh = self.mesh
-        if mesh is None or tuple(mesh.axis_names) != AXES:
-            devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
-            mesh = self.mesh = make_mesh(devices, **plan_axis_sizes(self.plan, self.config.parallel))
-        return mesh
-
-    @property
-    def plan(self) -> Plan:
-        """The parallel plan of ``parallel.plan``."""
-        return Plan.parse(self.config.parallel.plan)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -268,21 +249,6 @@ class TrainMixin(
 
         return jax.eval_shape(build), statics[0]
 
-    def train_state_shardings(self, ts: TrainState) -> TrainState:
-        """The plan's NamedSharding for every leaf of ``ts`` (arrays or ShapeDtypeStructs): parameters
-        by the rules, optimizer state and EMA like the parameters they mirror, the rest replicated.
-
-        Raises:
-            ShardingError: When a dimension the plan shards does not divide over its mesh axis.
-        """
-        mesh, plan = self.get_mesh(), self.plan
-        sizes = axis_sizes(mesh)
-        specs = param_specs(ts.params, plan, sizes)
-        whole: Any = PartitionSpec()
-        frozen = jax.tree.map(lambda _: whole, ts.frozen)
-        opt_state = mirror_specs(ts.opt_state, ts.params, specs, plan, sizes)
-        return named(mesh, TrainState(specs, frozen, opt_state, None if ts.ema is None else specs, whole, whole))
-
     def init_train_state(self, optimizer: optax.GradientTransformation) -> tuple[TrainState, PyTree]:
         """Builds the model, splits it into arrays and structure, and places it per the plan: inside
         one jitted program when ``parallel.sharded_init`` (no device ever holds a whole copy), else
@@ -294,32 +260,6 @@ class TrainMixin(
         else:
             state = jax.device_put(self.fresh_train_state(optimizer)[0], shardings)
         return state, static
-
-    def replicated_sharding(self) -> NamedSharding:
-        return NamedSharding(self.get_mesh(), PartitionSpec())
-
-    def batch_sharding(self) -> NamedSharding:
-        """A batch's leading axis split over every batch axis of the mesh (data and fsdp)."""
-        return NamedSharding(self.get_mesh(), batch_spec())
-
-    def constrain_batch(self, batch: PyTree) -> PyTree:
-        """Inside a jitted step: lays each batch leaf out along the batch axes, wherever it came from
-        (a batch they cannot split, a last short validation batch, is left as it is)."""
-        shards = batch_axis_size(self.get_mesh())
-        sharding = self.batch_sharding()
-
-        def constrain(x: Array) -> Array:
-            if x.ndim == 0 or x.shape[0] % shards != 0:
-                return x
-            return jax.lax.with_sharding_constraint(x, sharding)
-
-        return jax.tree.map(constrain, batch)
-
-    def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Array]:
-        """Shards a host batch over the mesh's batch axes; a batch they cannot split (a last, short
-        validation batch) is replicated instead, so no sample is dropped. With several processes,
-        each places its own rows (a ``ProcessRows``, or its share of a whole batch) of one global batch."""
-        return place_global_batch(batch, self.get_mesh())
 
     @override
     def expected_total_steps(self) -> int | None:
