@@ -4,8 +4,12 @@ import contextlib
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +101,43 @@ def quiet_run_argv(run_dir: Path | str, steps: int) -> list[str]:
         "log.heavy_every_n_seconds=null",
         "compile.cache=false",
     ]
+
+
+def run_child_processes(
+    module: str,
+    children: Sequence[str],
+    flags: Sequence[str],
+    *,
+    extra_env: Callable[[str], dict[str, str]] | None = None,
+    extra_xla_flags: Callable[[str], str] | None = None,
+) -> dict[str, dict[str, Any] | None]:
+    """Runs ``python -m module --child NAME --result-file F *flags`` once per child, one after
+    another, each in a fresh process (so no allocator holds memory the next one needs), and reads
+    back the JSON each wrote to ``F``.
+
+    Args:
+        module: The benchmark module; its ``--child NAME`` mode measures one thing and writes JSON.
+        children: The names to run, in order.
+        flags: Flags passed to every child.
+        extra_env: Environment variables for a child, by name (e.g. keeping JAX off the GPU).
+        extra_xla_flags: XLA flags appended to ``XLA_FLAGS`` for a child, by name.
+
+    Returns:
+        Each child's JSON, or None for a child that failed (its exit code is printed).
+    """
+    results: dict[str, dict[str, Any] | None] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for child in children:
+            result = Path(tmp) / f"{child.replace('/', '_')}.json"
+            command = [sys.executable, "-m", module, "--child", child, "--result-file", str(result), *flags]
+            env = dict(os.environ)
+            env.update(extra_env(child) if extra_env is not None else {})
+            xla_flags = extra_xla_flags(child) if extra_xla_flags is not None else ""
+            if xla_flags:
+                env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
+            print(f"== {child}: {' '.join(command[1:])}", flush=True)
+            finished = subprocess.run(command, env=env, check=False)
+            ok = finished.returncode == 0 and result.exists()
+            results[child] = json.loads(result.read_text()) if ok else None
+            print(f"== {child}: {'ok' if ok else f'failed with exit code {finished.returncode}'}", flush=True)
+    return results

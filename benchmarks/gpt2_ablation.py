@@ -23,9 +23,6 @@ loss and AdamW) with one thing changed, each in a process of its own:
 import argparse
 import functools
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +34,7 @@ import numpy as np
 import optax
 from jaxtyping import Array
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, run_child_processes, write_results
 from benchmarks.gpt2_throughput import gpt2_loss, make_optimizer, make_setup, time_steps, token_windows
 from benchmarks.profile_tools import format_breakdown, kernel_breakdown
 from xax.arch.transformer import Transformer
@@ -135,19 +132,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"error: --which names unknown variants {unknown}; choose from {list(VARIANTS)}")
     out = args.out or (Path(tempfile.mkdtemp(prefix="xax_ablation_")) if args.tiny else Path("benchmarks/results"))
-    results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            result_file = Path(tmp) / f"{name}.json"
-            flags = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--profile-steps={args.profile_steps}"]
-            flags.append(f"--profile={args.profile}")
-            command = [sys.executable, "-m", "benchmarks.gpt2_ablation", "--child", name, "--result-file"]
-            command += [str(result_file), *flags, f"--top={args.top}", *(["--tiny"] if args.tiny else [])]
-            env = dict(os.environ)
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {VARIANTS[name][3]}".strip()
-            print(f"== {name}", flush=True)
-            done = subprocess.run(command, env=env, check=False)
-            results[name] = json.loads(result_file.read_text()) if done.returncode == 0 else {"steps_per_s": None}
+    flags = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--profile-steps={args.profile_steps}"]
+    flags += [f"--profile={args.profile}", f"--top={args.top}", *(["--tiny"] if args.tiny else [])]
+    finished = run_child_processes(
+        "benchmarks.gpt2_ablation", names, flags, extra_xla_flags=lambda name: VARIANTS[name][3]
+    )
+    results = {name: result or {"steps_per_s": None} for name, result in finished.items()}
     setup = make_setup(args.tiny, "auto")
     tokens = setup.batch * setup.model.max_seq_len
     base = results.get("base", {}).get("steps_per_s")

@@ -28,9 +28,6 @@ import functools
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +46,7 @@ from jaxtyping import Array, Int, PRNGKeyArray
 from typing_extensions import override
 
 import xax
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, run_child_processes, write_results
 from xax.arch.transformer import Transformer, TransformerConfig
 from xax.arch.unet import count_params
 from xax.nn.losses import chunked_cross_entropy, cross_entropy, projected_cross_entropy
@@ -192,25 +189,14 @@ def xax_argv(run_dir: str, steps: int, warmup: int) -> list[str]:
 
 def run_children(module: str, loops: Sequence[str], child_args: list[str]) -> dict[str, float | None]:
     """Runs each loop in a fresh process of ``module`` (``--child LOOP``); None marks a loop that failed."""
-    rates: dict[str, float | None] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for loop in loops:
-            result = Path(tmp) / f"{loop}.json"
-            command = [sys.executable, "-m", module, "--child", loop, "--result-file", str(result), *child_args]
-            print(f"== {loop}: {' '.join(command[1:])}", flush=True)
-            env = dict(os.environ)
-            if loop == "torch":
-                # JAX, imported by the shared module, would otherwise reserve most of the GPU's memory
-                # for itself as soon as anything touches a device, and PyTorch would run out of it.
-                env["JAX_PLATFORMS"] = "cpu"
-            finished = subprocess.run(command, env=env, check=False)
-            if finished.returncode != 0 or not result.exists():
-                print(f"== {loop} failed with exit code {finished.returncode}", flush=True)
-                rates[loop] = None
-                continue
-            rates[loop] = float(json.loads(result.read_text())["steps_per_s"])
-            print(f"== {loop}: {rates[loop]:.3f} steps/s", flush=True)
-    return rates
+
+    def env(loop: str) -> dict[str, str]:
+        # JAX, imported by the shared module, would otherwise reserve most of the GPU's memory for
+        # itself as soon as anything touches a device, and PyTorch would run out of it.
+        return {"JAX_PLATFORMS": "cpu"} if loop == "torch" else {}
+
+    results = run_child_processes(module, loops, child_args, extra_env=env)
+    return {loop: None if result is None else float(result["steps_per_s"]) for loop, result in results.items()}
 
 
 def add_common_args(parser: argparse.ArgumentParser, steps: int, warmup: int) -> None:

@@ -17,9 +17,6 @@ Every run is a process of its own, so no allocator holds memory the next one nee
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +24,7 @@ from typing import Any
 
 import jax
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, run_child_processes, write_results
 from xax.parallel.report import human_bytes
 
 CHILDREN = ("parity", "dp1", "dp2", "dp2_overlap", "fsdp2")
@@ -101,21 +98,12 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_children(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
-    results: dict[str, dict[str, Any] | None] = {}
     flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), *(["--tiny"] if args.tiny else [])]
-    with tempfile.TemporaryDirectory() as tmp:
-        for child in CHILDREN:
-            out = Path(tmp) / f"{child}.json"
-            command = [sys.executable, "-m", "benchmarks.parallel_gpu", "--child", child, "--result-file", str(out)]
-            print(f"== {child}", flush=True)
-            env = dict(os.environ)
-            if child in CHILD_XLA_FLAGS and not args.tiny:
-                env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CHILD_XLA_FLAGS[child]}".strip()
-            done = subprocess.run([*command, *flags], env=env, check=False)
-            ok = done.returncode == 0 and out.exists()
-            results[child] = json.loads(out.read_text()) if ok else None
-            print(f"== {child}: {'ok' if ok else f'failed with exit code {done.returncode}'}", flush=True)
-    return results
+
+    def xla_flags(child: str) -> str:
+        return "" if args.tiny else CHILD_XLA_FLAGS.get(child, "")
+
+    return run_child_processes("benchmarks.parallel_gpu", CHILDREN, flags, extra_xla_flags=xla_flags)
 
 
 def _bytes(value: float | None) -> str:

@@ -14,9 +14,6 @@ reports it), the step time, and the FLOPs per step from XLA's cost analysis (rec
 import argparse
 import functools
 import json
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +23,7 @@ import equinox as eqx
 import jax
 import optax
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, run_child_processes, write_results
 from xax.arch.transformer import Transformer, TransformerConfig
 from xax.nn.losses import cross_entropy
 from xax.task.mixins.perf import peak_memory_bytes
@@ -101,17 +98,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child is not None:
         args.result_file.write_text(json.dumps(measure(args.tiny, args.child, batch, args.steps)))
         return
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for remat in policies:
-            result = Path(tmp) / f"{remat}.json"
-            flags = ["--child", remat, "--result-file", str(result), "--batch", str(batch), "--steps", str(args.steps)]
-            command = [sys.executable, "-m", "benchmarks.remat_memory", *flags, *(["--tiny"] if args.tiny else [])]
-            finished = subprocess.run(command, check=False)
-            if finished.returncode != 0 or not result.exists():
-                rows.append({"remat": remat, "temp_gb (XLA)": f"failed (exit code {finished.returncode})"})
-                continue
-            rows.append(json.loads(result.read_text()))
+    flags = ["--batch", str(batch), "--steps", str(args.steps), *(["--tiny"] if args.tiny else [])]
+    results = run_child_processes("benchmarks.remat_memory", policies, flags)
+    rows = [result or {"remat": remat, "temp_gb (XLA)": "failed"} for remat, result in results.items()]
     keys = list(next((row for row in rows if len(row) > 2), rows[0]))
     rows = [{key: row.get(key, "") for key in keys} for row in rows]
     config = model_config(args.tiny, "none")

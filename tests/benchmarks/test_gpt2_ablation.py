@@ -1,0 +1,43 @@
+"""The GPT-2 ablation's CPU check (``--tiny``) and the kernel breakdown it relies on."""
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import gpt2_ablation
+from benchmarks.profile_tools import aggregate_trace, format_breakdown, kernel_breakdown
+from tests.benchmarks.results import read_results
+
+
+def test_gpt2_ablation_tiny(tmp_path: Path) -> None:
+    gpt2_ablation.main(["--tiny", "--which", "base,projected", "--profile-steps", "0", "--out", str(tmp_path)])
+    base, projected = read_results(tmp_path, "gpt2_ablation_tiny")
+    assert [base["variant"], projected["variant"]] == ["base", "projected"]
+    assert all(row["tokens_per_s"] > 0 and math.isfinite(row["step_ms"]) for row in (base, projected))
+    assert base["speed_over_base"] == 1.0
+    assert projected["speed_over_base"] == base["step_ms"] / projected["step_ms"]
+
+
+def test_kernel_breakdown_counts_every_call(tmp_path: Path) -> None:
+    step = jax.jit(lambda x: jnp.tanh(x @ x))
+    x = jnp.ones((64, 64))
+    step(x).block_until_ready()
+    # The CPU client's events live on the host plane; GPU kernels on "/device:" planes.
+    rows = kernel_breakdown(step, x, steps=3)
+    assert all(row.plane.startswith("/device:") for row in rows)
+    counts = {}
+    for calls in (3, 6):
+        folder = tmp_path / str(calls)
+        with jax.profiler.trace(str(folder)):
+            for _ in range(calls):
+                y = step(x)
+            y.block_until_ready()
+        (trace,) = folder.rglob("*.xplane.pb")
+        host = aggregate_trace(trace, "/host:CPU")
+        counts[calls] = sum(row.count for row in host if "PjitFunction" in row.name)
+        assert host == sorted(host, key=lambda row: -row.total_ms)  # heaviest first
+    assert counts[3] > 0 and counts[6] == 2 * counts[3]  # every call is counted
+    table = format_breakdown(host, steps=6, top=5)
+    assert "| ms/step | calls/step | name |" in table and "PjitFunction" in table
