@@ -46,7 +46,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from typing_extensions import override
 
 import xax
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, steps_per_second_after, write_results
 from benchmarks.gpt2_throughput import (
     PEAK_FLOPS,
     add_common_args,
@@ -56,7 +56,6 @@ from benchmarks.gpt2_throughput import (
     time_steps,
     torch_device_setup,
     xax_argv,
-    xax_steps_per_second,
 )
 from xax.arch.diffusion import GaussianSchedule, diffusion_loss, drop_labels
 from xax.arch.dit import DiT, DiTConfig, dit_config, num_tokens
@@ -224,7 +223,7 @@ def run_xax(args: argparse.Namespace) -> float:
             Config(batch_size=setup.batch, tiny=args.tiny, attention=args.jax_attention),
             argv=xax_argv(run_dir, args.steps, args.warmup),
         )
-        return xax_steps_per_second(Path(run_dir) / "log.jsonl", args.warmup)
+        return steps_per_second_after(Path(run_dir), args.warmup)
 
 
 def run_jax(args: argparse.Namespace) -> float:

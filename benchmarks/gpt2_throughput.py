@@ -46,7 +46,7 @@ from jaxtyping import Array, Int, PRNGKeyArray
 from typing_extensions import override
 
 import xax
-from benchmarks.common import environment, run_child_processes, write_results
+from benchmarks.common import environment, quiet_run_argv, run_child_processes, steps_per_second_after, write_results
 from xax.arch.transformer import Transformer, TransformerConfig
 from xax.arch.unet import count_params
 from xax.nn.losses import chunked_cross_entropy, cross_entropy, projected_cross_entropy
@@ -160,28 +160,11 @@ def time_steps(step: Callable[[int], Any], sync: Callable[[Any], None], steps: i
     return (steps - warmup) / (time.perf_counter() - start)
 
 
-def xax_steps_per_second(log_path: Path, warmup: int) -> float:
-    """Steps per second between the first training record at or after ``warmup`` and the last one."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines()]
-    train = sorted((r["step"], r["elapsed_time_s"]) for r in records if r["phase"] == "train")
-    timed = [(step, seconds) for step, seconds in train if step >= warmup]
-    if len(timed) < 2 or timed[-1][0] == timed[0][0]:
-        raise RuntimeError(
-            f"{log_path} has {len(timed)} training record(s) from step {warmup} on; "
-            "raise --steps so that at least two logging windows follow the warmup"
-        )
-    (first_step, first_s), (last_step, last_s) = timed[0], timed[-1]
-    return (last_step - first_step) / (last_s - first_s)
-
-
 def xax_argv(run_dir: str, steps: int, warmup: int) -> list[str]:
-    """Command-line overrides of an xax benchmark run: one device, no validation until the end,
-    and a logging window ending exactly at ``warmup`` (every 100 steps, xax's default, when it divides)."""
+    """Command-line overrides of an xax benchmark run (``quiet_run_argv``'s) in bfloat16, with a
+    logging window ending exactly at ``warmup`` (every 100 steps, xax's default, when it divides)."""
     return [
-        f"artifacts.run_dir={run_dir}",
-        "launcher.kind=single_device",
-        f"max_steps={steps}",
-        "valid_every_n_steps=null",
+        *quiet_run_argv(run_dir, steps),
         f"log.every_n_steps={math.gcd(100, warmup)}",
         "precision.compute_dtype=bfloat16",
     ]
@@ -314,7 +297,7 @@ def run_xax(args: argparse.Namespace) -> float:
             Config(batch_size=setup.batch, tiny=args.tiny, attention=args.jax_attention, loss=args.loss),
             argv=xax_argv(run_dir, args.steps, args.warmup),
         )
-        return xax_steps_per_second(Path(run_dir) / "log.jsonl", args.warmup)
+        return steps_per_second_after(Path(run_dir), args.warmup)
 
 
 def run_jax(args: argparse.Namespace) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from benchmarks.common import environment, run_child_processes, write_results
+from benchmarks.common import environment, run_child_processes, steps_per_second_after, write_results
 from xax.parallel.report import human_bytes
 
 CHILDREN = ("parity", "dp1", "dp2", "dp2_overlap", "fsdp2")
@@ -47,7 +47,7 @@ def run_parity_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_gpt2_child(args: argparse.Namespace, num_devices: int, plan: str) -> dict[str, Any]:
     """Trains GPT-2 through the Task loop; returns tokens/s, per-device peak bytes and XLA's analysis."""
-    from benchmarks.gpt2_throughput import Config, GPT2Throughput, make_setup, xax_argv, xax_steps_per_second
+    from benchmarks.gpt2_throughput import Config, GPT2Throughput, make_setup, xax_argv
 
     setup = make_setup(args.tiny, "auto" if args.tiny else "cudnn")
     finished: list[GPT2Throughput] = []
@@ -67,7 +67,7 @@ def run_gpt2_child(args: argparse.Namespace, num_devices: int, plan: str) -> dic
             "log.tensorboard=false",
         ]
         Recorded.launch(Config(batch_size=batch, tiny=args.tiny, attention="auto" if args.tiny else "cudnn"), argv=argv)
-        steps_per_s = xax_steps_per_second(Path(run_dir) / "log.jsonl", args.warmup)
+        steps_per_s = steps_per_second_after(Path(run_dir), args.warmup)
     task = finished[0]
     peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in task.get_mesh().devices.flat]
     # The layout alone (no second compile): XLA's analysis of the step the run compiled is on the task.
