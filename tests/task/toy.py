@@ -33,6 +33,7 @@ class RegressionConfig(xax.SupervisedConfig):
     num_train: int = xax.field(512, help="Training samples")
     num_valid: int = xax.field(100, help="Validation samples")
     num_features: int = xax.field(4, help="Input features (the first four carry the signal)")
+    media: bool = xax.field(False, help="Log the validation batch's outputs as media (their mean)")
 
 
 RegressionConfigT = TypeVar("RegressionConfigT", bound=RegressionConfig)
@@ -57,6 +58,12 @@ class RegressionBase(xax.SupervisedTask[RegressionConfigT], Generic[RegressionCo
         self, model: eqx.nn.Linear, batch: dict[str, Array], output: Array, loss: Array, state: xax.State
     ) -> dict[str, xax.Metric]:
         return {"abs_error": xax.Scalar(jnp.mean(jnp.abs(output - batch["y"])))}
+
+    def compute_media(
+        self, model: eqx.nn.Linear, batch: dict[str, Array], output: Array, state: xax.State
+    ) -> dict[str, xax.Metric]:
+        # The per-row outputs themselves: in a multi-process run each process holds only its rows.
+        return {"media_output": xax.Scalar(output)} if self.config.media else {}
 
     def get_dataset(self, phase: xax.Phase) -> datasets.Dataset | datasets.IterableDataset:
         num, seed = (self.config.num_train, 0) if phase == "train" else (self.config.num_valid, 1)

@@ -216,10 +216,15 @@ def run_two_processes(run_dir: Path, *overrides: str) -> list[str]:
 
 
 def losses(run_dir: Path, phase: str) -> dict[int, float]:
-    records = [r for r in read_jsonl(run_dir / "log.jsonl") if r["phase"] == phase]
+    records = [r for r in read_jsonl(run_dir / "log.jsonl") if r["phase"] == phase and "loss" in r["scalars"]]
     steps = [r["step"] for r in records]
     assert len(steps) == len(set(steps)), f"{phase} steps logged twice: {steps}"
     return {r["step"]: r["scalars"]["loss"] for r in records}
+
+
+def scalars(run_dir: Path, name: str) -> dict[int, float]:
+    """``name``'s logged values by step (any phase)."""
+    return {r["step"]: r["scalars"][name] for r in read_jsonl(run_dir / "log.jsonl") if name in r["scalars"]}
 
 
 def test_two_processes_train_resume_and_match_one(tmp_path: Path) -> None:
@@ -235,7 +240,9 @@ def test_two_processes_train_resume_and_match_one(tmp_path: Path) -> None:
     assert (run_dir / "versions.json").is_file() and (run_dir / "config.yaml").is_file()
 
     # ... then a resumed run reading only each process's rows from the host.
-    out_0, _ = run_two_processes(run_dir, "max_steps=7", "resume=auto", "data.device_resident_max_mb=0")
+    # Media from outputs sharded across the processes too (read on the logging thread).
+    media = ("media=true", "log.heavy_every_n_steps=3")
+    out_0, _ = run_two_processes(run_dir, "max_steps=7", "resume=auto", "data.device_resident_max_mb=0", *media)
     assert "devices=4 steps=7" in out_0
     assert checkpoint_steps(run_dir / "checkpoints") == [4, 6, 7]
     two_train, two_valid = losses(run_dir, "train"), losses(run_dir, "valid")
@@ -244,13 +251,16 @@ def test_two_processes_train_resume_and_match_one(tmp_path: Path) -> None:
     one_dir = tmp_path / "one"
     Regression.launch(
         RegressionConfig(batch_size=32, max_steps=7),
-        argv=[f"artifacts.run_dir={one_dir}", "launcher.kind=multi_device", "log.stdout=false", *COMMON],
+        argv=[f"artifacts.run_dir={one_dir}", "launcher.kind=multi_device", "log.stdout=false", *COMMON, *media],
     )
     one_train, one_valid = losses(one_dir, "train"), losses(one_dir, "valid")
     assert one_train[7] < 0.5 * one_train[1]  # it learns, so equal losses are not equal constants
     np.testing.assert_allclose([two_train[s] for s in one_train], list(one_train.values()), rtol=1e-5)
     assert sorted(two_valid) == sorted(one_valid) == [2, 4, 6, 7]
     np.testing.assert_allclose([two_valid[s] for s in one_valid], list(one_valid.values()), rtol=1e-5)
+    two_media, one_media = scalars(run_dir, "media_output"), scalars(one_dir, "media_output")
+    assert sorted(two_media) == [7] and sorted(one_media) == [3, 6, 7]  # the resumed run: steps 5..7
+    np.testing.assert_allclose(two_media[7], one_media[7], rtol=1e-5)
 
 
 def test_timed_cadences_are_refused_or_turned_off() -> None:

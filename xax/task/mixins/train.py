@@ -148,6 +148,13 @@ class TrainConfig(
 Config = TypeVar("Config", bound=TrainConfig)
 
 
+def _addressable(leaf: Any) -> Any:
+    """``leaf``, or its global value on the host if other processes hold parts of it."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return multihost_utils.process_allgather(leaf, tiled=True)
+    return leaf
+
+
 class TrainMixin(
     DataLoaderMixin[Config],
     LoggerMixin[Config],
@@ -676,6 +683,10 @@ class TrainMixin(
         batch_np = next(iter(source))
         batch = self.place_batch(batch_np)
         media = self.log_media(self.eval_model(ts), batch, state.replace(phase="valid"))
+        if jax.process_count() > 1:
+            # The logging thread can read only this process's shards; every process gathers the
+            # rest here, together (heavy logging is step-based in multi-process runs).
+            media = jax.tree.map(_addressable, media)
         if media:
             self.log_item(LogItem(state=state, phase="valid", media=media))
 
