@@ -23,7 +23,7 @@ The first 90% of its characters train, the last 10% validate; the vocabulary is 
 import functools
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,7 @@ class Vocabulary:
             raise xax.DataError(f"characters {unknown} are not in the vocabulary; use only {self.chars!r}")
         return np.fromiter((lookup[char] for char in text), dtype=np.int32, count=len(text))
 
-    def decode(self, ids: Int[np.ndarray, " n"]) -> str:
+    def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
 
@@ -379,10 +379,11 @@ class Shakespeare(xax.SupervisedTask[Config]):
     def compute_media(
         self, model: Any, batch: Batch, output: Float[Array, "b t v"], state: xax.State
     ) -> dict[str, xax.Metric]:
-        return {"sample": xax.Text(self.generate_text(model))}
+        # Decoded on the logging thread.
+        return {"sample": xax.Tokens(self.generate_ids(model), self.vocab.decode)}
 
-    def generate_text(self, model: Any) -> str:
-        """The prompt followed by ``num_chars`` sampled characters.
+    def generate_ids(self, model: Any) -> Int[np.ndarray, " n"]:
+        """The prompt's ids followed by ``num_chars`` sampled ones.
 
         The key depends on the seed alone, so logged samples differ only by the weights, and
         ``mode=sample`` reproduces the sample logged with the same weights and settings.
@@ -390,8 +391,13 @@ class Shakespeare(xax.SupervisedTask[Config]):
         config = self.config
         key = jax.random.fold_in(jax.random.key(config.seed), 3)
         sampling = SamplingConfig(temperature=config.temperature, top_k=config.top_k)
-        new = self.kind.generate(model, self.vocab.encode(config.prompt), config.num_chars, key, sampling)
-        return config.prompt + self.vocab.decode(new)
+        prompt = self.vocab.encode(config.prompt)
+        new = self.kind.generate(model, prompt, config.num_chars, key, sampling)
+        return np.concatenate([prompt, new])
+
+    def generate_text(self, model: Any) -> str:
+        """The prompt followed by ``num_chars`` sampled characters (see ``generate_ids``)."""
+        return self.vocab.decode(self.generate_ids(model))
 
     @override
     def batch_columns(self) -> tuple[str, ...]:

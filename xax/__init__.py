@@ -13,12 +13,15 @@ from xax.core.errors import ConfigError as ConfigError
 from xax.core.errors import DataError as DataError
 from xax.core.errors import LaunchError as LaunchError
 from xax.core.errors import XaxError as XaxError
+from xax.core.metric import Audio as Audio
 from xax.core.metric import Histogram as Histogram
 from xax.core.metric import Image as Image
 from xax.core.metric import Images as Images
 from xax.core.metric import Metric as Metric
 from xax.core.metric import Scalar as Scalar
 from xax.core.metric import Text as Text
+from xax.core.metric import Tokens as Tokens
+from xax.core.metric import Video as Video
 from xax.core.state import Phase as Phase
 from xax.core.state import State as State
 from xax.parallel import ParallelOptions as ParallelOptions

@@ -1,20 +1,30 @@
 """Tests for metric types and their conversion to host values."""
 
+import io
+import wave
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image as PILImage
+from PIL import ImageSequence
 
 from xax.core.metric import (
+    Audio,
     Histogram,
     Image,
     Images,
+    LogAudio,
     LogHistogram,
     LogImage,
     LogScalar,
     LogText,
+    LogVideo,
     Scalar,
     Text,
+    Tokens,
+    Video,
 )
 
 
@@ -140,3 +150,83 @@ def test_metrics_pass_through_jit() -> None:
     assert host["grid"].to_log().pixels.shape[0] > 2 * 3
     assert host["text"].to_log() == LogText("sample")
     np.testing.assert_allclose(host["hist"].to_log().values, np.asarray(x).reshape(-1), rtol=1e-6)
+
+
+ALPHABET = "abcdefgh"
+
+
+def decode(ids: list[int]) -> str:
+    return "".join(ALPHABET[i] for i in ids)
+
+
+def test_tokens_are_decoded_on_the_host_one_paragraph_per_sequence() -> None:
+    assert Tokens(jnp.array([0, 1, 2]), decode).to_log() == LogText("abc")
+    assert Tokens(np.array([[7, 0], [3, 3]], np.int64), decode).to_log() == LogText("ha\n\ndd")
+
+    @jax.jit
+    def sample(x: jax.Array) -> Tokens:
+        return Tokens(jnp.argsort(x), decode)  # ids made inside the step; decode stays static
+
+    assert jax.device_get(sample(jnp.array([3.0, 1.0, 2.0]))).to_log() == LogText("bca")
+    with pytest.raises(ValueError, match=r"Tokens ids must be integers of shape \(L,\) or \(N, L\); got float32"):
+        Tokens(jnp.zeros(3), decode)
+
+
+def read_wav(data: bytes) -> tuple[int, int, np.ndarray]:
+    """(channels, sample rate, int16 samples (T, C)) of a WAV file, read with the standard library."""
+    with wave.open(io.BytesIO(data), "rb") as wav:
+        assert wav.getsampwidth() == 2
+        frames = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+        return wav.getnchannels(), wav.getframerate(), frames.reshape(-1, wav.getnchannels())
+
+
+def test_audio_becomes_clipped_float32_and_a_16_bit_wav() -> None:
+    mono = Audio(jnp.array([0.0, 0.5, -0.5, 2.0, -3.0, jnp.nan]), sample_rate=8000).to_log()
+    assert isinstance(mono, LogAudio) and mono.sample_rate == 8000
+    np.testing.assert_array_equal(mono.samples[:, 0], np.array([0.0, 0.5, -0.5, 1.0, -1.0, 0.0], np.float32))
+    channels, rate, pcm = read_wav(mono.wav_bytes())
+    assert (channels, rate) == (1, 8000)
+    np.testing.assert_array_equal(pcm[:, 0], [0, 16384, -16384, 32767, -32767, 0])  # round(x * 32767)
+
+    t = np.arange(100) / 16000
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.cos(2 * np.pi * 440 * t)], axis=1).astype(np.float32)
+    channels, rate, pcm = read_wav(Audio(stereo, sample_rate=16000).to_log().wav_bytes())
+    assert (channels, rate, pcm.shape) == (2, 16000, (100, 2))
+    np.testing.assert_allclose(pcm / 32767.0, stereo, atol=0.5 / 32767 + 1e-7)  # one rounding
+
+
+@pytest.mark.parametrize(
+    ("samples", "rate", "message"),
+    [
+        (
+            np.zeros((4, 3)),
+            8000,
+            r"Audio samples must have shape \(T,\) or \(T, C\) with C in 1, 2 and T > 0; got \(4, 3\)",
+        ),
+        (np.zeros(0), 8000, r"got \(0,\)"),
+        (np.zeros(4), 0, "Audio sample_rate must be positive, got 0"),
+    ],
+)
+def test_bad_audio_is_refused(samples: np.ndarray, rate: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Audio(samples, sample_rate=rate)
+
+
+def test_video_becomes_uint8_frames_and_a_looping_gif() -> None:
+    frames = np.zeros((3, 4, 5), np.float32)  # grayscale, float in [0, 1]
+    for i in range(3):
+        frames[i, :, i] = 1.0  # a white column moving right
+    log = Video(jnp.asarray(frames), fps=4).to_log()
+    assert isinstance(log, LogVideo) and log.fps == 4.0
+    assert log.frames.dtype == np.uint8 and log.frames.shape == (3, 4, 5, 3)
+    gif = PILImage.open(io.BytesIO(log.gif_bytes()))
+    assert (gif.format, gif.size, gif.info["loop"]) == ("GIF", (5, 4), 0)
+    decoded = [(np.asarray(frame.convert("RGB")), frame.info["duration"]) for frame in ImageSequence.Iterator(gif)]
+    assert len(decoded) == 3
+    for (pixels, duration), expected in zip(decoded, log.frames, strict=True):
+        assert duration == 250
+        np.testing.assert_array_equal(pixels, expected)  # two colours: exact
+    with pytest.raises(ValueError, match=r"Video pixels must have shape"):
+        Video(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="Video needs frames and a positive fps; got 2 frames at 0"):
+        Video(np.zeros((2, 3, 3)), fps=0)

@@ -3,16 +3,19 @@
 A step returns ``dict[str, Metric]``. The arrays inside stay on the device until a logger is due;
 only then does the host fetch them (one transfer for the whole dict) and call ``to_log()``, which
 turns each metric into a plain host value (``LogScalar``, ``LogHistogram``, ``LogImage``,
-``LogText``) that loggers write.
+``LogText``, ``LogAudio``, ``LogVideo``) that loggers write.
 """
 
+import io
 import math
+import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import equinox as eqx
 import jax
 import numpy as np
-from jaxtyping import Shaped
+from jaxtyping import Float, Shaped
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFont
 
@@ -51,7 +54,44 @@ class LogText:
     text: str
 
 
-LogValue = LogScalar | LogHistogram | LogImage | LogText
+@dataclass(frozen=True, eq=False)
+class LogAudio:
+    """Audio ready to log: float32 samples in [-1, 1] of shape (T, C), C = 1 or 2, at ``sample_rate`` Hz."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+    def wav_bytes(self) -> bytes:
+        """The audio as a 16-bit PCM WAV file."""
+        pcm = np.round(self.samples * 32767.0).astype("<i2")
+        with io.BytesIO() as buffer:
+            with wave.open(buffer, "wb") as out:
+                out.setnchannels(self.samples.shape[1])
+                out.setsampwidth(2)
+                out.setframerate(self.sample_rate)
+                out.writeframes(pcm.tobytes())
+            return buffer.getvalue()
+
+
+@dataclass(frozen=True, eq=False)
+class LogVideo:
+    """Frames ready to log: uint8 of shape (T, H, W, C), C = 3 or 4, shown at ``fps`` frames per second."""
+
+    frames: np.ndarray
+    fps: float
+
+    def gif_bytes(self) -> bytes:
+        """The frames as an animated GIF that loops forever (GIF holds 256 colours a frame)."""
+        mode = "RGBA" if self.frames.shape[-1] == 4 else "RGB"
+        images = [PILImage.fromarray(frame, mode=mode) for frame in self.frames]
+        with io.BytesIO() as buffer:
+            # GIF frame durations are whole milliseconds.
+            duration = max(1, round(1000.0 / self.fps))
+            images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
+            return buffer.getvalue()
+
+
+LogValue = LogScalar | LogHistogram | LogImage | LogText | LogAudio | LogVideo
 
 
 class Scalar(eqx.Module):
@@ -141,7 +181,77 @@ class Text(eqx.Module):
         return LogText(self.text)
 
 
-Metric = Scalar | Histogram | Image | Images | Text
+class Tokens(eqx.Module):
+    """Token ids, decoded to text only on the host when logged (the step returns the ids).
+
+    Attributes:
+        ids: Integer ids of shape (L,), or (N, L) for N sequences, logged as N paragraphs.
+        decode: Turns a list of ids into text, such as a tokenizer's ``decode``; static, so a jitted
+            function can return the metric.
+    """
+
+    ids: Shaped[_AnyArray, "..."]  # checked in __check_init__, with a message naming the metric
+    decode: Callable[[list[int]], str] = eqx.field(static=True)
+
+    def __check_init__(self) -> None:
+        if self.ids.ndim not in (1, 2) or not np.issubdtype(np.dtype(self.ids.dtype), np.integer):
+            raise ValueError(
+                f"Tokens ids must be integers of shape (L,) or (N, L); got {self.ids.dtype} of shape "
+                f"{tuple(self.ids.shape)}"
+            )
+
+    def to_log(self) -> LogText:
+        ids = np.asarray(self.ids)
+        rows = ids[None] if ids.ndim == 1 else ids
+        return LogText("\n\n".join(self.decode([int(i) for i in row]) for row in rows))
+
+
+class Audio(eqx.Module):
+    """A sound, such as a generated waveform.
+
+    Attributes:
+        samples: Float samples in [-1, 1] (values outside are clipped) of shape (T,) for mono or
+            (T, C) with C = 1 or 2 channels.
+        sample_rate: Samples per second.
+    """
+
+    samples: Float[_AnyArray, "..."]  # (T,) or (T, C)
+    sample_rate: int = eqx.field(static=True)
+
+    def __check_init__(self) -> None:
+        shape = tuple(self.samples.shape)
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] not in (1, 2)) or shape[0] == 0:
+            raise ValueError(f"Audio samples must have shape (T,) or (T, C) with C in 1, 2 and T > 0; got {shape}")
+        if self.sample_rate <= 0:
+            raise ValueError(f"Audio sample_rate must be positive, got {self.sample_rate}")
+
+    def to_log(self) -> LogAudio:
+        samples = np.nan_to_num(np.asarray(self.samples, dtype=np.float32), nan=0.0)
+        samples = np.clip(samples, -1.0, 1.0)
+        return LogAudio(samples[:, None] if samples.ndim == 1 else samples, int(self.sample_rate))
+
+
+class Video(eqx.Module):
+    """A clip, such as a sampled trajectory or a denoising sequence.
+
+    Attributes:
+        frames: An array of shape (T, H, W) or (T, H, W, C), with the dtypes and ranges of ``Image``.
+        fps: Frames per second when played.
+    """
+
+    frames: Shaped[_AnyArray, "..."]  # (T, H, W) or (T, H, W, C), checked in __check_init__
+    fps: int | float = eqx.field(default=10.0, static=True)
+
+    def __check_init__(self) -> None:
+        _check_pixels(self.frames, leading=1, name="Video")
+        if self.frames.shape[0] == 0 or self.fps <= 0:
+            raise ValueError(f"Video needs frames and a positive fps; got {self.frames.shape[0]} frames at {self.fps}")
+
+    def to_log(self) -> LogVideo:
+        return LogVideo(np.stack([_to_uint8_hwc(frame) for frame in np.asarray(self.frames)]), float(self.fps))
+
+
+Metric = Scalar | Histogram | Image | Images | Text | Tokens | Audio | Video
 
 
 def _check_pixels(pixels: _AnyArray, leading: int, name: str) -> None:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xax.core.metric import Histogram, Images, LogImage, Metric, Scalar, Text
+from xax.core.metric import Audio, Histogram, Images, LogImage, Metric, Scalar, Text, Tokens, Video
 from xax.task.loggers.base import LogRecord
 from xax.task.loggers.jsonl import JsonlLogger
 
@@ -85,13 +85,21 @@ def test_record_from_jitted_metrics(tmp_path: Path) -> None:
             "weights": Histogram(x),
             "grid": Images(x.reshape(1, 2, 2), labels=("a",)),
             "sample": Text("to be"),
+            "tokens": Tokens(jnp.argsort(x)[::-1], lambda ids: "".join("wxyz"[i] for i in ids)),
+            "sound": Audio(x, sample_rate=4),
+            "clip": Video(x.reshape(4, 1, 1), fps=2),
         }
 
     metrics = step(jnp.array([0.0, 0.25, 0.5, 1.0]))
-    record = LogRecord.from_metrics(metrics, step=4, num_samples=128, elapsed_time_s=2.0, phase="valid")
-    assert record.scalars == {"loss": pytest.approx(0.4375)}
-    assert record.texts == {"sample": "to be"}
+    record = LogRecord.from_metrics(
+        metrics, step=4, num_samples=128, elapsed_time_s=2.0, phase="valid", scalars={"lr": 0.1}
+    )
+    assert record.scalars == {"lr": 0.1, "loss": pytest.approx(0.4375)}
+    assert record.texts == {"sample": "to be", "tokens": "zyxw"}
     assert set(record.images) == {"grid"}
+    np.testing.assert_array_equal(record.audio["sound"].samples[:, 0], [0.0, 0.25, 0.5, 1.0])
+    assert record.audio["sound"].sample_rate == 4
+    assert record.videos["clip"].frames.shape == (4, 1, 1, 3) and record.videos["clip"].fps == 2.0
     assert record.images["grid"].pixels.dtype == np.uint8
     np.testing.assert_array_equal(record.histograms["weights"], [0.0, 0.25, 0.5, 1.0])
 
@@ -101,3 +109,4 @@ def test_record_from_jitted_metrics(tmp_path: Path) -> None:
     (row,) = _read(tmp_path / "log.jsonl")
     assert row["phase"] == "valid"
     assert row["scalars"]["loss"] == pytest.approx(0.4375)
+    assert row["texts"] == {"sample": "to be", "tokens": "zyxw"}  # audio and video are left to the media loggers

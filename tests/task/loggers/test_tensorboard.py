@@ -1,13 +1,17 @@
 """Tests for the TensorBoard logger, reading the event files back."""
 
+import io
 import struct
+import wave
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageSequence
 from tensorboardX.proto.event_pb2 import Event  # ty: ignore[missing-module-member]
 
-from xax.core.metric import LogImage
+from xax.core.metric import LogAudio, LogImage, LogVideo
 from xax.task.loggers.base import LogRecord
 from xax.task.loggers.tensorboard import TensorBoardLogger
 
@@ -76,3 +80,33 @@ def test_writes_each_phase_to_its_own_directory(tmp_path: Path) -> None:
     valid = tag_values(read_events(tmp_path / "tb" / "valid"))
     assert [(step, value.simple_value) for step, value in valid["loss"]] == [(7, 0.75)]
     assert set(valid) == {"loss"}
+
+
+def test_audio_and_video_are_encoded_without_extra_packages(tmp_path: Path) -> None:
+    samples = np.linspace(-1.0, 1.0, 50, dtype=np.float32).reshape(25, 2)
+    frames = np.zeros((2, 3, 4, 3), np.uint8)
+    frames[1] = 255
+    logger = TensorBoardLogger(tmp_path / "tb")
+    record = LogRecord(
+        step=5,
+        num_samples=0,
+        elapsed_time_s=0.0,
+        phase="valid",
+        audio={"speech": LogAudio(samples, 16000)},
+        videos={"rollout": LogVideo(frames, fps=5.0)},
+    )
+    logger.write(record)
+    logger.close()
+    found = tag_values(read_events(tmp_path / "tb" / "valid"))
+    ((step, sound),) = found["speech"]
+    assert step == 5
+    assert (sound.audio.sample_rate, sound.audio.num_channels, sound.audio.length_frames) == (16000, 2, 25)
+    assert sound.audio.content_type == "audio/wav"
+    with wave.open(io.BytesIO(sound.audio.encoded_audio_string)) as wav:
+        pcm = np.frombuffer(wav.readframes(25), "<i2").reshape(25, 2)
+    np.testing.assert_array_equal(pcm, np.round(samples * 32767).astype(np.int16))
+    ((step, clip),) = found["rollout"]
+    assert (step, clip.image.height, clip.image.width, clip.image.colorspace) == (5, 3, 4, 3)
+    gif = PILImage.open(io.BytesIO(clip.image.encoded_image_string))
+    decoded = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(gif)]
+    np.testing.assert_array_equal(np.stack(decoded), frames)

@@ -30,7 +30,7 @@ _SCRIPT = textwrap.dedent(
     import numpy as np
 
     from xax.core.errors import ConfigError
-    from xax.core.metric import LogImage
+    from xax.core.metric import LogAudio, LogImage, LogVideo
     from xax.task.loggers.base import LogRecord
     from xax.task.loggers.wandb import WandbLogger
 
@@ -52,6 +52,8 @@ _SCRIPT = textwrap.dedent(
             images={"grid": LogImage(pixels)},
             texts={"sample": "a<b"},
             histograms={"weights": np.arange(5, dtype=np.float32)},
+            audio={"speech": LogAudio(np.zeros((800, 1), np.float32), 8000)},
+            videos={"rollout": LogVideo(np.zeros((3, 4, 6, 3), np.uint8), fps=5.0)},
         )
     )
     logger.write(LogRecord(step=3, num_samples=96, elapsed_time_s=1.5, phase="valid", scalars={"loss": 0.75}))
@@ -125,6 +127,12 @@ def test_offline_run_writes_its_files(tmp_path: Path) -> None:
     assert train["train/weights/_type"] == '"histogram"'
     assert train["train/grid/_type"] == '"image-file"'
     assert (train["train/grid/width"], train["train/grid/height"]) == ("6", "4")
+    assert train["train/speech/_type"] == '"audio-file"'
+    assert train["train/rollout/_type"] == '"video-file"'
+    (wav,) = Path(run_dir).glob("files/media/audio/train/speech_*.wav")
+    assert wav.read_bytes()[:4] == b"RIFF"
+    (gif,) = Path(run_dir).glob("files/media/videos/train/rollout_*.gif")
+    assert gif.read_bytes()[:6] == b"GIF89a"
     (html,) = Path(run_dir).glob("files/media/html/train/sample_*.html")
     assert "<pre>a&lt;b</pre>" in html.read_text()
 

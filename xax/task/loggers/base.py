@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax
 import numpy as np
 
-from xax.core.metric import LogHistogram, LogImage, LogScalar, LogText, Metric
+from xax.core.metric import LogAudio, LogHistogram, LogImage, LogScalar, LogText, LogVideo, Metric
 from xax.core.state import Phase
 
 
@@ -25,6 +25,8 @@ class LogRecord:
         images: Images by name.
         texts: Texts by name.
         histograms: Flattened histogram values by name.
+        audio: Sounds by name.
+        videos: Clips by name.
     """
 
     step: int
@@ -35,6 +37,8 @@ class LogRecord:
     images: dict[str, LogImage] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
     histograms: dict[str, np.ndarray] = field(default_factory=dict)
+    audio: dict[str, LogAudio] = field(default_factory=dict)
+    videos: dict[str, LogVideo] = field(default_factory=dict)
 
     @classmethod
     def from_metrics(
@@ -45,6 +49,7 @@ class LogRecord:
         num_samples: int,
         elapsed_time_s: float,
         phase: Phase,
+        scalars: Mapping[str, float] | None = None,
     ) -> "LogRecord":
         """Fetches metrics from the device in one transfer and sorts their host values by kind.
 
@@ -54,41 +59,40 @@ class LogRecord:
             num_samples: Training samples consumed so far.
             elapsed_time_s: Seconds of training so far.
             phase: "train" or "valid".
+            scalars: Scalars that are host values already, added before the metrics' own.
 
         Returns:
             The record to pass to every logger.
         """
-        scalars: dict[str, float] = {}
-        images: dict[str, LogImage] = {}
-        texts: dict[str, str] = {}
-        histograms: dict[str, np.ndarray] = {}
-        for name, metric in jax.device_get(dict(metrics)).items():
-            match metric.to_log():
-                case LogScalar(value=value):
-                    scalars[name] = value
-                case LogImage() as image:
-                    images[name] = image
-                case LogText(text=text):
-                    texts[name] = text
-                case LogHistogram(values=values):
-                    histograms[name] = values
-        return cls(
+        record = cls(
             step=int(step),
             num_samples=int(num_samples),
             elapsed_time_s=float(elapsed_time_s),
             phase=phase,
-            scalars=scalars,
-            images=images,
-            texts=texts,
-            histograms=histograms,
+            scalars=dict(scalars or {}),
         )
+        for name, metric in jax.device_get(dict(metrics)).items():
+            match metric.to_log():
+                case LogScalar(value=value):
+                    record.scalars[name] = value
+                case LogImage() as image:
+                    record.images[name] = image
+                case LogText(text=text):
+                    record.texts[name] = text
+                case LogHistogram(values=values):
+                    record.histograms[name] = values
+                case LogAudio() as audio:
+                    record.audio[name] = audio
+                case LogVideo() as video:
+                    record.videos[name] = video
+        return record
 
 
 class Logger(ABC):
     """Writes log records somewhere: a terminal, a file, a dashboard.
 
     Attributes:
-        wants_heavy: Whether the logger writes images and histograms. The caller can skip the
+        wants_heavy: Whether the logger writes images, histograms, audio or video. The caller can skip the
             (slow) evaluation that makes them when no logger wants them.
     """
 

@@ -6,15 +6,20 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from typing_extensions import override
 
+from xax.core.metric import LogAudio, LogVideo
 from xax.core.state import Phase
 from xax.task.loggers.base import Logger, LogRecord
 
 if TYPE_CHECKING:
     from tensorboardX import SummaryWriter
+    from tensorboardX.proto.summary_pb2 import Summary  # ty: ignore[missing-module-member]
 
 
 class TensorBoardLogger(Logger):
-    """Writes scalars, images, texts and histograms to TensorBoard event files.
+    """Writes scalars, images, texts, histograms, audio and video to TensorBoard event files.
+
+    Audio is written as WAV and video as an animated GIF in the images dashboard, both encoded
+    here (tensorboardX would need soundfile and moviepy for them).
 
     Each phase gets its own writer in ``log_dir/<phase>``, so TensorBoard draws the training and
     validation curves of one metric in the same chart. Writers are made when their phase first
@@ -53,6 +58,12 @@ class TensorBoardLogger(Logger):
             finite = values[np.isfinite(values)]
             if finite.size:
                 writer.add_histogram(key, finite, global_step=step)
+        media = [_audio_value(key, audio) for key, audio in record.audio.items()]
+        media += [_video_value(key, video) for key, video in record.videos.items()]
+        if media:
+            from tensorboardX.proto.summary_pb2 import Summary  # ty: ignore[missing-module-member]
+
+            writer._get_file_writer().add_summary(Summary(value=media), global_step=step)
 
     @override
     def flush(self) -> None:
@@ -64,3 +75,25 @@ class TensorBoardLogger(Logger):
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+def _audio_value(tag: str, audio: LogAudio) -> "Summary.Value":
+    from tensorboardX.proto.summary_pb2 import Summary  # ty: ignore[missing-module-member]
+
+    length, channels = audio.samples.shape
+    encoded = Summary.Audio(
+        sample_rate=audio.sample_rate,
+        num_channels=channels,
+        length_frames=length,
+        encoded_audio_string=audio.wav_bytes(),
+        content_type="audio/wav",
+    )
+    return Summary.Value(tag=tag, audio=encoded)
+
+
+def _video_value(tag: str, video: LogVideo) -> "Summary.Value":
+    from tensorboardX.proto.summary_pb2 import Summary  # ty: ignore[missing-module-member]
+
+    _, height, width, channels = video.frames.shape
+    encoded = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=video.gif_bytes())
+    return Summary.Value(tag=tag, image=encoded)

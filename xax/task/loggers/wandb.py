@@ -1,6 +1,8 @@
 """Logs records to Weights & Biases, offline unless asked otherwise, never prompting for a login."""
 
 import importlib
+import io
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, Literal
@@ -29,7 +31,7 @@ def _import_wandb() -> ModuleType:
 
 
 class WandbLogger(Logger):
-    """Writes scalars, images, texts and histograms to a W&B run.
+    """Writes scalars, images, texts, histograms, audio (WAV) and video (GIF) to a W&B run.
 
     Keys are namespaced by phase (``train/loss``, ``valid/loss``) and plotted against a logged
     ``step`` metric rather than W&B's own step, since W&B drops values logged at a step below one
@@ -94,6 +96,9 @@ class WandbLogger(Logger):
             settings=settings,
             reinit="create_new",
         )
+        # Encoded audio waits here until W&B has copied it into the run.
+        self._media = tempfile.TemporaryDirectory(prefix="xax-wandb-media-")
+        self._media_dir = Path(self._media.name)
         self._run.define_metric("step")
         self._run.define_metric("*", step_metric="step")
         self._closed = False
@@ -114,6 +119,13 @@ class WandbLogger(Logger):
             finite = values[np.isfinite(values)]
             if finite.size:
                 data[prefix + key] = wandb.Histogram(finite)
+        for key, audio in record.audio.items():
+            # W&B encodes raw samples with soundfile; a WAV file needs nothing more.
+            path = self._media_dir / f"{record.phase}_{key.replace('/', '_')}_{record.step}.wav"
+            path.write_bytes(audio.wav_bytes())
+            data[prefix + key] = wandb.Audio(str(path))
+        for key, video in record.videos.items():
+            data[prefix + key] = wandb.Video(io.BytesIO(video.gif_bytes()), fps=round(video.fps), format="gif")
         self._run.log(data)
 
     @override
@@ -121,6 +133,7 @@ class WandbLogger(Logger):
         if not self._closed:
             self._closed = True
             self._run.finish()
+            self._media.cleanup()
 
 
 def _escape(text: str) -> str:

@@ -10,11 +10,10 @@ from dataclasses import field as dataclass_field
 from typing import Generic, TypeVar
 
 import jax
-import numpy as np
 from typing_extensions import override
 
 from xax.core.config import config_to_dict, config_to_yaml, field
-from xax.core.metric import LogHistogram, LogImage, LogScalar, LogText, Metric
+from xax.core.metric import Metric
 from xax.core.state import Phase, State
 from xax.task.loggers.base import Logger, LogRecord
 from xax.task.loggers.jsonl import JsonlLogger
@@ -70,28 +69,14 @@ def _to_record(item: LogItem) -> tuple[LogRecord, dict[str, float]]:
     count = float(sums.pop("count", 1.0))
     scalars = {name: float(value) / max(count, 1.0) for name, value in sums.items()}
     scalars.update(item.host_scalars)
-    images: dict[str, LogImage] = {}
-    texts: dict[str, str] = {}
-    histograms: dict[str, np.ndarray] = {}
-    for name, metric in item.media.items():
-        value = metric.to_log()
-        if isinstance(value, LogScalar):
-            scalars[name] = value.value
-        elif isinstance(value, LogImage):
-            images[name] = value
-        elif isinstance(value, LogText):
-            texts[name] = value.text
-        elif isinstance(value, LogHistogram):
-            histograms[name] = value.values
-    record = LogRecord(
-        step=item.state.num_steps,
-        num_samples=item.state.num_samples,
-        elapsed_time_s=item.state.elapsed_time_s,
+    state = item.state
+    record = LogRecord.from_metrics(
+        item.media,
+        step=state.num_steps,
+        num_samples=state.num_samples,
+        elapsed_time_s=state.elapsed_time_s,
         phase=item.phase,
         scalars=scalars,
-        images=images,
-        texts=texts,
-        histograms=histograms,
     )
     return record, health
 
