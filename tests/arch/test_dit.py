@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.jaxprs import dot_operand_dtypes
 from xax.arch.diffusion.embeddings import sincos_2d
+from xax.arch.diffusion.layers import attention
 from xax.arch.dit import DiT, DiTBlock, DiTConfig, MMDiTBlock, dit_config, layer_norm, patchify, unpatchify
 from xax.arch.unet import count_params
 
@@ -191,3 +193,24 @@ def test_mmdit_block_starts_as_identity() -> None:
     out_x, out_c = block(x, context, jnp.ones(16))
     np.testing.assert_array_equal(out_x, x)
     np.testing.assert_array_equal(out_c, context)
+
+
+@pytest.mark.parametrize("impl", ["xla", None])
+def test_attention_matches_softmax_attention_in_float64(impl: str | None) -> None:
+    q, k, v = (jax.random.normal(jax.random.key(i), (5 if i == 0 else 7, 16)) for i in range(3))
+    out = attention(q, k, v, num_heads=4, impl=impl)
+    expected = _softmax_attention(*(np.asarray(a, np.float64) for a in (q, k, v)), 4)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
+        attention(q, k, v, num_heads=4, impl="flash")
+
+
+def test_attention_backward_matmuls_run_in_bfloat16() -> None:
+    q, k, v = (jax.random.normal(jax.random.key(i), (6, 16), jnp.bfloat16) for i in range(3))
+
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return jnp.sum(attention(q, k, v, num_heads=2, impl="xla").astype(jnp.float32) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    # Two products forward, two transposes of each backward.
+    assert dot_operand_dtypes(jaxpr.jaxpr) == [[jnp.bfloat16, jnp.bfloat16]] * 6

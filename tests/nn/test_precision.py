@@ -1,9 +1,9 @@
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.jaxprs import dot_operand_dtypes
 from xax.nn.precision import mixed_dot_general
 
 # (B, T, D) x (V, D) -> (B, T, V): the output projection's layout.
@@ -48,10 +48,8 @@ def test_backward_matmuls_run_in_the_operand_dtype() -> None:
         return jnp.sum(jax.nn.log_softmax(mixed_dot_general(a, b, LOGITS)))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w)
-    dots = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"]
-    assert len(dots) == 3  # the forward product and the two transposes
-    for eqn in dots:
-        assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16, jnp.bfloat16], eqn
+    # The forward product and the two transposes.
+    assert dot_operand_dtypes(jaxpr.jaxpr) == [[jnp.bfloat16, jnp.bfloat16]] * 3
 
 
 def test_mismatched_operand_dtypes_are_refused_in_the_backward_pass() -> None:
@@ -59,14 +57,3 @@ def test_mismatched_operand_dtypes_are_refused_in_the_backward_pass() -> None:
     _, vjp = jax.vjp(lambda a, b: mixed_dot_general(a, b, LOGITS), x.astype(jnp.bfloat16), w)
     with pytest.raises(TypeError, match="share a dtype"):
         vjp(g)
-
-
-def _equations(jaxpr: jax.extend.core.Jaxpr) -> list:
-    found = []
-    for eqn in jaxpr.eqns:
-        found.append(eqn)
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if isinstance(inner, jax.extend.core.Jaxpr):
-                found.extend(_equations(inner))
-    return found

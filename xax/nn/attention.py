@@ -149,11 +149,17 @@ def dot_product_attention(
         window = None if sliding_window is None else (sliding_window - 1, 0)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window, implementation="cudnn")
     mask = attention_mask(q_slots, k_slots, key_mask, causal=causal, sliding_window=sliding_window)
-    return _xla_attention(q, k, v, mask)
+    return xla_attention(q, k, v, mask)
 
 
-def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Grouped attention with float32 logits and softmax, in plain XLA ops.
+def xla_attention(
+    q: Float[Array, "batch q heads head_dim"],
+    k: Float[Array, "batch k kv_heads head_dim"],
+    v: Float[Array, "batch k kv_heads head_dim"],
+    mask: Bool[Array, "#batch 1 q k"] | None = None,
+) -> Float[Array, "batch q heads head_dim"]:
+    """Grouped attention with float32 logits and softmax, in plain XLA ops; ``mask`` True = attend
+    (None: every key).
 
     It mirrors ``jax.nn.dot_product_attention(implementation="xla")`` but builds its matmuls with
     ``lax.dot_general``, whose transpose keeps mixed bf16/f32 dtypes explicit (jax's version
@@ -165,8 +171,9 @@ def _xla_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     q = q.reshape(batch, seq_q, kv_heads, groups, dim)  # (B, T, K, G, D)
     logits = mixed_dot_general(q, k, (((4,), (3,)), ((0, 2), (0, 2))))  # (B, K, T, G, S) float32
     logits = logits * (1.0 / math.sqrt(dim))
-    grouped_mask = mask[:, :, :, None, :]  # (B, 1, T, 1, S)
-    logits = jnp.where(grouped_mask, logits, jnp.finfo(jnp.float32).min)
+    if mask is not None:
+        grouped_mask = mask[:, :, :, None, :]  # (B, 1, T, 1, S)
+        logits = jnp.where(grouped_mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jax.lax.dot_general(probs, v, (((4,), (1,)), ((0, 1), (0, 2))))  # (B, K, T, G, D)
     return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(batch, seq_q, heads, dim)
