@@ -54,6 +54,8 @@ from benchmarks.gpt2_throughput import (
     resolve_common_args,
     run_children,
     time_steps,
+    time_torch_training,
+    torch_adamw,
     torch_device_setup,
     xax_argv,
 )
@@ -280,14 +282,7 @@ def run_torch(args: argparse.Namespace) -> float:
     )
     torch.manual_seed(0)
     model = TorchDiT(shape).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=setup.learning_rate,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=setup.weight_decay,
-        fused=True,
-    )
+    optimizer = torch_adamw(model, setup.learning_rate, (0.9, 0.999), setup.weight_decay)
     alpha_bar = torch.tensor(np.asarray(make_schedule(setup).alpha_bar), device=device)
     latents_np, labels_np = random_latents(setup)
     image = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -298,19 +293,15 @@ def run_torch(args: argparse.Namespace) -> float:
     def loss_fn(x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch_diffusion_loss(model, x0, y, alpha_bar, LABEL_DROP)
 
-    def one_step(_: int) -> None:
-        indices = torch.randint(0, setup.num_samples, (setup.batch,), device=device)
-        with attention(), torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = loss_fn(latents[indices], labels[indices])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def sync(_: Any) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return time_steps(one_step, sync, args.steps, args.warmup)
+    return time_torch_training(
+        lambda rows: loss_fn(latents[rows], labels[rows]),
+        optimizer,
+        setup.num_samples,
+        setup.batch,
+        device,
+        attention,
+        args,
+    )
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], float]] = {"xax": run_xax, "jax": run_jax, "torch": run_torch}
