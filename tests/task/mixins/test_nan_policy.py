@@ -1,6 +1,8 @@
 """Non-finite losses: halt, skip and rewind, each with an injected NaN."""
 
 import logging
+import re
+import time
 from pathlib import Path
 
 import datasets
@@ -18,7 +20,15 @@ POISONED_ROW = 100
 POISONED_STEP = int(np.argwhere(shuffle_order(512, 0, 0) == POISONED_ROW)[0, 0]) // 32 + 1
 
 
+# The task of the latest launch() (launch returns the final state, not the task).
+LAUNCHED: list["Poisoned"] = []
+
+
 class Poisoned(Regression):
+    def on_run_start(self) -> None:
+        LAUNCHED[:] = [self]
+        super().on_run_start()
+
     def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
         num, seed = (self.config.num_train, 0) if phase == "train" else (self.config.num_valid, 1)
         dataset = regression_dataset(num, seed)
@@ -29,15 +39,18 @@ class Poisoned(Regression):
         return datasets.Dataset.from_dict(data)
 
 
-def launch(tmp_path: Path, policy: str, *overrides: str) -> Poisoned:
-    tasks: list[Poisoned] = []
+class LateAlert(Poisoned):
+    """The host learns of the non-finite step seconds late, after later checkpoints are saved."""
 
-    class Recorded(Poisoned):
-        def on_run_start(self) -> None:
-            tasks.append(self)
-            super().on_run_start()
+    def on_health(self, state: xax.State, health: dict[str, float]) -> None:
+        if health.get("_nonfinite_steps", 0.0) > 0:
+            time.sleep(5.0)
+        super().on_health(state, health)
 
-    Recorded.launch(
+
+def launch(tmp_path: Path, policy: str, *overrides: str, task: type[Poisoned] = Poisoned) -> Poisoned:
+    LAUNCHED.clear()
+    task.launch(
         RegressionConfig(batch_size=32, max_steps=16, valid_every_n_steps=None),
         argv=[
             f"artifacts.run_dir={tmp_path}",
@@ -49,7 +62,7 @@ def launch(tmp_path: Path, policy: str, *overrides: str) -> Poisoned:
             *overrides,
         ],
     )
-    return tasks[0]
+    return LAUNCHED[0]
 
 
 def all_finite(tree: object) -> bool:
@@ -66,8 +79,8 @@ def test_halt_names_the_step_and_the_last_good_checkpoint(tmp_path: Path, capsys
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert f"non-finite loss at step {POISONED_STEP}" in err
-    newest = checkpoint_steps(tmp_path / "checkpoints")[-1]
-    assert f"last good checkpoint: {tmp_path / 'checkpoints' / str(newest)}" in err
+    before = max(step for step in checkpoint_steps(tmp_path / "checkpoints") if step < POISONED_STEP)
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / str(before)}" in err
 
 
 def test_skip_continues_without_applying_the_update(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -93,6 +106,26 @@ def test_rewind_restores_and_skips_the_batch(tmp_path: Path, caplog: pytest.LogC
     assert "rewinding to" in caplog.text
     assert f"Skipping the batch of step {POISONED_STEP}" in caplog.text
     assert all_finite(final_params(task).params)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "train"]
+    assert steps[-1] == 16
+
+
+def test_rewind_goes_back_past_checkpoints_saved_after_the_bad_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        task = launch(tmp_path, "rewind", task=LateAlert)
+    before = (POISONED_STEP - 1) // 2 * 2  # the newest checkpoint (every 2 steps) before the bad step
+    assert f"rewinding to {tmp_path / 'checkpoints' / str(before)} and skipping that batch" in caplog.text
+    # Those saved while the alert was on its way (the last step waits for it before its own save).
+    (deleted,) = re.findall(
+        r"Deleted the checkpoints of steps \[([\d, ]+)\], which the rewound run replaces", caplog.text
+    )
+    assert [int(step) for step in deleted.split(", ")] == list(range(before + 2, 16, 2))
+    assert f"Skipping the batch of step {POISONED_STEP}" in caplog.text
+    assert all_finite(final_params(task).params)
+    # The rewound run saved its own checkpoints in place of the deleted ones, up to the last step.
+    assert checkpoint_steps(tmp_path / "checkpoints")[-1] == 16
     steps = [r["step"] for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "train"]
     assert steps[-1] == 16
 

@@ -306,9 +306,24 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
                 "the previous checkpoints are intact"
             ) from error
 
-    def latest_checkpoint(self) -> Path | None:
-        steps = checkpoint_steps(self.checkpoint_dir)
+    def latest_checkpoint(self, before_step: int | None = None) -> Path | None:
+        """The newest complete checkpoint (of a step below ``before_step``, if given), or None."""
+        steps = self._steps_before(before_step)
         return self.checkpoint_dir / str(steps[-1]) if steps else None
+
+    def _steps_before(self, before_step: int | None) -> list[int]:
+        steps = checkpoint_steps(self.checkpoint_dir)
+        return steps if before_step is None else [step for step in steps if step < before_step]
+
+    def discard_checkpoints_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints of steps after ``step`` (those of a trajectory training left, as
+        on a rewind, which would otherwise stand in for the new one's); returns their steps."""
+        self.wait_for_checkpoint()
+        later = [saved for saved in checkpoint_steps(self.checkpoint_dir) if saved > step]
+        manager = self.checkpoint_manager()
+        for saved in later:
+            manager.delete(saved)
+        return later
 
     def restore_training(self, target: PyTree) -> tuple[PyTree, Restored] | None:
         """Restores per ``resume``: None to start afresh, 'auto' for the newest readable checkpoint
@@ -324,9 +339,10 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
         directory, steps = resolve_checkpoint(Path(resume))
         return self._restore_first_readable(directory, steps, target, fall_back=False)
 
-    def restore_latest(self, target: PyTree) -> tuple[PyTree, Restored] | None:
-        """The newest readable checkpoint of this run, or None when there is none."""
-        steps = checkpoint_steps(self.checkpoint_dir)[::-1]
+    def restore_latest(self, target: PyTree, before_step: int | None = None) -> tuple[PyTree, Restored] | None:
+        """The newest readable checkpoint of this run (of a step below ``before_step``, if given), or
+        None when there is none."""
+        steps = self._steps_before(before_step)[::-1]
         if not steps:
             return None
         return self._restore_first_readable(self.checkpoint_dir, steps, target, fall_back=True)

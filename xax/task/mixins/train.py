@@ -115,7 +115,7 @@ class NanOptions:
     policy: str = field(
         "halt",
         help="On a non-finite loss or gradient (whose update is never applied): halt, skip the step, or "
-        "rewind to the last checkpoint and skip the batch. Seen when the metrics are next logged.",
+        "rewind to the newest checkpoint before the step and skip the batch. Seen when the metrics are next logged.",
     )
     max_consecutive: int = field(10, help="skip: halt after this many non-finite steps in a row")
 
@@ -434,7 +434,9 @@ class TrainMixin(
         culprit = f"gradient of {self._grad_leaf_names[leaf - 1]}" if leaf > 0 else "loss"
         what = f"non-finite {culprit} at step {step} ({int(health['_nonfinite_steps'])} step(s) skipped)"
         self.wait_for_checkpoint()
-        last_good = self.latest_checkpoint()
+        # A checkpoint saved after the step (before the host learned of it) is finite, since the
+        # update was not applied, but its trajectory has already passed the bad batch.
+        last_good = self.latest_checkpoint(before_step=step)
         policy = self.config.nan.policy
         streak = int(health["_max_nonfinite_streak"])
         if policy == "halt" or (policy == "skip" and streak >= self.config.nan.max_consecutive):
@@ -446,18 +448,25 @@ class TrainMixin(
             )
         if policy == "rewind":
             if last_good is None:
-                raise TrainingStopped(f"error: {what}; nan.policy=rewind but no checkpoint exists yet", EXIT_FAILURE)
+                raise TrainingStopped(
+                    f"error: {what}; nan.policy=rewind but no checkpoint precedes step {step}", EXIT_FAILURE
+                )
             raise _Rewind(step, what)
         logger.warning("%s; continuing (nan.policy=skip)", what)
 
     def _rewind(self, template: PyTree, rewind: "_Rewind") -> tuple[TrainState, State, Cursor]:
         self.wait_for_checkpoint()
         self.close_workers_of(self.train_feed)
-        restored = self.restore_latest(template)
+        restored = self.restore_latest(template, before_step=rewind.step)
         if restored is None:
-            raise TrainingStopped(f"error: {rewind.what}; no readable checkpoint to rewind to", EXIT_FAILURE)
+            raise TrainingStopped(
+                f"error: {rewind.what}; no readable checkpoint precedes step {rewind.step} to rewind to", EXIT_FAILURE
+            )
         ts, info = restored
         logger.warning("%s; rewinding to %s and skipping that batch", rewind.what, info.path)
+        discarded = self.discard_checkpoints_after(info.state.num_steps)
+        if discarded:
+            logger.warning("Deleted the checkpoints of steps %s, which the rewound run replaces", discarded)
         self._valid_cadence_last = (info.state.num_steps, time.monotonic())
         self.resume_cadences(info.state.num_steps)
         return ts, info.state, info.cursor
