@@ -92,7 +92,8 @@ def generate(
     guidance: Float[Array, ""],
     num_steps: int,
     dtype: jnp.dtype,
-) -> UInt8[Array, "n 28 28"]:
+    trajectory: bool = False,
+) -> UInt8[Array, "*steps n 28 28"]:
     """Deterministic DDIM samples (Song et al. 2021) of the given classes with classifier-free guidance.
 
     Args:
@@ -104,15 +105,17 @@ def generate(
             array, so that other scales reuse the compiled sampler).
         num_steps: DDIM steps.
         dtype: The dtype the network computes in.
+        trajectory: Return the images after every step (the last are the samples).
 
     Returns:
-        The samples as uint8 images.
+        The samples as uint8 images (n, 28, 28), or with ``trajectory`` (num_steps, n, 28, 28).
     """
     noise_key, sample_key = jax.random.split(key)
     noise = jax.random.normal(noise_key, (labels.shape[0], *IMAGE_SHAPE), jnp.float32)
     denoiser = guided(network(model, dtype), labels, model.null_label, guidance)
     # eps prediction on the cosine schedule needs the x0 clip, or the first (noisiest) steps overshoot.
-    return to_uint8(ddim_sample(denoiser, schedule, noise, sample_key, num_steps, clip_x0=1.0))
+    samples = ddim_sample(denoiser, schedule, noise, sample_key, num_steps, clip_x0=1.0, trajectory=trajectory)
+    return jax.vmap(to_uint8)(samples) if trajectory else to_uint8(samples)
 
 
 def grid_metric(images: UInt8[np.ndarray, "n 28 28"], num_per_class: int) -> xax.Images:
@@ -277,7 +280,12 @@ class MnistDiffusion(xax.Task[Config]):
         return loss, {}
 
     def sample_grid(self, model: Denoiser) -> xax.Images:
-        """``num_per_class`` samples of each digit, one row per digit.
+        """``num_per_class`` samples of each digit, one row per digit (see ``sample_media``)."""
+        return self.sample_media(model, trajectory=False)[0]
+
+    def sample_media(self, model: Denoiser, trajectory: bool = True) -> tuple[xax.Images, xax.Video | None]:
+        """The grid of samples and, with ``trajectory``, a video of the first sample of each digit
+        through the sampling steps, from one run of the sampler.
 
         The key depends on the seed alone, so logged grids differ only by the weights, and ``mode=sample``
         reproduces the grid logged with the same weights and settings.
@@ -287,15 +295,21 @@ class MnistDiffusion(xax.Task[Config]):
         key = jax.random.fold_in(jax.random.key(config.seed), 3)
         guidance = jnp.asarray(config.guidance_scale, jnp.float32)
         schedule = noise_schedule(config)
-        images = generate(model, schedule, labels, key, guidance, config.sampling_steps, self.compute_dtype)
-        return grid_metric(np.asarray(jax.device_get(images)), config.num_per_class)
+        steps = config.sampling_steps
+        images = np.asarray(generate(model, schedule, labels, key, guidance, steps, self.compute_dtype, trajectory))
+        if not trajectory:
+            return grid_metric(images, config.num_per_class), None
+        firsts = images[:, :: config.num_per_class]  # (steps, 10, 28, 28): one sample of each digit
+        frames = np.stack([xax.Images(frame, max_per_row=NUM_CLASSES).to_log().pixels for frame in firsts])
+        # About four seconds, whatever the number of steps.
+        return grid_metric(images[-1], config.num_per_class), xax.Video(frames, fps=max(1, steps // 4))
 
     @override
     def log_media(self, model: Denoiser, batch: Batch, state: xax.State) -> dict[str, xax.Metric]:
-        grid = self.sample_grid(model)
+        grid, denoising = self.sample_media(model)
         if jax.process_index() == 0:
             save_png(grid, self.run_dir / "samples" / f"step_{state.num_steps}.png")
-        return {"samples": grid}
+        return {"samples": grid} if denoising is None else {"samples": grid, "denoising": denoising}
 
     @override
     def batch_columns(self) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image as PILImage
+from PIL import ImageSequence
 from typing_extensions import override
 
 import xax
@@ -86,6 +87,16 @@ def _check_run(run_dir: Path) -> np.ndarray:
     assert step == 30 and (value.image.height, value.image.width) == (height, width)
     logged = np.asarray(PILImage.open(io.BytesIO(value.image.encoded_image_string)).convert("RGB"))
     np.testing.assert_array_equal(logged, png[..., :3])
+    # The denoising video: one frame per sampling step (4), a row of one sample of each digit.
+    ((step, video),) = tag_values(read_events(run_dir / "tensorboard" / "valid"))["denoising"]
+    assert step == 30 and (video.image.height, video.image.width) == (TILE + 2, 10 * TILE + 2)
+    gif = PILImage.open(io.BytesIO(video.image.encoded_image_string))
+    frames = [np.asarray(frame.convert("L"), np.float64) for frame in ImageSequence.Iterator(gif)]
+    assert len(frames) == 4
+    # The last frame holds the grid's first column (exactly: grey digits need fewer than GIF's 256 colours).
+    firsts = np.concatenate([png[2 + row * (height - 2) // 10 :][:28, 2:30, 0] for row in range(10)], axis=1)
+    lasts = np.concatenate([frames[-1][2:30, 2 + i * TILE : 2 + i * TILE + 28] for i in range(10)], axis=1)
+    np.testing.assert_array_equal(lasts, firsts)
     return png
 
 

@@ -91,3 +91,15 @@ def test_loss_of_the_exact_velocity_of_a_point_mass_vanishes(time_sampler: str) 
 def test_unknown_time_sampler_names_the_choices() -> None:
     with pytest.raises(ValueError, match=r"time_sampler='beta' is unknown; use one of \['logit_normal', 'uniform'\]"):
         flow.flow_matching_loss(lambda x, t: x, jnp.zeros((2, 2)), jax.random.key(0), "beta")
+
+
+def test_trajectories_hold_every_step_of_the_closed_form() -> None:
+    # Euler multiplies x by g = 1 + h r per step, Heun by 1 + h r + (h r)^2 / 2: after step k, x g^(k + 1).
+    rate, x, n = 0.8, jnp.array([[1.0, -2.0]]), 6
+    h = -1 / n
+    for sample, growth in ((flow.euler_sample, 1 + h * rate), (flow.heun_sample, 1 + h * rate + (h * rate) ** 2 / 2)):
+        states = sample(linear_field(rate), x, n, trajectory=True)
+        assert states.shape == (n, 1, 2)
+        expected = np.stack([np.asarray(x) * growth ** (k + 1) for k in range(n)])
+        np.testing.assert_allclose(states, expected, rtol=1e-5)
+        np.testing.assert_array_equal(states[-1], sample(linear_field(rate), x, n))

@@ -187,6 +187,18 @@ def test_ddim_with_eta_one_over_all_steps_is_ddpm() -> None:
     np.testing.assert_allclose(ddim, ddpm, atol=1e-4)
 
 
+def test_trajectories_end_at_the_sample() -> None:
+    schedule = GaussianSchedule.from_name("linear", 50)
+    noise, oracle, key = _noise(16), gaussian_oracle(schedule), jax.random.key(3)
+    for eta in (0.0, 1.0):  # stochastic too: the same key draws the same noise with or without the trajectory
+        states = ddim_sample(oracle, schedule, noise, key, 10, eta=eta, trajectory=True)
+        assert states.shape == (10, *noise.shape)
+        np.testing.assert_array_equal(states[-1], ddim_sample(oracle, schedule, noise, key, 10, eta=eta))
+    states = ddpm_sample(oracle, schedule, noise, key, clip_x0=1.0, trajectory=True)
+    assert states.shape == (50, *noise.shape)
+    np.testing.assert_array_equal(states[-1], ddpm_sample(oracle, schedule, noise, key, clip_x0=1.0))
+
+
 def test_clipped_ddpm_stays_in_range() -> None:
     samples = ddpm_sample(gaussian_oracle(SCHEDULE), SCHEDULE, _noise(256), jax.random.key(2), clip_x0=1.0)
     assert float(jnp.abs(samples).max()) <= 1.0

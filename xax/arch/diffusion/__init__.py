@@ -22,5 +22,6 @@ from xax.arch.diffusion.samplers import ddim_sample as ddim_sample
 from xax.arch.diffusion.samplers import ddpm_sample as ddpm_sample
 from xax.arch.diffusion.samplers import sampling_model as sampling_model
 from xax.arch.diffusion.samplers import sampling_params as sampling_params
+from xax.arch.diffusion.samplers import scan_steps as scan_steps
 from xax.arch.diffusion.schedules import GaussianSchedule as GaussianSchedule
 from xax.arch.diffusion.schedules import continuous_alpha_bar as continuous_alpha_bar

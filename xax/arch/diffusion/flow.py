@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from xax.arch.diffusion.gaussian import Denoiser
+from xax.arch.diffusion.samplers import scan_steps
 
 
 def _bcast(t: Float[Array, " b"], x: Array) -> Array:
@@ -89,8 +90,13 @@ def _call(velocity: Denoiser, x: Array, t: Array) -> Array:
 
 
 def euler_sample(
-    velocity: Denoiser, noise: Float[Array, " b *dims"], num_steps: int = 50, t_start: float = 1.0, t_end: float = 0.0
-) -> Float[Array, " b *dims"]:
+    velocity: Denoiser,
+    noise: Float[Array, " b *dims"],
+    num_steps: int = 50,
+    t_start: float = 1.0,
+    t_end: float = 0.0,
+    trajectory: bool = False,
+) -> Float[Array, "..."]:
     """Integrates ``dx/dt = v(x, t)`` with Euler steps ``x' = x + (t' - t) v(x, t)`` on a uniform grid.
 
     Args:
@@ -99,23 +105,28 @@ def euler_sample(
         num_steps: The number of steps (network evaluations).
         t_start: Where to start: 1 is pure noise.
         t_end: Where to stop: 0 is data.
+        trajectory: Return every step's ``x`` (see :func:`scan_steps`) instead of the last.
 
     Returns:
-        ``x`` at ``t_end``.
+        ``x`` at ``t_end`` (b, *dims), or with ``trajectory`` the states after each step (num_steps, b, *dims).
     """
     grid = _time_grid(num_steps, t_start, t_end)
 
-    def body(x: Array, times: tuple[Array, Array]) -> tuple[Array, None]:
+    def body(x: Array, times: tuple[Array, Array]) -> Array:
         t, t_next = times
-        return x + (t_next - t).astype(x.dtype) * _call(velocity, x, t), None
+        return x + (t_next - t).astype(x.dtype) * _call(velocity, x, t)
 
-    x, _ = jax.lax.scan(body, noise, (grid[:-1], grid[1:]))
-    return x
+    return scan_steps(body, noise, (grid[:-1], grid[1:]), trajectory)
 
 
 def heun_sample(
-    velocity: Denoiser, noise: Float[Array, " b *dims"], num_steps: int = 25, t_start: float = 1.0, t_end: float = 0.0
-) -> Float[Array, " b *dims"]:
+    velocity: Denoiser,
+    noise: Float[Array, " b *dims"],
+    num_steps: int = 25,
+    t_start: float = 1.0,
+    t_end: float = 0.0,
+    trajectory: bool = False,
+) -> Float[Array, "..."]:
     """Integrates ``dx/dt = v(x, t)`` with Heun's second-order method (Karras et al. 2022, Algorithm 1).
 
     ``x~ = x + h v(x, t)``, then ``x' = x + h / 2 (v(x, t) + v(x~, t'))`` with ``h = t' - t``: two network
@@ -127,18 +138,18 @@ def heun_sample(
         num_steps: The number of steps (twice as many network evaluations).
         t_start: Where to start: 1 is pure noise.
         t_end: Where to stop: 0 is data.
+        trajectory: Return every step's ``x`` (see :func:`scan_steps`) instead of the last.
 
     Returns:
-        ``x`` at ``t_end``.
+        ``x`` at ``t_end`` (b, *dims), or with ``trajectory`` the states after each step (num_steps, b, *dims).
     """
     grid = _time_grid(num_steps, t_start, t_end)
 
-    def body(x: Array, times: tuple[Array, Array]) -> tuple[Array, None]:
+    def body(x: Array, times: tuple[Array, Array]) -> Array:
         t, t_next = times
         h = (t_next - t).astype(x.dtype)
         slope = _call(velocity, x, t)
         predicted = x + h * slope
-        return x + 0.5 * h * (slope + _call(velocity, predicted, t_next)), None
+        return x + 0.5 * h * (slope + _call(velocity, predicted, t_next))
 
-    x, _ = jax.lax.scan(body, noise, (grid[:-1], grid[1:]))
-    return x
+    return scan_steps(body, noise, (grid[:-1], grid[1:]), trajectory)

@@ -1,6 +1,7 @@
 """Samplers of Gaussian diffusion: DDPM ancestral sampling and DDIM (with inversion), as ``lax.scan`` loops
 over a batch; and the choice of the EMA weights to sample with."""
 
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
@@ -40,7 +41,8 @@ def ddpm_sample(
     key: PRNGKeyArray,
     prediction: Prediction = "eps",
     clip_x0: float | None = None,
-) -> Float[Array, " b *dims"]:
+    trajectory: bool = False,
+) -> Float[Array, "..."]:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) through all ``T`` steps.
 
     Each step draws ``x_{t-1} ~ q(x_{t-1} | x_t, x_0 = f(x_t, t))``: the posterior mean of
@@ -54,24 +56,38 @@ def ddpm_sample(
         prediction: What the network outputs: "eps", "x0" or "v".
         clip_x0: Clip the predicted ``x_0`` to ``[-clip_x0, clip_x0]`` (1.0 for data scaled to [-1, 1]); None
             does not clip.
+        trajectory: Return every step's ``x`` (see :func:`scan_steps`) instead of the last.
 
     Returns:
-        The samples ``x_0``.
+        The samples ``x_0`` (b, *dims), or with ``trajectory`` the states after each step (T, b, *dims).
     """
     check_prediction(prediction)
     num_steps = schedule.num_steps
     steps = jnp.arange(num_steps - 1, -1, -1)
 
-    def body(x: Array, inputs: tuple[Array, Array]) -> tuple[Array, None]:
+    def body(x: Array, inputs: tuple[Array, Array]) -> Array:
         step, step_key = inputs
         x0, _ = _predict(denoiser, x, schedule.model_time(step), schedule.alpha_bar[step], prediction, clip_x0)
         batch_step = jnp.full((x.shape[0],), step)
         mean, variance = posterior_mean_variance(schedule, x0, x, batch_step)
         z = jax.random.normal(step_key, x.shape, x.dtype)
-        return mean + jnp.sqrt(variance[0]).astype(x.dtype) * z, None
+        return mean + jnp.sqrt(variance[0]).astype(x.dtype) * z
 
-    x, _ = jax.lax.scan(body, noise, (steps, jax.random.split(key, num_steps)))
-    return x
+    return scan_steps(body, noise, (steps, jax.random.split(key, num_steps)), trajectory)
+
+
+def scan_steps(body: Callable[[Array, Any], Array], x: Array, inputs: Any, trajectory: bool) -> Array:
+    """Applies ``x = body(x, inputs[i])`` for each step ``i`` (a ``lax.scan``); returns the last ``x``, or
+    with ``trajectory`` the ``x`` after every step stacked on a new leading axis (the last is the sample)."""
+
+    if not trajectory:
+        return jax.lax.scan(lambda x, step_inputs: (body(x, step_inputs), None), x, inputs)[0]
+
+    def step(x: Array, step_inputs: Any) -> tuple[Array, Array]:
+        x = body(x, step_inputs)
+        return x, x
+
+    return jax.lax.scan(step, x, inputs)[1]
 
 
 def ddim_steps(total_steps: int, num_steps: int) -> np.ndarray:
@@ -93,23 +109,23 @@ def _ddim_scan(
     eta: float,
     prediction: str,
     clip_x0: float | None,
+    trajectory: bool,
 ) -> Array:
     """Runs the generalized DDIM update from level ``levels[j]`` (model time ``times[j]``) to ``next_levels[j]``:
     ``x' = sqrt(a') x_0 + sqrt(1 - a' - sigma^2) eps + sigma z`` with
     ``sigma = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a')`` (Song et al. 2021, eqs. 12 and 16)."""
 
-    def body(x: Array, inputs: tuple[Array, Array, Array, Array]) -> tuple[Array, None]:
+    def body(x: Array, inputs: tuple[Array, Array, Array, Array]) -> Array:
         time, level, next_level, step_key = inputs
         x0, eps = _predict(denoiser, x, time, level, prediction, clip_x0)
         sigma = eta * jnp.sqrt((1 - next_level) / (1 - level) * jnp.maximum(1 - level / next_level, 0.0))
         direction = jnp.sqrt(jnp.maximum(1 - next_level - sigma**2, 0.0))
         z = jax.random.normal(step_key, x.shape, x.dtype)
         dtype = x.dtype
-        return jnp.sqrt(next_level).astype(dtype) * x0 + direction.astype(dtype) * eps + sigma.astype(dtype) * z, None
+        return jnp.sqrt(next_level).astype(dtype) * x0 + direction.astype(dtype) * eps + sigma.astype(dtype) * z
 
     keys = jax.random.split(key, times.shape[0])
-    x, _ = jax.lax.scan(body, x, (times, levels, next_levels, keys))
-    return x
+    return scan_steps(body, x, (times, levels, next_levels, keys), trajectory)
 
 
 def ddim_sample(
@@ -121,7 +137,8 @@ def ddim_sample(
     eta: float = 0.0,
     prediction: Prediction = "eps",
     clip_x0: float | None = None,
-) -> Float[Array, " b *dims"]:
+    trajectory: bool = False,
+) -> Float[Array, "..."]:
     """DDIM sampling (Song et al. 2021, "Denoising Diffusion Implicit Models") over a subsequence of steps.
 
     ``eta = 0`` is deterministic (the noise ``x_T`` alone fixes the sample); ``eta = 1`` with
@@ -137,15 +154,17 @@ def ddim_sample(
         eta: The stochasticity, from 0 (deterministic) to 1 (DDPM's posterior variance).
         prediction: What the network outputs: "eps", "x0" or "v".
         clip_x0: Clip the predicted ``x_0`` to ``[-clip_x0, clip_x0]``; None does not clip.
+        trajectory: Return every step's ``x`` (see :func:`scan_steps`) instead of the last.
 
     Returns:
-        The samples ``x_0``.
+        The samples ``x_0`` (b, *dims), or with ``trajectory`` the states after each step (num_steps, b, *dims).
     """
     check_prediction(prediction)
     steps = jnp.asarray(ddim_steps(schedule.num_steps, num_steps)[::-1])  # descending
     levels = schedule.alpha_bar[steps]
     next_levels = jnp.concatenate([levels[1:], jnp.ones((1,), levels.dtype)])
-    return _ddim_scan(denoiser, noise, schedule.model_time(steps), levels, next_levels, key, eta, prediction, clip_x0)
+    times = schedule.model_time(steps)
+    return _ddim_scan(denoiser, noise, times, levels, next_levels, key, eta, prediction, clip_x0, trajectory)
 
 
 def ddim_invert(
@@ -169,7 +188,8 @@ def ddim_invert(
     steps = jnp.asarray(ddim_steps(schedule.num_steps, num_steps))  # ascending
     levels = schedule.alpha_bar[steps]
     key = jax.random.key(0)  # unused: eta = 0 draws no noise
-    return _ddim_scan(denoiser, x, schedule.model_time(steps[:-1]), levels[:-1], levels[1:], key, 0.0, prediction, None)
+    times = schedule.model_time(steps[:-1])
+    return _ddim_scan(denoiser, x, times, levels[:-1], levels[1:], key, 0.0, prediction, None, trajectory=False)
 
 
 @runtime_checkable
