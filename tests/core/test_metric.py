@@ -226,7 +226,7 @@ def test_video_becomes_uint8_frames_and_a_looping_gif() -> None:
     for (pixels, duration), expected in zip(decoded, log.frames, strict=True):
         assert duration == 250
         np.testing.assert_array_equal(pixels, expected)  # two colours: exact
-    with pytest.raises(ValueError, match=r"Video pixels must have shape"):
+    with pytest.raises(ValueError, match=r"Video pixels must have shape \(T, H, W\) or \(T, H, W, C\)"):
         Video(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="Video needs frames and a positive fps; got 2 frames at 0"):
         Video(np.zeros((2, 3, 3)), fps=0)

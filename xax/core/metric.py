@@ -243,7 +243,7 @@ class Video(eqx.Module):
     fps: int | float = eqx.field(default=10.0, static=True)
 
     def __check_init__(self) -> None:
-        _check_pixels(self.frames, leading=1, name="Video")
+        _check_pixels(self.frames, leading=1, name="Video", leading_name="T")
         if self.frames.shape[0] == 0 or self.fps <= 0:
             raise ValueError(f"Video needs frames and a positive fps; got {self.frames.shape[0]} frames at {self.fps}")
 
@@ -254,10 +254,10 @@ class Video(eqx.Module):
 Metric = Scalar | Histogram | Image | Images | Text | Tokens | Audio | Video
 
 
-def _check_pixels(pixels: _AnyArray, leading: int, name: str) -> None:
+def _check_pixels(pixels: _AnyArray, leading: int, name: str, leading_name: str = "N") -> None:
     """Raises a ValueError naming the metric if the pixel array has the wrong shape or dtype."""
     ndim = pixels.ndim - leading
-    prefix = "N, " if leading else ""
+    prefix = f"{leading_name}, " if leading else ""
     if ndim not in (2, 3) or (ndim == 3 and pixels.shape[-1] not in (1, 3, 4)):
         raise ValueError(
             f"{name} pixels must have shape ({prefix}H, W) or ({prefix}H, W, C) with C in 1, 3, 4; "
