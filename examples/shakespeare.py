@@ -22,7 +22,6 @@ The first 90% of its characters train, the last 10% validate; the vocabulary is 
 
 import functools
 import hashlib
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,7 +42,8 @@ import xax
 from xax.arch.generate import SamplingConfig, generate, sample_token
 from xax.arch.ssm import SSMConfig, SSMLanguageModel
 from xax.arch.transformer import Transformer, TransformerConfig
-from xax.nn.losses import cross_entropy, token_accuracy
+from xax.nn.losses import cross_entropy
+from xax.nn.metrics import bits_per_token, token_accuracy
 from xax.task.mixins.checkpointing import read_metadata, resolve_checkpoint, restore_weights
 from xax.task.mixins.logger import LogOptions
 from xax.task.mixins.train import PrecisionOptions
@@ -372,7 +372,7 @@ class Shakespeare(xax.SupervisedTask[Config]):
     ) -> dict[str, xax.Metric]:
         return {
             "accuracy": xax.Scalar(token_accuracy(output, batch["targets"])),
-            "bits_per_char": xax.Scalar(loss / math.log(2.0)),
+            "bits_per_char": xax.Scalar(bits_per_token(loss)),
         }
 
     @override

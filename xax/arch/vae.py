@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from xax.arch.unet import Downsample, ResBlock, Upsample
 from xax.core.config import field
+from xax.nn.distributions import Normal
 
 # Rombach et al. (2022) clamp the log-variance so that exp() neither overflows nor collapses to zero.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -133,15 +134,15 @@ class VAE(eqx.Module):
 
 def reparameterize(mean: Float[Array, "*shape"], logvar: Float[Array, "*shape"], key: PRNGKeyArray) -> Array:
     """``z = mean + exp(logvar / 2) eps`` with ``eps ~ N(0, I)`` (Kingma & Welling 2014, section 2.4)."""
-    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    return Normal.from_logvar(mean, logvar).sample(key)
 
 
 def gaussian_kl(mean: Float[Array, " b *shape"], logvar: Float[Array, " b *shape"]) -> Float[Array, " b"]:
     """``KL(N(mean, exp(logvar)) || N(0, I)) = 1/2 sum(mean^2 + exp(logvar) - 1 - logvar)`` per sample
     (Kingma & Welling 2014, appendix B), in float32."""
     mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-    terms = mean**2 + jnp.exp(logvar) - 1 - logvar
-    return 0.5 * terms.reshape(terms.shape[0], -1).sum(axis=1)
+    kl = Normal.from_logvar(mean, logvar).kl(Normal.standard(mean))
+    return kl.reshape(kl.shape[0], -1).sum(axis=1)
 
 
 def vae_loss(

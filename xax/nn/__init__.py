@@ -1,8 +1,11 @@
-"""Reusable layers: embeddings, norms, feed-forward blocks, attention, LoRA and losses."""
+"""Reusable layers: embeddings, norms, feed-forward blocks, attention, LoRA, losses, metrics and distributions."""
 
 from xax.nn.attention import KVCache as KVCache
 from xax.nn.attention import MultiHeadAttention as MultiHeadAttention
 from xax.nn.attention import dot_product_attention as dot_product_attention
+from xax.nn.distributions import Bernoulli as Bernoulli
+from xax.nn.distributions import Categorical as Categorical
+from xax.nn.distributions import Normal as Normal
 from xax.nn.embeddings import Embedding as Embedding
 from xax.nn.embeddings import RopeScaling as RopeScaling
 from xax.nn.embeddings import RotaryEmbedding as RotaryEmbedding
@@ -19,9 +22,12 @@ from xax.nn.lora import partition_lora as partition_lora
 from xax.nn.losses import IGNORE_INDEX as IGNORE_INDEX
 from xax.nn.losses import chunked_cross_entropy as chunked_cross_entropy
 from xax.nn.losses import cross_entropy as cross_entropy
-from xax.nn.losses import perplexity as perplexity
 from xax.nn.losses import projected_cross_entropy as projected_cross_entropy
-from xax.nn.losses import token_accuracy as token_accuracy
+from xax.nn.metrics import bits_per_token as bits_per_token
+from xax.nn.metrics import calibration_error as calibration_error
+from xax.nn.metrics import perplexity as perplexity
+from xax.nn.metrics import token_accuracy as token_accuracy
+from xax.nn.metrics import top_k_accuracy as top_k_accuracy
 from xax.nn.mlp import MLP as MLP
 from xax.nn.mlp import SwiGLU as SwiGLU
 from xax.nn.norms import LayerNorm as LayerNorm

@@ -1,4 +1,4 @@
-"""Language-model losses and metrics: cross-entropy (full or chunked), token accuracy, perplexity.
+"""Language-model losses: cross-entropy (full, projected or chunked); the metrics are in ``xax.nn.metrics``.
 
 Cross-entropy with label smoothing ε over a vocabulary of V classes uses the target
 ``q = (1 - ε) onehot(y) + ε / V`` (Szegedy et al. 2016, https://arxiv.org/abs/1512.00567), so per token
@@ -208,17 +208,3 @@ def projected_cross_entropy(
         logits = jax.lax.dot_general(hidden, weight, dims, preferred_element_type=hidden.dtype)
     loss, mask = _token_losses(logits, labels, label_smoothing, ignore_index, num_classes=vocab)
     return jnp.sum(loss) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def token_accuracy(
-    logits: Float[Array, "*batch vocab"], labels: Int[Array, "*batch"], *, ignore_index: int = IGNORE_INDEX
-) -> Float[Array, ""]:
-    """The fraction of counted tokens whose arg-max prediction equals the label (0 when none count)."""
-    valid = labels != ignore_index
-    correct = (jnp.argmax(logits, axis=-1) == labels) & valid
-    return jnp.sum(correct.astype(jnp.float32)) / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
-
-
-def perplexity(mean_loss: Float[Array, ""]) -> Float[Array, ""]:
-    """Perplexity ``exp(loss)`` from a mean (unsmoothed) cross-entropy in nats."""
-    return jnp.exp(mean_loss)
