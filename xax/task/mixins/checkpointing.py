@@ -319,10 +319,10 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
         """Deletes the checkpoints of steps after ``step`` (those of a trajectory training left, as
         on a rewind, which would otherwise stand in for the new one's); returns their steps."""
         self.wait_for_checkpoint()
-        later = [saved for saved in checkpoint_steps(self.checkpoint_dir) if saved > step]
         manager = self.checkpoint_manager()
+        later = sorted(saved for saved in manager.all_steps() if saved > step)
         for saved in later:
-            manager.delete(saved)
+            manager.delete(saved)  # every process calls it: orbax waits for all of them
         return later
 
     def restore_training(self, target: PyTree) -> tuple[PyTree, Restored] | None:
