@@ -20,10 +20,16 @@ import xax
 WEIGHTS = np.array([1.0, -2.0, 3.0, 0.5], np.float32)
 
 
-def regression_dataset(num: int, seed: int, num_features: int = 4) -> datasets.Dataset:
+def regression_arrays(num: int, seed: int, num_features: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Features (num, num_features) and targets (num,) of the noisy linear regression, float32."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(num, num_features)).astype(np.float32)
     y = (x[:, :4] @ WEIGHTS + 0.1 * rng.normal(size=num)).astype(np.float32)
+    return x, y
+
+
+def regression_dataset(num: int, seed: int, num_features: int = 4) -> datasets.Dataset:
+    x, y = regression_arrays(num, seed, num_features)
     return datasets.Dataset.from_dict({"x": x, "y": y})
 
 

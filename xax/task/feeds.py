@@ -59,6 +59,18 @@ class PrefetchFeed(Feed):
         self._prefetcher.close()
 
 
+def _replicate(arrays: Batch, replicated: NamedSharding) -> dict[str, Array]:
+    """The arrays on every device of ``replicated``. With several processes, each builds its devices'
+    copies from its own (identical) rows: ``device_put`` would first check across processes that the
+    values agree, a check that NaN, which equals nothing, fails."""
+    if jax.process_count() == 1:
+        return jax.device_put(arrays, replicated)
+    return {
+        name: jax.make_array_from_callback(array.shape, replicated, lambda index, a=array: a[index])
+        for name, array in arrays.items()
+    }
+
+
 class ResidentFeed(Feed):
     """The whole (in-memory) dataset on every device; each step receives only the batch's indices.
 
@@ -75,7 +87,7 @@ class ResidentFeed(Feed):
         self._source = source
         self._indices: Iterator[np.ndarray] = source.iter_indices()
         self._wait_time_s = 0.0
-        self.data = jax.device_put(arrays, replicated)
+        self.data = _replicate(arrays, replicated)
         self._mesh: Mesh | None = None
         if jax.process_count() > 1:
             assert isinstance(replicated.mesh, Mesh), "the launcher's mesh is a concrete one"

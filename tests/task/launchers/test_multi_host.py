@@ -300,3 +300,19 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path: Path) -> 
     ]
     assert len(stopped) == 2 and stopped[0] == stopped[1], stopped  # both processes, the same step
     assert checkpoint_steps(run_dir / "checkpoints") == [stopped[0]]
+
+
+def test_both_processes_rewind_past_a_non_finite_step_together(tmp_path: Path) -> None:
+    run_dir = tmp_path / "rewind"
+    # Row 100 lands in step 11 of epoch 0 (batch 32, 512 rows, seed 0; see test_nan_policy). Device-resident
+    # data holding a NaN is placed on both processes too.
+    overrides = ("max_steps=16", "nan.policy=rewind", "poison_row=100", "valid_every_n_steps=null")
+    outs = run_two_processes(run_dir, *overrides)
+    assert all("devices=4 steps=16" in out for out in outs)
+    records = [r for r in read_jsonl(run_dir / "log.jsonl") if r["phase"] == "train" and "loss" in r["scalars"]]
+    # Step 11 twice: its non-finite loss (update not applied), then the rewound run's, on the next batch.
+    assert [r["step"] for r in records] == [*range(1, 12), *range(11, 17)]
+    losses_11 = [r["scalars"]["loss"] for r in records if r["step"] == 11]
+    assert losses_11[0] == "nan" and np.isfinite(losses_11[1])
+    assert all(np.isfinite(r["scalars"]["loss"]) for r in records if r["scalars"]["loss"] != "nan")
+    assert checkpoint_steps(run_dir / "checkpoints")[-1] == 16
