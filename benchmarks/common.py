@@ -44,8 +44,16 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_results(out_dir: Path, name: str, env: dict[str, Any], rows: list[dict[str, Any]], notes: str) -> None:
-    """Writes ``name.json`` and ``name.md`` (a table with the environment above it)."""
+# What the notes of a --tiny run start with.
+TINY_NOTE = "TINY (a CPU check, not a measurement): "
+
+
+def write_results(out_dir: Path, name: str, rows: list[dict[str, Any]], notes: str, *, tiny: bool = False) -> str:
+    """Writes ``name.json`` and ``name.md`` (a table with this process's environment above it); a
+    ``tiny`` run writes ``name_tiny`` and says so first in its notes. Returns the name written."""
+    env = environment()
+    if tiny:
+        name, notes = f"{name}_tiny", TINY_NOTE + notes
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
     keys = list(rows[0])
@@ -66,6 +74,7 @@ def write_results(out_dir: Path, name: str, env: dict[str, Any], rows: list[dict
     lines += ["", notes, ""]
     (out_dir / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
+    return name
 
 
 def train_records(run_dir: Path) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.common import environment, train_records, write_results
+from benchmarks.common import train_records, write_results
 
 TINY_ARGV = [
     "context=32",
@@ -71,11 +71,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         },
     ]
     notes = (
-        f"{'TINY (a CPU check, not a measurement): ' if args.tiny else ''}examples.shakespeare (GPT), one step, "
+        f"examples.shakespeare (GPT), one step, "
         f"separate processes, a fresh cache folder ({cached_files} entries after the cold launch). "
         "Target: the second launch's time to first step at least 3x shorter."
     )
-    write_results(args.out, "compile_time_tiny" if args.tiny else "compile_time", environment(), rows, notes)
+    write_results(args.out, "compile_time", rows, notes, tiny=args.tiny)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jaxtyping import Array
 
-from benchmarks.common import environment, run_child_processes, write_results
+from benchmarks.common import run_child_processes, write_results
 from benchmarks.gpt2_throughput import gpt2_loss, make_optimizer, make_setup, time_steps, token_windows
 from benchmarks.profile_tools import format_breakdown, kernel_breakdown
 from xax.arch.transformer import Transformer
@@ -154,11 +154,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     breakdown = results.get(args.profile, {}).get("breakdown", "")
     notes = (
-        f"{'TINY (a CPU check): ' if args.tiny else ''}GPT-2 small hand-written JAX step variants "
+        f"GPT-2 small hand-written JAX step variants "
         f"(batch {setup.batch}x{setup.model.max_seq_len}, bf16 compute, AdamW), steps {args.warmup}..{args.steps} "
         f"timed, each in its own process.\n\n## Device time of `{args.profile}` by kernel\n{breakdown}"
     )
-    write_results(out, "gpt2_ablation_tiny" if args.tiny else "gpt2_ablation", environment(), rows, notes)
+    write_results(out, "gpt2_ablation", rows, notes, tiny=args.tiny)
 
 
 if __name__ == "__main__":

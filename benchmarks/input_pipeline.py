@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from benchmarks.common import environment, quiet_run_argv, steps_per_second_after, train_records, write_results
+from benchmarks.common import quiet_run_argv, steps_per_second_after, train_records, write_results
 from benchmarks.shakespeare_overhead import make_config
 from examples.mnist import Config as MnistConfig
 from examples.mnist import MnistClassification
@@ -90,12 +90,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     cfg = make_config(args.tiny)
     notes = (
-        f"{'TINY (a CPU check, not a measurement): ' if args.tiny else ''}Shakespeare GPT "
+        f"Shakespeare GPT "
         f"({cfg.gpt.num_layers} layers, {cfg.gpt.d_model} wide), batch {cfg.batch_size}x{cfg.context}; loader "
         f"timed over {steps} batches after {warmup}; training runs of {steps} steps, windows after step {warmup}. "
         "MNIST: the example's CNN, batch 128."
     )
-    write_results(args.out, "input_pipeline_tiny" if args.tiny else "input_pipeline", environment(), rows, notes)
+    write_results(args.out, "input_pipeline", rows, notes, tiny=args.tiny)
 
 
 if __name__ == "__main__":

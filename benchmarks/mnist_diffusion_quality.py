@@ -33,7 +33,7 @@ import scipy.linalg
 from jaxtyping import Array, Float, UInt8
 
 import xax
-from benchmarks.common import environment, write_results
+from benchmarks.common import write_results
 from examples.mnist import CNN, PIXEL_MEAN, PIXEL_STD, MnistClassification
 from examples.mnist import Config as ClassifierConfig
 from examples.mnist_data import NUM_CLASSES, load_mnist
@@ -233,7 +233,7 @@ def main() -> None:
         f"compilation; final validation loss {valid[-1]['scalars']['loss']:.4f}); the classifier "
         f"{classifier_seconds:.0f} s."
     )
-    write_results(args.out, "mnist_diffusion_quality", environment(), rows, notes)
+    write_results(args.out, "mnist_diffusion_quality", rows, notes)
 
 
 if __name__ == "__main__":

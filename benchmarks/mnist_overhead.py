@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import environment, steps_per_second_after, write_results
+from benchmarks.common import steps_per_second_after, write_results
 from examples.mnist import CNN, PIXEL_MEAN, PIXEL_STD, Config, MnistClassification
 from examples.mnist_data import load_mnist
 
@@ -131,11 +131,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, values in runs.items()
     ]
     notes = (
-        f"{'TINY (a CPU check, not a measurement): ' if args.tiny else ''}"
         f"MNIST CNN, batch {BATCH}, AdamW, float32; steps {args.warmup}..{args.steps} timed, best of {args.repeats}. "
         "Target: xax at least 0.97x the hand-written loop with default logging on."
     )
-    write_results(args.out, "mnist_overhead_tiny" if args.tiny else "mnist_overhead", environment(), rows, notes)
+    write_results(args.out, "mnist_overhead", rows, notes, tiny=args.tiny)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 
 import jax
 
-from benchmarks.common import environment, run_child_processes, steps_per_second_after, write_results
+from benchmarks.common import run_child_processes, steps_per_second_after, write_results
 from xax.parallel.report import human_bytes
 
 CHILDREN = ("parity", "dp1", "dp2", "dp2_overlap", "fsdp2")
@@ -166,15 +166,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="xax_bench_tiny_")) if args.tiny else Path("benchmarks/results")
     results = run_children(args)
-    name = "TINY (a CPU check on 2 simulated devices, not a measurement)" if args.tiny else "2 GPUs"
     notes = (
-        f"{name}. (a) plan_parity's tiny float32 transformer, 5 steps, 1 GPU dp against 2 GPUs under each plan. "
+        f"{'2 simulated CPU devices' if args.tiny else '2 GPUs'}. (a) plan_parity's tiny float32 transformer, "
+        "5 steps, 1 GPU dp against 2 GPUs under each plan. "
         f"(b) GPT-2 small (bf16 compute, AdamW, cuDNN attention), 16 x 1024 tokens per GPU, steps "
         f"{args.warmup}..{args.steps} timed through the Task loop. (c) peak bytes in use per device after that "
         "run, and XLA's memory analysis (arguments + outputs - aliased + temporaries) of its compiled step."
     )
-    stem = "parallel_gpu_tiny" if args.tiny else "parallel_gpu"
-    write_results(args.out, stem, environment(), rows_of(results), notes)
+    stem = write_results(args.out, "parallel_gpu", rows_of(results), notes, tiny=args.tiny)
     # The raw measurements (per-device peaks, FLOPs, every parity difference) next to the table.
     (args.out / f"{stem}_raw.json").write_text(json.dumps(results, indent=2) + "\n")
 

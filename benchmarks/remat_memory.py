@@ -23,7 +23,7 @@ import equinox as eqx
 import jax
 import optax
 
-from benchmarks.common import environment, run_child_processes, write_results
+from benchmarks.common import run_child_processes, write_results
 from xax.arch.transformer import Transformer, TransformerConfig
 from xax.nn.losses import cross_entropy
 from xax.task.mixins.perf import peak_memory_bytes
@@ -105,12 +105,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = [{key: row.get(key, "") for key in keys} for row in rows]
     config = model_config(args.tiny, "none")
     notes = (
-        f"{'TINY (a CPU check, not a measurement): GPT-2 tiny' if args.tiny else 'GPT-2 small'}, batch "
+        f"{'GPT-2 tiny' if args.tiny else 'GPT-2 small'}, batch "
         f"{batch}x{config.max_seq_len}, {config.compute_dtype} compute, AdamW, layers "
         f"{'scanned' if config.scan_layers else 'unrolled'}; {args.steps} steps timed after 3, each policy in its "
         "own process. 'full' recomputes every block in the backward pass; 'dots_saveable' keeps matmul outputs."
     )
-    write_results(args.out, "remat_memory_tiny" if args.tiny else "remat_memory", environment(), rows, notes)
+    write_results(args.out, "remat_memory", rows, notes, tiny=args.tiny)
 
 
 if __name__ == "__main__":
