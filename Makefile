@@ -1,7 +1,7 @@
 PYTHON ?= .venv/bin/python
 PYTEST_WORKERS ?= 2
 
-.PHONY: install format static-checks test test-slow all
+.PHONY: install format static-checks test test-slow test-soak all
 
 install:
 	test -x $(PYTHON) || python3 -m venv .venv
@@ -18,9 +18,12 @@ static-checks:
 	$(PYTHON) -m ty check
 
 test:
-	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) -m "not slow"
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) -m "not slow and not soak"
 
 test-slow:
 	$(PYTHON) -m pytest -m slow
+
+test-soak:
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) -m soak
 
 all: static-checks test

@@ -21,6 +21,10 @@ class CheckpointError(XaxError):
     """A checkpoint cannot be read or written: missing, truncated, corrupt, or of another shape."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, no permission); the older ones are intact."""
+
+
 class TrainingStopped(XaxError):  # noqa: N818 (a request, not a failure)
     """Training stopped on a signal after saving; carries the process exit code."""
 

@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 from jax.sharding import Mesh
 
 from xax.core.config import field, parse_cli
-from xax.core.errors import TrainingStopped, XaxError
+from xax.core.errors import CheckpointWriteError, TrainingStopped, XaxError
 from xax.core.state import State
 from xax.task.base import BaseConfig, BaseTask
 from xax.task.launchers.multi_host import DistributedOptions
@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_SAVE_FAILED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -81,6 +82,9 @@ class RunnableMixin(BaseTask[Config], Generic[Config]):
         except TrainingStopped as stopped:
             print(str(stopped), file=sys.stderr)
             raise SystemExit(stopped.exit_code) from None
+        except CheckpointWriteError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(EXIT_SAVE_FAILED) from None
         except XaxError as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(EXIT_USAGE) from None
