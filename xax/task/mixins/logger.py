@@ -226,9 +226,12 @@ class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config])
             raise RuntimeError("log_item() called before the run started")
         if item.phase == "train" and item.sums:
             self._light_cadence.mark(item.state.num_steps)
-        if item.media:
-            self._heavy_cadence.mark(item.state.num_steps)
         self._log_worker.submit(item)
+
+    def mark_heavy_logged(self, state: State) -> None:
+        """Counts the heavy cadence from this step, whether or not the task had media to log:
+        a due cadence left unmarked would make every later step wait for a media pass."""
+        self._heavy_cadence.mark(state.num_steps)
 
     def flush_logs(self) -> None:
         if self._log_worker is not None:

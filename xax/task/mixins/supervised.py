@@ -64,6 +64,11 @@ class SupervisedMixin(TrainMixin[Config], Generic[Config]):
         return loss, self.compute_metrics(model, batch, output, loss, state)
 
     @override
+    def has_media(self) -> bool:
+        cls = type(self)
+        return cls.compute_media is not SupervisedMixin.compute_media or cls.log_media is not SupervisedMixin.log_media
+
+    @override
     def log_media(self, model: PyTree, batch: PyTree, state: State) -> dict[str, Metric]:
         if self._jit_output is None:
             self._jit_output = eqx.filter_jit(self.get_output)

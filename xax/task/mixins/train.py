@@ -196,6 +196,11 @@ class TrainMixin(
         """Heavy media (images, text) for one validation batch, at the heavy-logging cadence."""
         return {}
 
+    def has_media(self) -> bool:
+        """Whether the task logs media at all: a task that does not override the media hook never
+        pays for a heavy-logging pass."""
+        return type(self).log_media is not TrainMixin.log_media
+
     # ---- set-up ----------------------------------------------------------------------------
 
     @property
@@ -622,6 +627,11 @@ class TrainMixin(
         """Validation and media, when due; both wait for the training step in flight first."""
         valid_due = self.valid_is_due(state) or over
         heavy_due = self.heavy_log_is_due(state) or over
+        if heavy_due and not self.has_media():
+            self.mark_heavy_logged(state)
+            heavy_due = False
+        if not (valid_due or heavy_due):
+            return state
         jax.block_until_ready(ts)
         if valid_due:
             with self.step_context("valid"):
@@ -687,6 +697,7 @@ class TrainMixin(
 
     def log_heavy(self, ts: TrainState, state: State) -> None:
         """Logs media for the first validation batch."""
+        self.mark_heavy_logged(state)
         source = self._valid_source()
         source.restore(type(source.cursor)(epoch=0, index=0))
         batch_np = next(iter(source))
