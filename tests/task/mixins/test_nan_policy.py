@@ -7,7 +7,9 @@ from pathlib import Path
 
 import datasets
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import xax
@@ -104,7 +106,7 @@ def test_rewind_restores_and_skips_the_batch(tmp_path: Path, caplog: pytest.LogC
     with caplog.at_level(logging.WARNING):
         task = launch(tmp_path, "rewind")
     assert "rewinding to" in caplog.text
-    assert f"Skipping the batch of step {POISONED_STEP}" in caplog.text
+    assert f"(step {POISONED_STEP}), which gave a non-finite step" in caplog.text
     assert all_finite(final_params(task).params)
     steps = [r["step"] for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "train"]
     assert steps[-1] == 16
@@ -122,7 +124,7 @@ def test_rewind_goes_back_past_checkpoints_saved_after_the_bad_step(
         r"Deleted the checkpoints of steps \[([\d, ]+)\], which the rewound run replaces", caplog.text
     )
     assert [int(step) for step in deleted.split(", ")] == list(range(before + 2, 16, 2))
-    assert f"Skipping the batch of step {POISONED_STEP}" in caplog.text
+    assert f"(step {POISONED_STEP}), which gave a non-finite step" in caplog.text
     assert all_finite(final_params(task).params)
     # The rewound run saved its own checkpoints in place of the deleted ones, up to the last step.
     assert checkpoint_steps(tmp_path / "checkpoints")[-1] == 16
@@ -138,3 +140,136 @@ def test_clean_data_raises_no_alert(tmp_path: Path, caplog: pytest.LogCaptureFix
         )
     assert state.num_steps == 4
     assert "non-finite" not in caplog.text
+
+
+ORDER = shuffle_order(512, 0, 0)
+
+
+class TwoBadBatches(Regression):
+    """NaN rows in the batches of steps 5 and 6: after skipping the first, the second lands on step 5."""
+
+    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
+        dataset = regression_dataset(*((self.config.num_train, 0) if phase == "train" else (self.config.num_valid, 1)))
+        if phase != "train":
+            return dataset
+        data = dataset.with_format("numpy")[:]
+        data["x"][ORDER[4 * 32]] = np.nan
+        data["x"][ORDER[5 * 32]] = np.nan
+        return datasets.Dataset.from_dict(data)
+
+
+def test_rewind_skips_each_bad_batch_once_by_its_data_position(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Skipping by step number replayed the first bad batch after the second rewind, forever.
+    with caplog.at_level(logging.WARNING):
+        state = TwoBadBatches.launch(
+            RegressionConfig(batch_size=32, max_steps=12, valid_every_n_steps=None),
+            argv=[
+                f"artifacts.run_dir={tmp_path}",
+                "nan.policy=rewind",
+                "log.every_n_steps=1",
+                "log.stdout=false",
+                "log.tensorboard=false",
+                "checkpoint.every_n_steps=4",
+                "log.every_n_seconds=null",
+            ],
+        )
+    assert state.num_steps == 12
+    assert caplog.text.count("rewinding to") == 2
+    assert "Skipping the batch at epoch 0, batch 4 " in caplog.text
+    assert "Skipping the batch at epoch 0, batch 5 " in caplog.text
+    params = jax.tree.leaves(
+        xax.task.mixins.checkpointing.load_arrays_anywhere(
+            tmp_path / "checkpoints", 12, jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )["params"]
+    )
+    assert all_finite(params)
+
+
+class LearningRateBlowsUp(Regression):
+    """A finite run until the 6th update, whose learning rate (1e38) makes the weights infinite."""
+
+    def get_optimizer(self) -> optax.GradientTransformation:
+        return optax.sgd(lambda count: jnp.where(count >= 5, jnp.float32(1e38), jnp.float32(0.05)))
+
+
+def test_rewind_is_bounded_when_no_batch_is_the_cause(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        LearningRateBlowsUp.launch(
+            RegressionConfig(batch_size=32, max_steps=40, valid_every_n_steps=None),
+            argv=[
+                f"artifacts.run_dir={tmp_path}",
+                "nan.policy=rewind",
+                "nan.max_rewinds=3",
+                "log.every_n_steps=1",
+                "log.stdout=false",
+                "log.tensorboard=false",
+                "checkpoint.every_n_steps=2",
+                "log.every_n_seconds=null",
+            ],
+        )
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nan.max_rewinds=3" in err
+    # The 6th update leaves huge but finite weights; the loss of step 7 overflows, whatever its batch.
+    assert "non-finite loss at step 7" in err
+    assert "the cause is not the data; lower the learning rate" in err
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / '6'}" in err
+    for step in checkpoint_steps(tmp_path / "checkpoints"):
+        tree = xax.task.mixins.checkpointing.load_arrays_anywhere(
+            tmp_path / "checkpoints", step, jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
+        assert all_finite(tree["params"]), step
+
+
+def test_nan_learning_rate_never_reaches_the_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The loss and gradient of step 1 are finite; its update is not. Before, the weights became NaN,
+    # were saved, and that checkpoint was called the last good one.
+    with pytest.raises(SystemExit) as exit_info:
+        Regression.launch(
+            RegressionConfig(batch_size=32, max_steps=8, valid_every_n_steps=None),
+            argv=[
+                f"artifacts.run_dir={tmp_path}",
+                "learning_rate=nan",
+                "nan.policy=halt",
+                "log.every_n_steps=4",
+                "log.stdout=false",
+                "log.tensorboard=false",
+                "checkpoint.every_n_steps=2",
+                "log.every_n_seconds=null",
+            ],
+        )
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "update made weight non-finite (check the learning rate) at step 1 (4 step(s) skipped)" in err
+    assert "last good checkpoint: none" in err
+    for step in checkpoint_steps(tmp_path / "checkpoints"):
+        tree = xax.task.mixins.checkpointing.load_arrays_anywhere(
+            tmp_path / "checkpoints", step, jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
+        assert all_finite(tree["params"]), step
+
+
+def test_a_pending_alert_is_merged_not_replaced() -> None:
+    task = Regression(RegressionConfig(batch_size=32))
+    first = {
+        "_nonfinite_steps": 1.0,
+        "_first_nonfinite_step": 2.0,
+        "_first_nonfinite_cause": 1.0,
+        "_first_nonfinite_leaf": 0.0,
+        "_max_nonfinite_streak": 1.0,
+    }
+    second = {
+        "_nonfinite_steps": 1.0,
+        "_first_nonfinite_step": 3.0,
+        "_first_nonfinite_cause": 1.0,
+        "_first_nonfinite_leaf": 0.0,
+        "_max_nonfinite_streak": 2.0,
+    }
+    task.on_health(xax.State(num_steps=2), first)
+    task.on_health(xax.State(num_steps=3), second)
+    alert = task._take_alert()
+    assert alert is not None
+    assert (alert["_first_nonfinite_step"], alert["_nonfinite_steps"], alert["_max_nonfinite_streak"]) == (2, 2, 2)
+    assert task._take_alert() is None

@@ -3,6 +3,7 @@
 import collections
 import logging
 import signal
+import threading
 import time
 from abc import abstractmethod
 from collections.abc import Callable
@@ -47,6 +48,8 @@ from xax.task.mixins.sharding import ShardingConfig, ShardingMixin
 from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
 from xax.task.mixins.train_step import (
     COMPUTE_DTYPES,
+    NONFINITE_GRADIENT,
+    NONFINITE_UPDATE,
     TrainState,
     cast_floating,
     empty_sums,
@@ -60,10 +63,11 @@ DATA_AXIS = "data"
 
 
 class _Rewind(Exception):  # noqa: N818 (control flow, never escapes train())
-    def __init__(self, step: int, what: str) -> None:
+    def __init__(self, step: int, what: str, position: Cursor | None) -> None:
         super().__init__(what)
         self.step = step
         self.what = what
+        self.position = position
 
 
 class _Window:
@@ -118,6 +122,11 @@ class NanOptions:
         "rewind to the newest checkpoint before the step and skip the batch. Seen when the metrics are next logged.",
     )
     max_consecutive: int = field(10, help="skip: halt after this many non-finite steps in a row")
+    max_rewinds: int = field(
+        5,
+        help="rewind: halt after this many rewinds in one run (each skips a different batch; more than a few "
+        "means the cause is not the data but e.g. the learning rate)",
+    )
 
 
 @dataclass
@@ -177,6 +186,11 @@ class TrainMixin(
         self.nonfinite_alert: dict[str, float] | None = None
         self._grad_leaf_names: list[str] = []
         self._state_shardings: TrainState | None = None
+        self.last_valid_step: int | None = None
+        self._health_lock = threading.Lock()
+        self._health_seen_step = 0
+        # The data position of each step's batch, kept until its window is known to be finite.
+        self._positions: dict[int, Cursor] = {}
 
     @abstractmethod
     def get_model(self, params: InitParams) -> PyTree:
@@ -309,13 +323,39 @@ class TrainMixin(
         train_steps = self._build_steps(optimizer, static, treedef)
         if self.config.parallel.report:
             logger.info("%s", "\n".join(self._plan_report(ts, train_steps[False]).lines()))
-        skipped: set[int] = set()
+        # Data positions (the cursor before the batch) of batches that gave non-finite steps: skipped
+        # whenever a rewound run reaches them again, however the steps are numbered by then.
+        skipped: set[Cursor] = set()
+        rewinds = 0
         while True:
             try:
                 return self._train_loop(train_steps, treedef, ts, state, cursor, skipped)
             except _Rewind as rewind:
+                rewinds += 1
+                self._check_rewind_budget(rewind, rewinds, skipped)
                 ts, state, cursor = self._rewind(template, rewind)
-                skipped.add(rewind.step)
+                if rewind.position is not None:
+                    skipped.add(rewind.position)
+
+    def _check_rewind_budget(self, rewind: "_Rewind", rewinds: int, skipped: set[Cursor]) -> None:
+        """Halts once rewinding stops helping: ``nan.max_rewinds`` rewinds, or a batch already
+        skipped turning up again (the data position could not be told)."""
+        limit = self.config.nan.max_rewinds
+        repeated = rewind.position is not None and rewind.position in skipped
+        if rewinds <= limit and not repeated and rewind.position is not None:
+            return
+        last_good = self.latest_checkpoint(before_step=rewind.step)
+        if rewind.position is None:
+            why = "its batch's data position is unknown, so rewinding could not skip it"
+        elif repeated:
+            why = "the same batch failed again after being skipped"
+        else:
+            why = (
+                f"still non-finite after {limit} rewinds (nan.max_rewinds={limit}), each past a different batch: "
+                "the cause is not the data; lower the learning rate or check the model's numerics"
+            )
+        self.flush_logs()
+        raise TrainingStopped(f"error: {rewind.what}; {why}; last good checkpoint: {last_good or 'none'}", EXIT_FAILURE)
 
     def _train_loop(
         self,
@@ -324,14 +364,17 @@ class TrainMixin(
         ts: TrainState,
         state: State,
         cursor: Cursor | None,
-        skipped: set[int],
+        skipped: set[Cursor],
     ) -> State:
-        """Steps until a limit; ``skipped`` holds steps whose batch is dropped (after a rewind);
-        ``train_steps`` holds the step taking indices into resident data (True) or whole batches."""
+        """Steps until a limit; ``skipped`` holds the data positions of batches to drop (after a
+        rewind); ``train_steps`` holds the step taking indices into resident data (True) or whole
+        batches."""
         feed = self.train_feed = self.make_train_feed(cursor)
         self.add_worker(feed)
         train_step = train_steps[feed.data is not None]
         leaves = jax.tree.leaves(ts)
+        self._positions = {}
+        position = feed.cursor
         batch: PyTree | None = next(feed)
         zero_sums = self._zero_sums_fn(train_step, leaves, empty_sums(), batch, state.pack(), feed.data)
         sums = zero_sums()
@@ -342,13 +385,19 @@ class TrainMixin(
         window = _Window(time.perf_counter(), feed.wait_time_s)
         while not self.is_training_over(state):
             if batch is None:
+                position = feed.cursor
                 with self.step_context("data"):
                     batch = next(feed)
-            if state.num_steps + 1 in skipped:
-                skipped.discard(state.num_steps + 1)
-                logger.warning("Skipping the batch of step %d, which gave a non-finite loss", state.num_steps + 1)
+            if position in skipped:
+                logger.warning(
+                    "Skipping the batch at epoch %d, batch %d (step %d), which gave a non-finite step",
+                    position.epoch,
+                    position.index,
+                    state.num_steps + 1,
+                )
                 batch = None
                 continue
+            self._positions[state.num_steps + 1] = position
             if state.num_steps == first_step:
                 self.analyze_train_step(
                     train_step, leaves, sums, batch, state.pack(), feed.data, dtype=self.compute_dtype
@@ -388,6 +437,7 @@ class TrainMixin(
             stop_signal, save_requested, nonfinite = self._requests(state, over)
             if nonfinite is not None:
                 self._on_nonfinite(nonfinite)
+            self._forget_positions()
             if self.valid_is_due(state) or self.heavy_log_is_due(state) or over:
                 state = self._between_steps(jax.tree.unflatten(treedef, leaves), state, over)
             if over or stop_signal is not None or save_requested or self.checkpoint_is_due(state):
@@ -408,7 +458,7 @@ class TrainMixin(
         step), after each process's logging thread has caught up, and all act on them together.
         """
         if jax.process_count() == 1:
-            return self.stop_signal, self.save_requested, self.nonfinite_alert
+            return self.stop_signal, self.save_requested, self._take_alert()
         every = self.multi_process_sync_steps()
         if not over and state.num_steps % every != 0:
             return None, False, None
@@ -418,7 +468,7 @@ class TrainMixin(
         signals = [int(signum) for signum in pooled[:, 0] if signum]
         # SIGINT (exit 130) wins over SIGTERM (exit 0): someone asked to interrupt.
         stop = None if not signals else (signal.SIGINT if signal.SIGINT in signals else signals[0])
-        return stop, bool(pooled[:, 1].any()), self.nonfinite_alert
+        return stop, bool(pooled[:, 1].any()), self._take_alert()
 
     def multi_process_sync_steps(self) -> int:
         """How often (in steps) processes pool stop, save and non-finite requests: the light-log
@@ -427,17 +477,44 @@ class TrainMixin(
 
     @override
     def on_health(self, state: State, health: dict[str, float]) -> None:
-        # Runs on the logging thread: only records; the training thread acts on it.
-        if health.get("_nonfinite_steps", 0.0) > 0:
+        # Runs on the logging thread: only records; the training thread acts on it. An alert the
+        # training thread has not taken yet is merged with, never replaced by, a later window's.
+        with self._health_lock:
+            self._health_seen_step = state.num_steps
+            if health.get("_nonfinite_steps", 0.0) <= 0:
+                return
+            pending = self.nonfinite_alert
+            if pending is not None:
+                health = {
+                    **pending,
+                    "_nonfinite_steps": pending["_nonfinite_steps"] + health["_nonfinite_steps"],
+                    "_max_nonfinite_streak": max(pending["_max_nonfinite_streak"], health["_max_nonfinite_streak"]),
+                }
             self.nonfinite_alert = health
+
+    def _take_alert(self) -> dict[str, float] | None:
+        with self._health_lock:
+            alert, self.nonfinite_alert = self.nonfinite_alert, None
+            return alert
+
+    def _forget_positions(self) -> None:
+        """Drops the data positions of steps whose windows the logging thread has found finite."""
+        seen = self._health_seen_step
+        if self.nonfinite_alert is None and self._positions and min(self._positions) <= seen:
+            self._positions = {step: cursor for step, cursor in self._positions.items() if step > seen}
 
     def _on_nonfinite(self, health: dict[str, float]) -> None:
         """Acts on non-finite steps per ``nan.policy`` (their updates were never applied)."""
-        self.nonfinite_alert = None
         step = int(health["_first_nonfinite_step"])
         leaf = int(health["_first_nonfinite_leaf"])
-        culprit = f"gradient of {self._grad_leaf_names[leaf - 1]}" if leaf > 0 else "loss"
-        what = f"non-finite {culprit} at step {step} ({int(health['_nonfinite_steps'])} step(s) skipped)"
+        cause = int(health["_first_nonfinite_cause"])
+        if cause == NONFINITE_GRADIENT:
+            culprit = f"non-finite gradient of {self._grad_leaf_names[leaf - 1]}"
+        elif cause == NONFINITE_UPDATE:
+            culprit = f"update made {self._grad_leaf_names[leaf - 1]} non-finite (check the learning rate)"
+        else:
+            culprit = "non-finite loss"
+        what = f"{culprit} at step {step} ({int(health['_nonfinite_steps'])} step(s) skipped)"
         self.wait_for_checkpoint()
         # A checkpoint saved after the step (before the host learned of it) is finite, since the
         # update was not applied, but its trajectory has already passed the bad batch.
@@ -456,12 +533,15 @@ class TrainMixin(
                 raise TrainingStopped(
                     f"error: {what}; nan.policy=rewind but no checkpoint precedes step {step}", EXIT_FAILURE
                 )
-            raise _Rewind(step, what)
+            raise _Rewind(step, what, self._positions.get(step))
         logger.warning("%s; continuing (nan.policy=skip)", what)
 
     def _rewind(self, template: PyTree, rewind: "_Rewind") -> tuple[TrainState, State, Cursor]:
         self.wait_for_checkpoint()
         self.close_workers_of(self.train_feed)
+        # Windows of the abandoned trajectory still on their way are written, then forgotten.
+        self.flush_logs()
+        self._take_alert()
         restored = self.restore_latest(template, before_step=rewind.step)
         if restored is None:
             raise TrainingStopped(
@@ -474,6 +554,7 @@ class TrainMixin(
             logger.warning("Deleted the checkpoints of steps %s, which the rewound run replaces", discarded)
         self._valid_cadence_last = (info.state.num_steps, time.monotonic())
         self.resume_cadences(info.state.num_steps)
+        self._health_seen_step = info.state.num_steps
         return ts, info.state, info.cursor
 
     def resume_or_start(self, ts: TrainState) -> tuple[TrainState, State, Cursor | None]:
@@ -693,7 +774,14 @@ class TrainMixin(
                 if serial:
                     jax.block_until_ready(sums)
         if sums is not None:
-            self.log_item(LogItem(state=state, phase="valid", sums=sums))
+            # Read here rather than on the logging thread: the checkpoint of this step ranks itself
+            # by these values (keep_best), and validation has already waited on the device.
+            host = jax.device_get(sums)
+            count = max(float(host.pop("count")), 1.0)
+            metrics = {name: float(value) / count for name, value in host.items()}
+            self.last_valid_metrics = metrics
+            self.last_valid_step = state.num_steps
+            self.log_item(LogItem(state=state, phase="valid", host_scalars=metrics))
 
     def log_heavy(self, ts: TrainState, state: State) -> None:
         """Logs media for the first validation batch."""

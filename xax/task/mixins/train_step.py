@@ -12,6 +12,11 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree, UInt32
 from xax.core.metric import Scalar
 from xax.core.state import State
 
+# What made a step non-finite (``_first_nonfinite_cause``): its update is never applied.
+NONFINITE_LOSS = 1
+NONFINITE_GRADIENT = 2
+NONFINITE_UPDATE = 3
+
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # (model, batch, state, key) -> (loss, metrics); the model is already cast to the compute dtype.
@@ -147,33 +152,51 @@ def make_train_step(
         grad_norm = jnp.sqrt(jnp.sum(squares))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def update(_: None) -> tuple[PyTree, optax.OptState, PyTree | None]:
+        def update(_: None) -> tuple[PyTree, optax.OptState, PyTree | None, Array]:
             # optax's internals (e.g. Adam's bias correction, float ** int32 count) rely on standard
             # promotion; the user's own code keeps whatever promotion mode they run with.
             with jax.numpy_dtype_promotion("standard"):
                 updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
                 params = optax.apply_updates(ts.params, updates)
+            # Finite gradients can still make non-finite weights (a learning rate of NaN or 1e38):
+            # such an update is dropped like a non-finite gradient. The check is one reduction per
+            # leaf, fused with the update; nothing is read on the host.
+            params_ok = jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+            ok = jnp.all(params_ok)
+            params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), params, ts.params)
+            opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, ts.opt_state)
             ema = None
             if ema_decay is not None and ts.ema is not None:
                 ema = optax.incremental_update(params, ts.ema, step_size=1.0 - ema_decay)
-            return params, opt_state, ema
+            return params, opt_state, ema, params_ok
 
-        def keep(_: None) -> tuple[PyTree, optax.OptState, PyTree | None]:
-            return ts.params, ts.opt_state, ts.ema
+        def keep(_: None) -> tuple[PyTree, optax.OptState, PyTree | None, Array]:
+            return ts.params, ts.opt_state, ts.ema, jnp.ones(len(jax.tree.leaves(ts.params)), bool)
 
         # A non-finite step never touches the weights; the host learns of it at the next log.
-        params, opt_state, ema = jax.lax.cond(finite, update, keep, None)
-        streak = jnp.where(finite, 0, ts.nonfinite_streak + 1).astype(jnp.int32)
+        params, opt_state, ema, params_ok = jax.lax.cond(finite, update, keep, None)
+        applied = finite & jnp.all(params_ok)
+        streak = jnp.where(applied, 0, ts.nonfinite_streak + 1).astype(jnp.int32)
         step_number = state.num_steps + 1
-        # 0 names the loss as the culprit; i > 0 the i-th gradient leaf (when the loss was finite).
-        first_bad_leaf = jnp.where(
-            jnp.isfinite(loss) & ~jnp.all(jnp.isfinite(squares)), jnp.argmin(jnp.isfinite(squares)) + 1, 0
+        # What went wrong first in this step: the loss, then a gradient leaf, then the update of a
+        # parameter leaf (leaf numbers count from 1 in the parameters' flattening order).
+        grads_ok = jnp.isfinite(squares)
+        cause = jnp.where(
+            ~jnp.isfinite(loss),
+            NONFINITE_LOSS,
+            jnp.where(~jnp.all(grads_ok), NONFINITE_GRADIENT, jnp.where(applied, 0, NONFINITE_UPDATE)),
+        )
+        bad_leaf = jnp.where(
+            cause == NONFINITE_GRADIENT,
+            jnp.argmin(grads_ok) + 1,
+            jnp.where(cause == NONFINITE_UPDATE, jnp.argmin(params_ok) + 1, 0),
         )
         first_seen = sums["_first_nonfinite_step"] == 0
         health = {
-            "_nonfinite_steps": sums["_nonfinite_steps"] + (~finite).astype(jnp.int32),
-            "_first_nonfinite_step": jnp.where(~finite & first_seen, step_number, sums["_first_nonfinite_step"]),
-            "_first_nonfinite_leaf": jnp.where(~finite & first_seen, first_bad_leaf, sums["_first_nonfinite_leaf"]),
+            "_nonfinite_steps": sums["_nonfinite_steps"] + (~applied).astype(jnp.int32),
+            "_first_nonfinite_step": jnp.where(~applied & first_seen, step_number, sums["_first_nonfinite_step"]),
+            "_first_nonfinite_cause": jnp.where(~applied & first_seen, cause, sums["_first_nonfinite_cause"]),
+            "_first_nonfinite_leaf": jnp.where(~applied & first_seen, bad_leaf, sums["_first_nonfinite_leaf"]),
             "_max_nonfinite_streak": jnp.maximum(sums["_max_nonfinite_streak"], streak),
         }
 
@@ -213,7 +236,13 @@ def make_eval_step(
     return step
 
 
-HEALTH_KEYS = ("_nonfinite_steps", "_first_nonfinite_step", "_first_nonfinite_leaf", "_max_nonfinite_streak")
+HEALTH_KEYS = (
+    "_nonfinite_steps",
+    "_first_nonfinite_step",
+    "_first_nonfinite_cause",
+    "_first_nonfinite_leaf",
+    "_max_nonfinite_streak",
+)
 
 
 def empty_sums() -> dict[str, Array]:
