@@ -30,6 +30,7 @@ from xax.task.base import BaseConfig as BaseConfig
 from xax.task.base import BaseTask as BaseTask
 from xax.task.launchers.multi_host import MultiHostLauncher as MultiHostLauncher
 from xax.task.launchers.slurm import SlurmLauncher as SlurmLauncher
+from xax.task.loggers.jsonl import read_history as read_history
 from xax.task.mixins.train import InitParams as InitParams
 from xax.task.mixins.train_step import TrainState as TrainState
 from xax.task.task import Config as Config

@@ -1,12 +1,17 @@
 """Guarantees that only show in runs shaped like real use: cadences past their first firing,
 media hooks that return nothing, non-finite values that no single batch causes."""
 
+import json
+import signal
+import time
 from pathlib import Path
 
+import pytest
 from jaxtyping import Array
 
 import xax
-from tests.task.toy import Regression, RegressionConfig
+from tests.task.toy import Regression, RegressionConfig, start_toy
+from xax.task.mixins.checkpointing import checkpoint_steps
 
 QUIET = ["log.stdout=false", "log.tensorboard=false", "compile.cache=false", "log.every_n_seconds=null"]
 
@@ -61,3 +66,55 @@ def test_media_task_logs_at_its_cadence(tmp_path: Path) -> None:
     argv = [f"artifacts.run_dir={tmp_path}", *QUIET, "max_steps=50", "log.heavy_every_n_steps=5", "media=true"]
     WithMedia.launch(RegressionConfig(batch_size=32), argv=[*argv, "log.heavy_every_n_seconds=null"])
     assert WithMedia.heavy_passes == 10
+
+
+class MediaBreaks(Regression):
+    """The task's own media hook fails at its second call (step 30)."""
+
+    calls = 0
+
+    def compute_media(self, model: object, batch: dict[str, Array], output: Array, state: xax.State) -> dict:
+        type(self).calls += 1
+        if type(self).calls == 2:
+            raise ValueError("a bug in compute_media")
+        return {"mean_output": xax.Scalar(output.mean())}
+
+
+def test_an_error_in_task_code_saves_the_work_before_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    MediaBreaks.calls = 0
+    argv = [f"artifacts.run_dir={tmp_path}", *QUIET, "max_steps=100", "log.heavy_every_n_steps=15"]
+    argv += ["log.heavy_every_n_seconds=null", "checkpoint.every_n_steps=1000", "valid_every_n_steps=null"]
+    with pytest.raises(ValueError, match="a bug in compute_media"):
+        MediaBreaks.launch(RegressionConfig(batch_size=32), argv=argv)
+    assert checkpoint_steps(tmp_path / "checkpoints") == [30]
+    assert f"saved {tmp_path / 'checkpoints' / '30'} (step 30) before stopping" in capsys.readouterr().err
+    # The saved work is a normal checkpoint: the run continues from it.
+    state = Regression.launch(RegressionConfig(batch_size=32), argv=[*argv, "resume=auto", "max_steps=40"])
+    assert state.num_steps == 40
+
+
+def test_history_after_a_kill_and_resume_has_each_step_once(tmp_path: Path) -> None:
+    overrides = ["log.every_n_steps=1", "log.every_n_seconds=null", "checkpoint.every_n_steps=20"]
+    proc = start_toy(tmp_path, *overrides, "max_steps=100000", "valid_every_n_steps=null")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = tmp_path / "log.jsonl"
+            if 20 in checkpoint_steps(tmp_path / "checkpoints") and log.exists() and log.read_text().count("\n") > 30:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = max(json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines())
+    last_checkpoint = checkpoint_steps(tmp_path / "checkpoints")[-1]
+    assert killed_at > last_checkpoint
+    resumed = start_toy(tmp_path, *overrides, f"max_steps={killed_at + 10}", "valid_every_n_steps=null", "resume=auto")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1]
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    events = [line for line in lines if "event" in line]
+    assert [(e["event"], e["step"]) for e in events] == [("resume", last_checkpoint)]
+    raw_steps = [line["step"] for line in lines if line.get("phase") == "train"]
+    assert len(raw_steps) > len(set(raw_steps))  # the killed run's last steps were computed twice
+    history = xax.read_history(tmp_path, phase="train")
+    assert [record["step"] for record in history] == list(range(1, killed_at + 11))

@@ -88,6 +88,22 @@ class LogRecord:
         return record
 
 
+@dataclass(frozen=True)
+class LogEvent:
+    """A point in the run's history that is not a measurement.
+
+    Attributes:
+        step: The step training continues from.
+        kind: "resume" (restored from a checkpoint at the start of a run) or "rewind" (restored from
+            an earlier checkpoint mid-run, past a non-finite step).
+        detail: Short strings describing it (the checkpoint path, the reason).
+    """
+
+    step: int
+    kind: str
+    detail: dict[str, str] = field(default_factory=dict)
+
+
 class Logger(ABC):
     """Writes log records somewhere: a terminal, a file, a dashboard.
 
@@ -101,6 +117,9 @@ class Logger(ABC):
     @abstractmethod
     def write(self, record: LogRecord) -> None:
         """Writes one record."""
+
+    def write_event(self, event: LogEvent) -> None:  # noqa: B027 (optional: most loggers show only metrics)
+        """Writes a resume or rewind marker; records after it replace those of its step and later."""
 
     def flush(self) -> None:  # noqa: B027 (optional: loggers without a buffer keep this no-op)
         """Pushes buffered records to their destination."""

@@ -3,10 +3,15 @@
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from typing_extensions import override
 
-from xax.task.loggers.base import Logger, LogRecord
+from xax.task.loggers.base import LogEvent, Logger, LogRecord
+
+# Events after which training went back to an earlier step: the records already written for that
+# step and later belong to an abandoned trajectory.
+RESTART_EVENTS = ("resume", "rewind")
 
 
 def _json_float(value: float) -> float | str:
@@ -64,6 +69,11 @@ class JsonlLogger(Logger):
         self._file.write(json.dumps(line, allow_nan=False) + "\n")
 
     @override
+    def write_event(self, event: LogEvent) -> None:
+        line = {"event": event.kind, "step": int(event.step), **event.detail}
+        self._file.write(json.dumps(line, allow_nan=False) + "\n")
+
+    @override
     def flush(self) -> None:
         if not self._file.closed:
             self._file.flush()
@@ -72,3 +82,34 @@ class JsonlLogger(Logger):
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def read_history(path: str | Path, phase: str | None = None) -> list[dict[str, Any]]:
+    """A run's logged records as its history finally stands.
+
+    After a crash and resume (or a rewind past a non-finite step) ``log.jsonl`` holds the records of
+    the abandoned steps too, followed by a ``{"event": "resume", "step": N}`` marker and the steps
+    from N + 1 again. This drops every record of a step after N written before such a marker, so
+    each step appears once, in order, as the run that continued computed it.
+
+    Args:
+        path: A run directory or its ``log.jsonl``.
+        phase: Only records of this phase ("train" or "valid"); all records when None.
+
+    Returns:
+        The records (the JSON objects ``JsonlLogger`` wrote), without the markers.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    records: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as file:
+        for line in file:
+            if not line.endswith("\n"):
+                break  # a line cut short by a crash
+            entry = json.loads(line)
+            if entry.get("event") in RESTART_EVENTS:
+                records = [record for record in records if record["step"] <= entry["step"]]
+            elif "event" not in entry:
+                records.append(entry)
+    return [record for record in records if phase is None or record["phase"] == phase]

@@ -15,7 +15,7 @@ from typing_extensions import override
 from xax.core.config import config_to_dict, config_to_yaml, field
 from xax.core.metric import Metric
 from xax.core.state import Phase, State
-from xax.task.loggers.base import Logger, LogRecord
+from xax.task.loggers.base import LogEvent, Logger, LogRecord
 from xax.task.loggers.jsonl import JsonlLogger
 from xax.task.loggers.stdout import StdoutLogger
 from xax.task.loggers.tensorboard import TensorBoardLogger
@@ -87,12 +87,12 @@ class LogWorker:
     def __init__(self, loggers: list[Logger], on_health: Callable[[State, dict[str, float]], None]) -> None:
         self._loggers = loggers
         self._on_health = on_health
-        self._queue: queue.Queue[LogItem | None] = queue.Queue()
+        self._queue: queue.Queue[LogItem | LogEvent | None] = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, daemon=True, name="xax-log")
         self._thread.start()
 
-    def submit(self, item: LogItem) -> None:
+    def submit(self, item: LogItem | LogEvent) -> None:
         self._raise_if_failed()
         self._queue.put(item)
 
@@ -121,7 +121,10 @@ class LogWorker:
             try:
                 if item is None:
                     return
-                if self._error is None:
+                if self._error is None and isinstance(item, LogEvent):
+                    for sink in self._loggers:
+                        sink.write_event(item)
+                elif self._error is None:
                     record, health = _to_record(item)
                     if health:
                         self._on_health(item.state, health)
@@ -232,6 +235,12 @@ class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config])
         """Counts the heavy cadence from this step, whether or not the task had media to log:
         a due cadence left unmarked would make every later step wait for a media pass."""
         self._heavy_cadence.mark(state.num_steps)
+
+    def log_event(self, step: int, kind: str, **detail: str) -> None:
+        """Marks a resume or rewind in the logs (see ``read_history``), in order with the records."""
+        if self._log_worker is None:
+            raise RuntimeError("log_event() called before the run started")
+        self._log_worker.submit(LogEvent(step=step, kind=kind, detail=detail))
 
     def flush_logs(self) -> None:
         if self._log_worker is not None:

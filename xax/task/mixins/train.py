@@ -3,6 +3,7 @@
 import collections
 import logging
 import signal
+import sys
 import threading
 import time
 from abc import abstractmethod
@@ -187,6 +188,8 @@ class TrainMixin(
         self._grad_leaf_names: list[str] = []
         self._state_shardings: TrainState | None = None
         self.last_valid_step: int | None = None
+        # (treedef, leaves, State, cursor) after the newest step: what is saved if the task fails.
+        self._last_completed: tuple[Any, list[Array], State, Cursor] | None = None
         self._health_lock = threading.Lock()
         self._health_seen_step = 0
         # The data position of each step's batch, kept until its window is known to be finite.
@@ -336,6 +339,27 @@ class TrainMixin(
                 ts, state, cursor = self._rewind(template, rewind)
                 if rewind.position is not None:
                     skipped.add(rewind.position)
+            except TrainingStopped:
+                raise
+            except Exception:
+                # A bug in the task's own code (a media hook, a data source) mid-run: keep the work
+                # done so far, then let the error surface as usual.
+                self._save_after_error()
+                raise
+
+    def _save_after_error(self) -> None:
+        """Saves the state after the last completed step, when it is newer than the last checkpoint.
+        Only in single-process runs: saving is collective, and the others may not have failed."""
+        done = self._last_completed
+        if done is None or jax.process_count() > 1 or done[2].num_steps <= self._last_save[0]:
+            return
+        treedef, leaves, state, cursor = done
+        try:
+            path = self.save_checkpoint(jax.tree.unflatten(treedef, leaves), state, cursor, self.get_mesh(), wait=True)
+        except Exception as error:  # the original error matters more; say why nothing was saved
+            print(f"error: could not save after the failure at step {state.num_steps}: {error}", file=sys.stderr)
+            return
+        print(f"saved {path} (step {state.num_steps}) before stopping on the error below", file=sys.stderr)
 
     def _check_rewind_budget(self, rewind: "_Rewind", rewinds: int, skipped: set[Cursor]) -> None:
         """Halts once rewinding stops helping: ``nan.max_rewinds`` rewinds, or a batch already
@@ -374,6 +398,7 @@ class TrainMixin(
         train_step = train_steps[feed.data is not None]
         leaves = jax.tree.leaves(ts)
         self._positions = {}
+        self._last_completed = None
         position = feed.cursor
         batch: PyTree | None = next(feed)
         zero_sums = self._zero_sums_fn(train_step, leaves, empty_sums(), batch, state.pack(), feed.data)
@@ -420,6 +445,7 @@ class TrainMixin(
                 epoch=feed.cursor.epoch,
             )
             window.steps += 1
+            self._last_completed = (treedef, leaves, state, feed.cursor)
             over = self.is_training_over(state)
             if self.light_log_is_due(state) or over:
                 host = {
@@ -555,6 +581,7 @@ class TrainMixin(
         self._valid_cadence_last = (info.state.num_steps, time.monotonic())
         self.resume_cadences(info.state.num_steps)
         self._health_seen_step = info.state.num_steps
+        self.log_event(info.state.num_steps, "rewind", checkpoint=str(info.path), reason=rewind.what)
         return ts, info.state, info.cursor
 
     def resume_or_start(self, ts: TrainState) -> tuple[TrainState, State, Cursor | None]:
@@ -572,6 +599,7 @@ class TrainMixin(
             return ts, State(), None
         ts, info = restored
         logger.info("Resumed from %s at step %d", info.path, info.state.num_steps)
+        self.log_event(info.state.num_steps, "resume", checkpoint=str(info.path))
         self._valid_cadence_last = (info.state.num_steps, time.monotonic())
         self.resume_cadences(info.state.num_steps)
         return ts, info.state, info.cursor
