@@ -2,7 +2,10 @@
 media hooks that return nothing, non-finite values that no single batch causes."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 from jaxtyping import Array
 
 import xax
-from tests.task.toy import Regression, RegressionConfig, start_toy
+from tests.task.toy import ROOT, Regression, RegressionConfig, start_toy
 from xax.task.mixins.checkpointing import checkpoint_steps
 
 QUIET = ["log.stdout=false", "log.tensorboard=false", "compile.cache=false", "log.every_n_seconds=null"]
@@ -118,3 +121,36 @@ def test_history_after_a_kill_and_resume_has_each_step_once(tmp_path: Path) -> N
     assert len(raw_steps) > len(set(raw_steps))  # the killed run's last steps were computed twice
     history = xax.read_history(tmp_path, phase="train")
     assert [record["step"] for record in history] == list(range(1, killed_at + 11))
+
+
+EARLY = (
+    "import sys\n"
+    "from tests.task.toy_main import FaultyConfig, FaultyRegression\n"
+    "print('launching', flush=True)\n"
+    "FaultyRegression.launch(FaultyConfig(batch_size=32))\n"
+)
+
+
+@pytest.mark.parametrize(("signum", "code", "saved"), [(signal.SIGUSR1, 0, 2), (signal.SIGTERM, 0, 1)])
+def test_a_signal_during_start_up_is_kept_for_the_run(tmp_path: Path, signum: int, code: int, saved: int) -> None:
+    # Before, the handlers came with the run's start, seconds after launch(): SIGUSR1 killed the
+    # process (exit -10) and SIGTERM ended it without a checkpoint.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    argv = [f"artifacts.run_dir={tmp_path}", "compile.cache=false", "log.tensorboard=false", "max_steps=2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EARLY, *argv, "checkpoint.every_n_steps=1000", "valid_every_n_steps=null"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "launching"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    # SIGUSR1 saves at the first step and again at the end; SIGTERM saves at the first step and stops.
+    assert len(checkpoint_steps(tmp_path / "checkpoints")) == saved, err
+    if signum == signal.SIGTERM:
+        assert "interrupted by SIGTERM at step 1" in err

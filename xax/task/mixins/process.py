@@ -40,6 +40,51 @@ class ProcessConfig(BaseConfig):
 Config = TypeVar("Config", bound=ProcessConfig)
 
 
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class SignalRequests:
+    """Stop and save requests carried by signals.
+
+    SIGTERM and SIGINT ask training to finish its step, save and exit; a second SIGINT exits at
+    once; SIGUSR1 asks for a checkpoint. ``launch`` installs one of these before anything slow, so
+    a signal during start-up (importing, compiling) is kept for the run instead of killing the
+    process; the task's own then takes over its requests and the handlers it replaced.
+    """
+
+    def __init__(self) -> None:
+        self.stop_signal: int | None = None
+        self.save_requested = False
+        self._previous: dict[int, Any] = {}
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGUSR1:
+            self.save_requested = True
+        elif signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        else:
+            self.stop_signal = signum
+
+    def install(self) -> None:
+        """Handles the signals from now on (only the main thread can install handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in HANDLED_SIGNALS:
+            previous = signal.signal(signum, self.on_signal)
+            earlier = getattr(previous, "__self__", None)
+            if isinstance(earlier, SignalRequests) and earlier is not self:
+                # Take over what arrived during start-up, and restore what was there before it.
+                self.stop_signal = self.stop_signal or earlier.stop_signal
+                self.save_requested = self.save_requested or earlier.save_requested
+                previous = earlier._previous.get(signum, signal.SIG_DFL)
+            self._previous.setdefault(signum, previous)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
 class ProcessMixin(BaseTask[Config], Generic[Config]):
     """Owns the run's background workers and closes them, newest first, when the run ends.
 
@@ -50,35 +95,34 @@ class ProcessMixin(BaseTask[Config], Generic[Config]):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._workers: list[Closeable] = []
-        self._previous_handlers: dict[int, Any] = {}
-        self.stop_signal: int | None = None
-        self.save_requested = False
+        self.signals = SignalRequests()
+
+    @property
+    def stop_signal(self) -> int | None:
+        return self.signals.stop_signal
+
+    @property
+    def save_requested(self) -> bool:
+        return self.signals.save_requested
+
+    @save_requested.setter
+    def save_requested(self, value: bool) -> None:
+        self.signals.save_requested = value
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGUSR1:
-            self.save_requested = True
-        elif signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
-        else:
-            self.stop_signal = signum
+        self.signals.on_signal(signum, frame)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT ask training to finish its step, save and exit; a second SIGINT exits
-        at once; SIGUSR1 asks for a checkpoint. Only the main thread can install handlers."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        """Handles SIGTERM, SIGINT and SIGUSR1 (see ``SignalRequests``)."""
+        self.signals.install()
 
     def restore_signal_handlers(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers.clear()
+        self.signals.restore()
 
     @override
     def on_run_start(self) -> None:
-        super().on_run_start()
         self.install_signal_handlers()
+        super().on_run_start()
 
     def add_worker(self, worker: Closeable) -> None:
         """Registers a worker to close when the run ends."""

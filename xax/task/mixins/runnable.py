@@ -73,10 +73,15 @@ class RunnableMixin(BaseTask[Config], Generic[Config]):
         naming the key; Ctrl-C ends it with 130 after the background workers have stopped.
         """
         from xax.task.launchers import get_launcher
+        from xax.task.mixins.process import SignalRequests
 
-        config_class = cls.get_config_class()
-        resolved = parse_cli(config_class, config, sys.argv[1:] if argv is None else list(argv))
+        # Before anything slow: a SIGUSR1 or SIGTERM while JAX starts or the step compiles would
+        # otherwise kill the process; the task takes these requests over when its run starts.
+        early_signals = SignalRequests()
+        early_signals.install()
         try:
+            config_class = cls.get_config_class()
+            resolved = parse_cli(config_class, config, sys.argv[1:] if argv is None else list(argv))
             launcher = get_launcher(resolved.launcher)
             return launcher.launch(cls, resolved)
         except TrainingStopped as stopped:
@@ -91,3 +96,5 @@ class RunnableMixin(BaseTask[Config], Generic[Config]):
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED) from None
+        finally:
+            early_signals.restore()
