@@ -3,10 +3,13 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: install format static-checks test test-slow test-soak all
 
+# The `torch` extra (PyTorch parity tests) only on Python 3.11, where torch installs as a CPU build:
+# elsewhere pip would pull a CUDA build of several GB, and those tests skip.
 install:
-	test -x $(PYTHON) || python3 -m venv .venv
+	test -x $(PYTHON) || python3 -m venv $(patsubst %/bin/python,%,$(PYTHON))
 	$(PYTHON) -m pip install --upgrade pip
-	$(PYTHON) -m pip install -e '.[dev,test]'
+	if $(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then extras=dev,test,torch; \
+	else extras=dev,test; fi; $(PYTHON) -m pip install -e ".[$$extras]"
 
 format:
 	$(PYTHON) -m ruff format .

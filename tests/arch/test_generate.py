@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 from xax.arch.generate import SamplingConfig, filter_logits, generate, sample_token
 from xax.arch.transformer import Transformer, TransformerConfig
+from xax.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("preset", ["gpt2_tiny", "llama_tiny"])
@@ -42,11 +44,26 @@ def test_eos_repeats_after_first_occurrence() -> None:
     config = TransformerConfig.gpt2_tiny()
     model = Transformer(config, key=jax.random.key(0))
     prompt = jax.random.randint(jax.random.key(1), (3, 4), 0, config.vocab_size)
-    out = generate(model, prompt, max_new_tokens=8, key=jax.random.key(2), sampling=SamplingConfig(2.0), eos_id=5)
-    for row in np.asarray(out.tokens):
-        hits = np.flatnonzero(row == 5)
-        if hits.size:
-            assert np.all(row[hits[0] :] == 5)
+    sampling = SamplingConfig(2.0)
+    free = np.asarray(generate(model, prompt, max_new_tokens=8, key=jax.random.key(2), sampling=sampling).tokens)
+    # The end token is one the first row samples at its third step: that row certainly reaches it.
+    eos = int(free[0, 2])
+    out = np.asarray(
+        generate(model, prompt, max_new_tokens=8, key=jax.random.key(2), sampling=sampling, eos_id=eos).tokens
+    )
+    stopped = 0
+    for row, free_row in zip(out, free, strict=True):
+        hits = np.flatnonzero(free_row == eos)
+        if hits.size == 0:
+            np.testing.assert_array_equal(row, free_row)  # never produced: generation is unchanged
+            continue
+        first = int(hits[0])
+        # Up to its first end token a row samples as without one (same keys, same inputs); then it repeats it.
+        np.testing.assert_array_equal(row[: first + 1], free_row[: first + 1])
+        assert np.all(row[first:] == eos)
+        stopped += first < 7
+    assert stopped >= 1
+    assert not np.all(free[0, 3:] == eos)  # without eos_id the first row goes on to other tokens
 
 
 def test_top_k_and_top_p_keep_the_right_sets() -> None:
@@ -75,3 +92,27 @@ def test_sampling_frequencies_follow_temperature_scaled_softmax() -> None:
 def test_sampling_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match=r"top_p=1.5 must be in \(0, 1\]"):
         SamplingConfig(top_p=1.5)
+
+
+def test_generation_past_max_seq_len_is_refused() -> None:
+    model = Transformer(TransformerConfig.gpt2_tiny(), key=jax.random.key(0))
+    prompt = jnp.zeros((1, 60), jnp.int32)
+    with pytest.raises(
+        ConfigError, match=r"prompt \(60\) \+ max_new_tokens \(5\) = 65 tokens exceeds .*max_seq_len=64"
+    ):
+        generate(model, prompt, max_new_tokens=5, key=jax.random.key(1))
+    assert generate(model, prompt, max_new_tokens=4, key=jax.random.key(1)).tokens.shape == (1, 4)
+
+
+@pytest.mark.parametrize("bad", [128, -1])
+def test_out_of_range_prompt_id_raises_in_checked_mode(bad: int) -> None:
+    model = Transformer(TransformerConfig.llama_tiny(), key=jax.random.key(0))
+    prompt = jnp.zeros((2, 5), jnp.int32).at[0, 4].set(bad)
+    checked = checkify.checkify(lambda p: generate(model, p, max_new_tokens=3, key=jax.random.key(1), check_ids=True))
+    error, _ = jax.jit(checked)(prompt)
+    with pytest.raises(checkify.JaxRuntimeError, match=rf"tokens\[0, 4\] = {bad} is outside \[0, vocab_size=128\)"):
+        error.throw()
+    error, out = jax.jit(checked)(prompt.at[0, 4].set(7))
+    error.throw()
+    expected = generate(model, prompt.at[0, 4].set(7), max_new_tokens=3, key=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))

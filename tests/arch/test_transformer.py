@@ -8,16 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from xax.arch.transformer import Transformer, TransformerConfig
+
+NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
 
 # Random weights of this scale give logits with a spread comparable to a trained model's.
 WEIGHT_STD = 0.2
 
 
 def _randomize(module: Any) -> None:
+    import torch
+
     torch.manual_seed(0)
     with torch.no_grad():
         for p in module.parameters():
@@ -86,6 +88,8 @@ def _llama_weights(hf: Any, layers: int, qkv_bias: bool, tied: bool) -> dict[Cal
 
 
 def _compare(model: Transformer, hf: Any, vocab: int) -> None:
+    import torch
+
     tokens = np.random.default_rng(0).integers(0, vocab, (2, 12))
     with torch.no_grad():
         expected = hf(torch.from_numpy(tokens)).logits.numpy()
@@ -95,6 +99,8 @@ def _compare(model: Transformer, hf: Any, vocab: int) -> None:
 
 
 def test_gpt2_matches_transformers() -> None:
+    pytest.importorskip("torch", reason=NEEDS_TORCH)
+    transformers = pytest.importorskip("transformers", reason=NEEDS_TORCH)
     config = TransformerConfig.gpt2_tiny().with_updates(scan_layers=False)
     hf_config = transformers.GPT2Config(
         vocab_size=config.vocab_size,
@@ -115,6 +121,8 @@ def test_gpt2_matches_transformers() -> None:
 
 @pytest.mark.parametrize("family", ["llama", "qwen"])
 def test_llama_and_qwen_match_transformers(family: str) -> None:
+    pytest.importorskip("torch", reason=NEEDS_TORCH)
+    transformers = pytest.importorskip("transformers", reason=NEEDS_TORCH)
     config = (TransformerConfig.llama_tiny() if family == "llama" else TransformerConfig.qwen_tiny()).with_updates(
         scan_layers=False
     )

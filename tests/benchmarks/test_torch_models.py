@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
 
 from benchmarks.gpt2_throughput import LOSSES, gpt2_loss  # noqa: E402
 from benchmarks.torch_models import GPT, DiT, DiTShape, GPTShape, count_parameters  # noqa: E402

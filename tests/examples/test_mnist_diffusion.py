@@ -33,6 +33,7 @@ TINY = (
     f"num_per_class={NUM_PER_CLASS}",
     "log.every_n_steps=10",
     "log.every_n_seconds=null",
+    "log.heavy_every_n_seconds=null",  # media at the step cadence only, however slow the machine
     "log.heavy_every_n_steps=30",
     # One device: the launchers have their own tests, and a replicated checkpoint on four simulated CPU
     # devices costs seconds of per-shard slicing.

@@ -38,6 +38,7 @@ TINY = (
     "num_chars=20",  # one chunk of the GPT's 32-character context: one compilation
     "log.every_n_steps=10",
     "log.every_n_seconds=null",
+    "log.heavy_every_n_seconds=null",  # media at the step cadence only, however slow the machine
     "log.heavy_every_n_steps=50",
 )
 

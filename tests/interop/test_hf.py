@@ -9,13 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from xax.arch.transformer import Transformer
 from xax.core.errors import ConfigError
 from xax.interop import StateDictError, config_from_hf, load_hf, read_hf_weights, save_hf
 from xax.testing import assert_parity
+
+NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+transformers = pytest.importorskip("transformers", reason=NEEDS_TORCH)
 
 RTOL, ATOL = 1e-4, 1e-4
 # Random weights of this scale give logits with a spread comparable to a trained model's.

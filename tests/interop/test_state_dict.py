@@ -5,8 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.torch
-import torch
 
 from xax.interop import (
     Chain,
@@ -21,6 +19,10 @@ from xax.interop import (
     write_safetensors,
 )
 from xax.testing import assert_parity
+
+NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+safetensors_torch = pytest.importorskip("safetensors.torch", reason=NEEDS_TORCH)
 
 RTOL, ATOL = 1e-6, 1e-6
 
@@ -219,12 +221,12 @@ def test_rules_must_share_placeholders() -> None:
 
 def test_safetensors_written_by_torch_are_read_without_pickle(tmp_path) -> None:
     tensors = {"a": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.arange(5)}
-    safetensors.torch.save_file(tensors, tmp_path / "w.safetensors")
+    safetensors_torch.save_file(tensors, tmp_path / "w.safetensors")
     loaded = read_safetensors(tmp_path / "w.safetensors")
     np.testing.assert_array_equal(loaded["a"].astype(np.float32), tensors["a"].float().numpy())
     np.testing.assert_array_equal(loaded["b"], tensors["b"].numpy())
     write_safetensors({"c": np.ones((2, 2), np.float32)}, tmp_path / "x.safetensors")
-    assert torch.equal(safetensors.torch.load_file(tmp_path / "x.safetensors")["c"], torch.ones(2, 2))
+    assert torch.equal(safetensors_torch.load_file(tmp_path / "x.safetensors")["c"], torch.ones(2, 2))
 
 
 def test_bfloat16_torch_tensors_load_as_the_leaf_dtype() -> None:

@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from xax.nn.attention import KVCache, MultiHeadAttention, dot_product_attention, select_implementation
 from xax.nn.embeddings import RotaryEmbedding
+
+NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
 
 
 def _reference_mask(seq: int, lengths: list[int], window: int | None) -> np.ndarray:
@@ -23,6 +24,7 @@ def _reference_mask(seq: int, lengths: list[int], window: int | None) -> np.ndar
 
 @pytest.mark.parametrize(("heads", "kv_heads", "window"), [(4, 4, None), (4, 2, None), (4, 1, 3), (6, 2, 2)])
 def test_attention_matches_torch_sdpa(heads: int, kv_heads: int, window: int | None) -> None:
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
     rng = np.random.default_rng(0)
     batch, seq, dim = 2, 7, 8
     q = rng.standard_normal((batch, seq, heads, dim)).astype(np.float32)

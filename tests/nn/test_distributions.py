@@ -1,14 +1,16 @@
 """Distributions against torch.distributions (log-probabilities, entropies, KLs), sampling statistics
 against their exact moments, and gradients through samples and masked classes."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from torch import distributions as td
 
 from xax.nn.distributions import Bernoulli, Categorical, Normal
+
+NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
 
 RNG = np.random.default_rng(0)
 
@@ -17,11 +19,16 @@ def f32(a: np.ndarray) -> jax.Array:
     return jnp.asarray(a, jnp.float32)
 
 
-def t64(a: np.ndarray) -> torch.Tensor:
+def t64(a: np.ndarray) -> Any:
+    """The array as a float64 torch tensor."""
+    import torch
+
     return torch.as_tensor(np.asarray(a, np.float64))
 
 
 def test_normal_matches_torch() -> None:
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+    td = pytest.importorskip("torch.distributions", reason=NEEDS_TORCH)
     mean, log_std, x = RNG.normal(size=(3, 5)), RNG.normal(size=(3, 5)) * 0.5, RNG.normal(size=(3, 5)) * 2
     mean2, log_std2 = RNG.normal(size=(3, 5)), RNG.normal(size=(3, 5)) * 0.5
     ours, other = Normal(f32(mean), f32(log_std)), Normal(f32(mean2), f32(log_std2))
@@ -61,6 +68,8 @@ def test_normal_refuses_mismatched_shapes() -> None:
 
 
 def test_categorical_matches_torch() -> None:
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+    td = pytest.importorskip("torch.distributions", reason=NEEDS_TORCH)
     logits, logits2 = RNG.normal(size=(4, 6)) * 2, RNG.normal(size=(4, 6)) * 2
     value = RNG.integers(0, 6, size=4)
     ours, other = Categorical(f32(logits)), Categorical(f32(logits2))
@@ -75,6 +84,7 @@ def test_categorical_matches_torch() -> None:
 
 
 def test_categorical_with_ruled_out_classes_has_finite_values_and_gradients() -> None:
+    td = pytest.importorskip("torch.distributions", reason=NEEDS_TORCH)
     logits = f32(np.array([[0.3, -jnp.inf, 1.2, -jnp.inf], [2.0, 0.0, -1.0, 0.5]]))
     other = f32(np.array([[1.0, 0.0, 0.0, -jnp.inf], [0.0, 0.0, 0.0, 0.0]]))
     theirs = td.Categorical(logits=t64(np.asarray(logits)))
@@ -82,7 +92,10 @@ def test_categorical_with_ruled_out_classes_has_finite_values_and_gradients() ->
     # torch's KL gives nan for 0 log(0 / 0); the masked class contributes 0, as the definition has it.
     p = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
     log_q = np.asarray(jax.nn.log_softmax(other, axis=-1), np.float64)
-    expected = [np.sum([pk * (np.log(pk) - lq) for pk, lq in zip(pr, lr) if pk > 0]) for pr, lr in zip(p, log_q)]
+    expected = [
+        np.sum([pk * (np.log(pk) - lq) for pk, lq in zip(pr, lr) if pk > 0])
+        for pr, lr in zip(p.tolist(), log_q.tolist())
+    ]
     np.testing.assert_allclose(Categorical(logits).kl(Categorical(other)), expected, rtol=1e-5)
     assert float(Categorical(other).kl(Categorical(logits))[0]) == np.inf  # other allows a class logits rules out
 
@@ -103,6 +116,7 @@ def test_categorical_samples_follow_the_probabilities() -> None:
 
 
 def test_bernoulli_matches_torch_and_is_stable_at_large_logits() -> None:
+    td = pytest.importorskip("torch.distributions", reason=NEEDS_TORCH)
     logits, logits2 = RNG.normal(size=7) * 3, RNG.normal(size=7) * 3
     value = RNG.integers(0, 2, size=7).astype(np.float64)
     ours, other = Bernoulli(f32(logits)), Bernoulli(f32(logits2))

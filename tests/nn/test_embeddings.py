@@ -1,15 +1,12 @@
 """Embeddings against transformers' RoPE code and the closed-form sinusoidal formula."""
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
-import transformers.modeling_rope_utils as rope_utils
-import transformers.models.llama.modeling_llama as modeling_llama
 
 from xax.nn.embeddings import (
     Embedding,
@@ -19,6 +16,8 @@ from xax.nn.embeddings import (
     rope_frequencies,
     sinusoidal_embedding,
 )
+
+NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
 
 HEAD_DIM = 16
 MAX_POS = 128
@@ -59,7 +58,10 @@ SCALINGS = [
 ]
 
 
-def _hf_config(rope_type: str, theta: float, params: dict) -> transformers.LlamaConfig:
+def _hf_config(rope_type: str, theta: float, params: dict) -> Any:
+    """A transformers LlamaConfig with these RoPE settings."""
+    import transformers
+
     return transformers.LlamaConfig(
         hidden_size=HEAD_DIM * 4,
         num_attention_heads=4,
@@ -70,6 +72,8 @@ def _hf_config(rope_type: str, theta: float, params: dict) -> transformers.Llama
 
 @pytest.mark.parametrize(("scaling", "params"), SCALINGS, ids=lambda v: getattr(v, "rope_type", ""))
 def test_rope_inv_freq_matches_transformers(scaling: RopeScaling, params: dict) -> None:
+    pytest.importorskip("torch", reason=NEEDS_TORCH)
+    rope_utils = pytest.importorskip("transformers.modeling_rope_utils", reason=NEEDS_TORCH)
     config = _hf_config(scaling.rope_type, 10000.0, params)
     # "dynamic" depends on the sequence length: check inside and beyond the reference length.
     for seq_len in [None, 3 * MAX_POS]:
@@ -80,6 +84,8 @@ def test_rope_inv_freq_matches_transformers(scaling: RopeScaling, params: dict) 
 
 
 def test_rope_default_matches_transformers() -> None:
+    pytest.importorskip("torch", reason=NEEDS_TORCH)
+    modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama", reason=NEEDS_TORCH)
     config = _hf_config("default", 500000.0, {})
     expected, _ = modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     inv_freq, factor = rope_frequencies(HEAD_DIM, 500000.0)
@@ -97,6 +103,8 @@ def test_rope_dynamic_grows_theta_only_past_reference_length() -> None:
 
 
 def test_rotary_application_matches_transformers() -> None:
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+    modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama", reason=NEEDS_TORCH)
     scaling = RopeScaling("yarn", factor=4.0, original_max_position_embeddings=32)
     config = _hf_config("yarn", 10000.0, {"factor": 4.0, "original_max_position_embeddings": 32})
     hf_rotary = modeling_llama.LlamaRotaryEmbedding(config)

@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from xax.nn.mlp import MLP, SwiGLU, get_activation
+
+NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+transformers = pytest.importorskip("transformers", reason=NEEDS_TORCH)
 
 
 def _set(layer: Any, weight: Any, bias: Any = None) -> Any:

@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from xax.nn.norms import LayerNorm, RMSNorm, make_norm
+
+NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
 
 
 def _random(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -15,6 +16,7 @@ def _random(shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 def test_layernorm_matches_torch() -> None:
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
     x, w, b = _random((2, 3, 8), 0) * 3 + 1, _random((8,), 1), _random((8,), 2)
     norm = eqx.tree_at(lambda n: (n.weight, n.bias), LayerNorm(8, eps=1e-5), (jnp.asarray(w), jnp.asarray(b)))
     expected = torch.nn.functional.layer_norm(torch.from_numpy(x), (8,), torch.from_numpy(w), torch.from_numpy(b), 1e-5)
@@ -22,6 +24,7 @@ def test_layernorm_matches_torch() -> None:
 
 
 def test_rmsnorm_matches_torch() -> None:
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
     x, w = _random((4, 8), 0) * 2, _random((8,), 1)
     norm = RMSNorm(8, eps=1e-6)
     norm = jax.tree.map(lambda _: jnp.asarray(w), norm)

@@ -23,7 +23,15 @@ def run(tmp_path: Path, *overrides: str, config: RegressionConfig | None = None)
             tasks.append(self)
             super().on_run_start()
 
-    argv = [f"artifacts.run_dir={tmp_path}", "log.stdout=false", "log.tensorboard=false", "compile.cache=false"]
+    # Logs by steps only: a timed record (every 10 s by default) would land at whatever step a slow machine
+    # reached, changing the windows the tests count and compare.
+    argv = [
+        f"artifacts.run_dir={tmp_path}",
+        "log.stdout=false",
+        "log.tensorboard=false",
+        "log.every_n_seconds=null",
+        "compile.cache=false",
+    ]
     state = Recorded.launch(config or RegressionConfig(batch_size=32), argv=[*argv, *overrides])
     return tasks[0], state
 
@@ -153,7 +161,7 @@ def test_learning_rate_schedule_is_logged(tmp_path: Path) -> None:
 
     Recorded.launch(
         RegressionConfig(batch_size=32, max_steps=10),
-        argv=[f"artifacts.run_dir={tmp_path}", "log.stdout=false", "log.every_n_steps=5"],
+        argv=[f"artifacts.run_dir={tmp_path}", "log.stdout=false", "log.every_n_steps=5", "log.every_n_seconds=null"],
     )
     rates = [r["scalars"]["learning_rate"] for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "train"]
     # The logged value is the mean over the window of the rate each step's update used.
