@@ -5,6 +5,7 @@ least 1); see tests/nn/test_ssm.py for why that bounds float32 rounding over the
 """
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 from xax.arch.ssm import SSMConfig, SSMLanguageModel
 from xax.core.errors import ConfigError
@@ -183,3 +185,38 @@ def test_selective_model_matches_transformers_mamba() -> None:
     assert layer.dt_rank == hf_config.time_step_rank
     assert_close(eqx.filter_jit(SSMLanguageModel.__call__)(model, toks), expected)
     assert_close(decode_all(model, toks, model.init_cache(BATCH)), expected)
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -1])
+def test_out_of_range_token_id_raises_in_checked_mode(bad: int) -> None:
+    model = SSMLanguageModel(CONFIGS["selective"], key=jax.random.key(0))
+    toks = tokens().at[1, 3].set(bad)
+    message = rf"tokens\[1, 3\] = {bad} is outside \[0, vocab_size={VOCAB}\)"
+    error, _ = jax.jit(checkify.checkify(lambda t: model(t, check_ids=True)))(toks)
+    with pytest.raises(checkify.JaxRuntimeError, match=message):
+        error.throw()
+    with pytest.raises(checkify.JaxRuntimeError, match=message):
+        model(toks, check_ids=True)  # an eager call raises at once
+    step = jax.jit(checkify.checkify(lambda t, c: model.decode_step(t, c, check_ids=True)))
+    error, _ = step(toks[:, 3], model.init_cache(BATCH))
+    with pytest.raises(checkify.JaxRuntimeError, match=rf"tokens\[1\] = {bad} is outside \[0, vocab_size={VOCAB}\)"):
+        error.throw()
+    error, _ = step(toks[:, 2], model.init_cache(BATCH))
+    error.throw()  # valid ids pass
+
+
+def test_unchecked_forward_is_unchanged_and_has_no_check_ops() -> None:
+    model = SSMLanguageModel(CONFIGS["selective"], key=jax.random.key(0))
+    toks = tokens()
+    unchecked = str(jax.make_jaxpr(lambda t: model(t, check_ids=False))(toks))
+    assert unchecked == str(jax.make_jaxpr(model)(toks))
+    assert re.search(r"\bcheck\[", unchecked) is None
+    assert re.search(r"\bcheck\[", str(jax.make_jaxpr(lambda t: model(t, check_ids=True))(toks)))
+    error, checked = jax.jit(checkify.checkify(lambda t: model(t, check_ids=True)))(toks)
+    error.throw()
+    assert_close(checked, eqx.filter_jit(model)(toks))
+    # Unchecked ids keep the plain lookup's semantics: -1 reads the last row, VOCAB a row of NaN.
+    np.testing.assert_array_equal(
+        np.asarray(model(toks.at[0, 2].set(-1))), np.asarray(model(toks.at[0, 2].set(VOCAB - 1)))
+    )
+    assert bool(jnp.all(jnp.isnan(model(toks.at[0, 2].set(VOCAB))[0, 2:])))

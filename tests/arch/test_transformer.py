@@ -1,5 +1,6 @@
 """The transformer against Hugging Face GPT-2, Llama and Qwen2 (same weights, fp32 logits at 1e-4)."""
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -8,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 from xax.arch.transformer import Transformer, TransformerConfig
+from xax.core.errors import ConfigError
 
 NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
 
@@ -199,3 +202,67 @@ def test_inference_mode_turns_dropout_off_even_with_a_key() -> None:
     in_inference, _ = eqx.nn.inference_mode(model)(tokens, key=jax.random.key(1))
     assert not np.allclose(np.asarray(with_key), np.asarray(without_key))
     np.testing.assert_array_equal(np.asarray(in_inference), np.asarray(without_key))
+
+
+def test_sequence_longer_than_max_seq_len_is_refused_at_trace_time() -> None:
+    model = Transformer(TransformerConfig.gpt2_tiny(), key=jax.random.key(0))
+    too_long = jax.ShapeDtypeStruct((1, 65), jnp.int32)
+    # Refused while tracing: no array of that shape is ever computed.
+    with pytest.raises(ConfigError, match=r"a sequence of 65 tokens exceeds max_seq_len=64"):
+        jax.eval_shape(lambda tokens: model(tokens)[0], too_long)
+    with pytest.raises(ConfigError, match=r"slots=65 exceeds max_seq_len=64"):
+        model.init_cache(1, 65)
+    with pytest.raises(ValueError, match=r"6 tokens does not fit a KV cache of 4 slots"):
+        model(jnp.zeros((1, 6), jnp.int32), cache=model.init_cache(1, 4))
+    assert jax.eval_shape(lambda tokens: model(tokens)[0], jax.ShapeDtypeStruct((1, 64), jnp.int32)).shape == (
+        1,
+        64,
+        128,
+    )
+    # RoPE has no table to run off: past max_seq_len it extrapolates, finite, as Hugging Face's Llama does.
+    rope = Transformer(TransformerConfig.llama_tiny(), key=jax.random.key(0))
+    assert bool(jnp.all(jnp.isfinite(rope(jnp.zeros((1, 65), jnp.int32))[0])))
+
+
+@pytest.mark.parametrize("bad", [128, -1])
+@pytest.mark.parametrize("preset", ["gpt2_tiny", "llama_tiny"])
+def test_out_of_range_token_id_raises_in_checked_mode(preset: str, bad: int) -> None:
+    model = Transformer(getattr(TransformerConfig, preset)(), key=jax.random.key(0))
+    assert model.config.vocab_size == 128
+    tokens = jnp.zeros((2, 6), jnp.int32).at[1, 3].set(bad)
+    message = rf"tokens\[1, 3\] = {bad} is outside \[0, vocab_size=128\)"
+    checked = checkify.checkify(lambda tokens: model(tokens, check_ids=True)[0])
+    error, _ = jax.jit(checked)(tokens)
+    with pytest.raises(checkify.JaxRuntimeError, match=message):
+        error.throw()
+    with pytest.raises(checkify.JaxRuntimeError, match=message):
+        model(tokens, check_ids=True)  # an eager call raises at once
+    error, _ = jax.jit(checked)(tokens.at[1, 3].set(127))
+    error.throw()  # the largest valid id passes
+
+
+def test_out_of_range_position_raises_in_checked_mode() -> None:
+    model = Transformer(TransformerConfig.gpt2_tiny(), key=jax.random.key(0))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    positions = jnp.array([[61, 62, 63, 64]], jnp.int32)
+    error, _ = jax.jit(checkify.checkify(lambda p: model(tokens, positions=p, check_ids=True)[0]))(positions)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"positions\[0, 3\] = 64 is outside \[0, max_seq_len=64\)"):
+        error.throw()
+
+
+def test_unchecked_forward_is_unchanged_and_has_no_check_ops() -> None:
+    model = Transformer(TransformerConfig.gpt2_tiny(), key=jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 128)
+    unchecked = str(jax.make_jaxpr(lambda t: model(t, check_ids=False)[0])(tokens))
+    assert unchecked == str(jax.make_jaxpr(lambda t: model(t)[0])(tokens))
+    assert re.search(r"\bcheck\[", unchecked) is None
+    assert re.search(r"\bcheck\[", str(jax.make_jaxpr(lambda t: model(t, check_ids=True)[0])(tokens)))
+    # The checked mode computes the same logits; the unchecked one keeps the plain lookup's semantics.
+    error, checked = jax.jit(checkify.checkify(lambda t: model(t, check_ids=True)[0]))(tokens)
+    error.throw()
+    logits, _ = jax.jit(model.__call__)(tokens)
+    np.testing.assert_array_equal(np.asarray(checked), np.asarray(logits))
+    wrapped, _ = model(tokens.at[0, 2].set(-1))
+    last, _ = model(tokens.at[0, 2].set(127))
+    np.testing.assert_array_equal(np.asarray(wrapped), np.asarray(last))
+    assert bool(jnp.all(jnp.isnan(model(tokens.at[0, 2].set(128))[0][0, 2:])))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from xax.arch.transformer import Transformer
+from xax.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def generate(
     prompt_mask: Bool[Array, "batch prompt"] | None = None,
     eos_id: int | None = None,
     return_logits: bool = False,
+    check_ids: bool = False,
 ) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens after each prompt, batched, with the KV cache.
 
@@ -110,25 +112,33 @@ def generate(
             column must be real in every row (left padding).
         eos_id: If set, a row that produced it keeps producing it.
         return_logits: Whether to return the logits of every step (B, N, V).
+        check_ids: Check that every prompt id is in [0, vocab_size) (see ``Transformer.hidden_states``):
+            wrap a call with this set in ``checkify.checkify`` (e.g. ``checkify.checkify(lambda p:
+            generate(model, p, ..., check_ids=True))(prompt)``), then ``err.throw()``. Off by default,
+            and then prompt ids are not checked (an id past the vocabulary gives NaN logits).
 
     Returns:
         The new tokens and, if requested, their logits.
+
+    Raises:
+        ConfigError: With learned positions, when prompt + new tokens exceed the model's max_seq_len.
     """
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be positive, got {max_new_tokens}")
     batch, prompt_len = prompt.shape
     total = prompt_len + max_new_tokens
     if model.config.positions == "learned" and total > model.config.max_seq_len:
-        raise ValueError(
-            f"generate: prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"max_seq_len={model.config.max_seq_len}; generate fewer tokens or shorten the prompt"
+        raise ConfigError(
+            f"generate: prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds the "
+            f"model's max_seq_len={model.config.max_seq_len}; generate fewer tokens or shorten the prompt"
         )
     mask = jnp.ones((batch, prompt_len), dtype=bool) if prompt_mask is None else prompt_mask
     positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)  # (B, P)
     keys = jax.random.split(key, max_new_tokens)
 
     cache = model.init_cache(batch, total)
-    logits, cache = model(prompt, positions=positions, padding_mask=prompt_mask, cache=cache)  # (B, P, V)
+    # (B, P, V); only the prompt is checked, as sampled tokens are in range by construction.
+    logits, cache = model(prompt, positions=positions, padding_mask=prompt_mask, cache=cache, check_ids=check_ids)
     first_logits = logits[:, -1]  # (B, V)
     first = sample_token(first_logits, sampling, keys[0])  # (B,)
     done = jnp.zeros((batch,), dtype=bool) if eos_id is None else first == eos_id

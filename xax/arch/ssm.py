@@ -6,7 +6,8 @@
 It runs in two equivalent modes: ``model(tokens)`` processes whole sequences in parallel (training);
 ``init_cache(batch)`` then ``decode_step(token, cache)`` advances one token at a time with a
 fixed-size state per layer (generation), and ``prefill(tokens, cache)`` consumes a prompt in
-parallel and returns the state after it. With ``layer="selective"``, ``mlp_ratio=0`` and tied
+parallel and returns the state after it. Token ids are not checked unless a call passes
+``check_ids=True`` (see ``prefill``). With ``layer="selective"``, ``mlp_ratio=0`` and tied
 embeddings the model is the Mamba language model (Gu & Dao 2023) layer for layer.
 
 Parameters are float32; ``compute_dtype="bfloat16"`` runs matrix products and activations in
@@ -25,7 +26,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from xax.core.config import field, register_config
 from xax.core.errors import ConfigError
-from xax.nn.embeddings import Embedding
+from xax.nn.embeddings import Embedding, check_id_range
 from xax.nn.norms import RMSNorm
 from xax.nn.ssm import DIAGONAL_INITS, DT_MAX, DT_MIN, DiagonalSSM, SelectiveSSM, SSMLayer
 
@@ -241,32 +242,49 @@ class SSMLanguageModel(eqx.Module):
             states.append(state)
         return self._logits(h), tuple(states)
 
+    def _check(self, tokens: Int[Array, "*shape"], check_ids: bool) -> None:
+        if check_ids:
+            check_id_range(tokens, self.embed.weight.shape[0], name="tokens", size_name="vocab_size")
+
     def prefill(
-        self, tokens: Int[Array, "batch seq"], cache: SSMCache
+        self, tokens: Int[Array, "batch seq"], cache: SSMCache, *, check_ids: bool = False
     ) -> tuple[Float[Array, "batch seq vocab"], SSMCache]:
         """Processes whole sequences in parallel, starting from ``cache``.
 
         Args:
-            tokens: Token ids.
+            tokens: Token ids, each in [0, vocab_size).
             cache: The state before the first token (``init_cache`` for a fresh start).
+            check_ids: Check with ``jax.experimental.checkify`` that every id is in [0, vocab_size);
+                a failure names the first bad id's index and value. Eager calls raise at once; under
+                ``jax.jit`` wrap the function in ``checkify.checkify`` and call ``err.throw()``. Off by
+                default, and then ids are not checked at all (no cost): an id at or past
+                ``vocab_size`` gives NaN and -1 reads the last row.
 
         Returns:
             The float32 logits of every position, and the state after the last token.
         """
+        self._check(tokens, check_ids)
         return jax.vmap(self._prefill_one)(tokens, cache)
 
-    def __call__(self, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq vocab"]:
-        """The float32 logits of every position, computed in parallel (training mode)."""
-        return self.prefill(tokens, self.init_cache(tokens.shape[0]))[0]
+    def __call__(self, tokens: Int[Array, "batch seq"], *, check_ids: bool = False) -> Float[Array, "batch seq vocab"]:
+        """The float32 logits of every position, computed in parallel (training mode).
 
-    def decode_step(self, token: Int[Array, " batch"], cache: SSMCache) -> tuple[Float[Array, "batch vocab"], SSMCache]:
+        Token ids are checked only with ``check_ids=True`` (see ``prefill``).
+        """
+        return self.prefill(tokens, self.init_cache(tokens.shape[0]), check_ids=check_ids)[0]
+
+    def decode_step(
+        self, token: Int[Array, " batch"], cache: SSMCache, *, check_ids: bool = False
+    ) -> tuple[Float[Array, "batch vocab"], SSMCache]:
         """Advances every sequence by one token (recurrent mode).
 
         Args:
             token: The next token of each sequence.
             cache: The state before it.
+            check_ids: Check the tokens as ``prefill`` does.
 
         Returns:
             The float32 logits for the token after it, and the updated state.
         """
+        self._check(token, check_ids)
         return jax.vmap(self._step_one)(token, cache)

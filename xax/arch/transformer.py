@@ -38,8 +38,9 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from xax.core.errors import ConfigError
 from xax.nn.attention import IMPLEMENTATIONS, KVCache, MultiHeadAttention
-from xax.nn.embeddings import Embedding, RopeScaling, RotaryEmbedding
+from xax.nn.embeddings import Embedding, RopeScaling, RotaryEmbedding, check_id_range
 from xax.nn.lora import AnyLinear, make_linear
 from xax.nn.mlp import ACTIVATIONS, MLP, SwiGLU
 from xax.nn.norms import NORM_TYPES, LayerNorm, RMSNorm, make_norm
@@ -73,7 +74,9 @@ class TransformerConfig:
     Attributes:
         vocab_size: Token vocabulary size; 50257 is GPT-2's byte-level BPE.
         max_seq_len: Context length; sizes the learned position table (GPT-2: 1024) and is the
-            reference length of RoPE's "dynamic" scaling.
+            reference length of RoPE's "dynamic" scaling. With learned positions it is a hard limit:
+            a longer input (or KV cache) is refused when the call is traced. RoPE and "none" models
+            run past it (RoPE extrapolates, or rescales with "dynamic"), as Hugging Face's do.
         d_model: Residual stream width; 768 is GPT-2 small.
         num_layers: Transformer blocks; 12 is GPT-2 small.
         num_heads: Query heads; 12 gives GPT-2's 64-wide heads.
@@ -351,6 +354,11 @@ class Transformer(eqx.Module):
     def init_cache(self, batch: int, slots: int) -> TransformerCache:
         """An empty KV cache for ``batch`` sequences of up to ``slots`` tokens, in the compute dtype."""
         cfg = self.config
+        if cfg.positions == "learned" and slots > cfg.max_seq_len:
+            raise ConfigError(
+                f"Transformer.init_cache: slots={slots} exceeds max_seq_len={cfg.max_seq_len}, the size of the "
+                "learned position table; use fewer slots or a model with a larger max_seq_len"
+            )
         cache = KVCache.empty(batch, slots, cfg.kv_heads, cfg.head_size, cfg.dtype)
         if cfg.scan_layers:
             return jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers, *x.shape)), cache)
@@ -364,15 +372,23 @@ class Transformer(eqx.Module):
         padding_mask: Bool[Array, "batch seq"] | None = None,
         cache: TransformerCache | None = None,
         key: PRNGKeyArray | None = None,
+        check_ids: bool = False,
     ) -> tuple[Float[Array, "batch seq dim"], TransformerCache | None]:
         """Runs the model up to the final norm.
 
         Args:
-            tokens: Token ids (B, T).
+            tokens: Token ids (B, T), each in [0, vocab_size). With learned positions, T is at most
+                ``max_seq_len`` (a longer input raises ``ConfigError`` at trace time).
             positions: Position ids (B, T); by default ``arange(T)`` shifted by the cache index.
             padding_mask: False at pad tokens (B, T); None when there is no padding.
             cache: The KV cache from ``init_cache`` (or a previous call), or None.
             key: A PRNG key enables dropout (training); None disables it.
+            check_ids: Check with ``jax.experimental.checkify`` that every token id is in
+                [0, vocab_size) and, with learned positions, every position in [0, max_seq_len); a
+                failure names the first bad id's index and value. Eager calls raise at once; under
+                ``jax.jit`` wrap the function in ``checkify.checkify`` and call ``err.throw()``.
+                Off by default, and then ids are not checked at all (no cost): an id at or past
+                ``vocab_size`` gives NaN and -1 reads the last row.
 
         Returns:
             ``(hidden states (B, T, d_model) in the compute dtype, updated cache or None)``.
@@ -380,9 +396,12 @@ class Transformer(eqx.Module):
         cfg = self.config
         model = _cast_floating(self, cfg.dtype)
         batch, seq = tokens.shape
+        _check_length(cfg, seq, cache)
         if positions is None:
             start = jnp.zeros((), jnp.int32) if cache is None else _cache_index(cache)
             positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if check_ids:
+            _check_token_and_position_ids(cfg, tokens, positions)
         # A concrete flag (the training loop and eqx.filter_jit keep bools static); a model passed
         # whole to jax.jit sees a traced one, and then the key alone decides.
         if isinstance(self.inference, bool) and self.inference:
@@ -418,13 +437,42 @@ class Transformer(eqx.Module):
         padding_mask: Bool[Array, "batch seq"] | None = None,
         cache: TransformerCache | None = None,
         key: PRNGKeyArray | None = None,
+        check_ids: bool = False,
     ) -> tuple[Float[Array, "batch seq vocab"], TransformerCache | None]:
-        """Returns float32 logits (B, T, vocab) and the updated cache; arguments as ``hidden_states``."""
-        hidden, cache = self.hidden_states(tokens, positions=positions, padding_mask=padding_mask, cache=cache, key=key)
+        """Returns float32 logits (B, T, vocab) and the updated cache; arguments as ``hidden_states``.
+
+        Token ids are checked only with ``check_ids=True`` (see ``hidden_states``).
+        """
+        hidden, cache = self.hidden_states(
+            tokens, positions=positions, padding_mask=padding_mask, cache=cache, key=key, check_ids=check_ids
+        )
         unembedding = self.unembedding().astype(hidden.dtype)
         # float32 logits; the backward pass's vocabulary-sized GEMMs stay in the compute dtype.
         logits = mixed_dot_general(hidden, unembedding, (((2,), (1,)), ((), ())))
         return logits, cache
+
+
+def _check_length(cfg: TransformerConfig, seq: int, cache: TransformerCache | None) -> None:
+    """Refuses, at trace time, inputs longer than the position table or the cache."""
+    if cfg.positions == "learned" and seq > cfg.max_seq_len:
+        raise ConfigError(
+            f"Transformer: a sequence of {seq} tokens exceeds max_seq_len={cfg.max_seq_len}, the size of the "
+            "learned position table; shorten the input or use a model with a larger max_seq_len"
+        )
+    if cache is not None:
+        slots = (cache[0] if isinstance(cache, tuple) else cache).key.shape[-3]  # key: (..., B, S, K, D)
+        if seq > slots:
+            raise ValueError(
+                f"Transformer: a sequence of {seq} tokens does not fit a KV cache of {slots} slots; "
+                f"make the cache with init_cache(batch, slots) and slots >= {seq}"
+            )
+
+
+def _check_token_and_position_ids(cfg: TransformerConfig, tokens: Array, positions: Array) -> None:
+    """The checks of ``check_ids=True``: the rows each embedding table is asked for exist."""
+    check_id_range(tokens, cfg.vocab_size, name="tokens", size_name="vocab_size")
+    if cfg.positions == "learned":
+        check_id_range(positions, cfg.max_seq_len, name="positions", size_name="max_seq_len")
 
 
 def _cache_index(cache: TransformerCache) -> Int[Array, ""]:

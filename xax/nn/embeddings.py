@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
@@ -61,8 +62,38 @@ class Embedding(eqx.Module):
         self.weight = init_std * jax.random.normal(key, (num_embeddings, dim), dtype=dtype)
 
     def __call__(self, ids: Int[Array, "*shape"]) -> Float[Array, "*shape dim"]:
-        """Looks up rows of the table; ids may have any shape."""
+        """Looks up rows of the table; ids may have any shape.
+
+        Ids are not checked, so the lookup costs nothing extra: an id at or past ``num_embeddings``
+        reads a row of NaN, and a negative one counts from the end (-1 reads the last row). Call
+        ``check_id_range`` first for a checked lookup.
+        """
         return jnp.take(self.weight, ids, axis=0)
+
+
+def check_id_range(
+    ids: Int[Array, "*shape"], size: int, *, name: str = "ids", size_name: str = "num_embeddings"
+) -> None:
+    """Checks with ``jax.experimental.checkify`` that every id is in [0, size).
+
+    A failed check names the first offending id (in row-major order) by index and value, e.g.
+    ``tokens[1, 3] = 128 is outside [0, vocab_size=128)``. Called eagerly, it raises at once; under
+    ``jax.jit`` (or any other transformation) run the caller through ``checkify.checkify`` and call
+    ``err.throw()`` on the error it returns. It costs a comparison and two reductions over ``ids``.
+
+    Args:
+        ids: Integer ids of any shape.
+        size: The number of valid ids (the table's rows).
+        name: How the message names the array of ids.
+        size_name: How the message names ``size``: the config key that sets it.
+    """
+    bad = (ids < 0) | (ids >= size)
+    first = jnp.argmax(bad.reshape(-1))  # the first offending id (0 when there is none)
+    index = jnp.unravel_index(first, ids.shape)
+    # Format fields: {0} is the value, {1}..{ndim} its index.
+    where = f"[{', '.join(f'{{{d + 1}}}' for d in range(ids.ndim))}]" if ids.ndim else ""
+    message = f"{name}{where} = {{0}} is outside [0, {size_name}={size})"
+    checkify.check(~jnp.any(bad), message, ids.reshape(-1)[first], *index)
 
 
 def sinusoidal_embedding(
