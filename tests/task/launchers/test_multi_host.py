@@ -1,5 +1,6 @@
 """The multi-host launcher: settings from the config or SLURM, and a real two-process CPU run."""
 
+import ipaddress
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from xax.core.errors import LaunchError
 from xax.task.launchers import MultiHostLauncher, get_launcher
 from xax.task.launchers.multi_host import (
     DistributedOptions,
+    DistributedSettings,
+    coordinator_bind_address,
     first_host,
     initialize,
     resolve_settings,
@@ -316,3 +319,96 @@ def test_both_processes_rewind_past_a_non_finite_step_together(tmp_path: Path) -
     assert losses_11[0] == "nan" and np.isfinite(losses_11[1])
     assert all(np.isfinite(r["scalars"]["loss"]) for r in records if r["scalars"]["loss"] != "nan")
     assert checkpoint_steps(run_dir / "checkpoints")[-1] == 16
+
+
+# ---- where the coordinator listens -----------------------------------------------------------
+
+
+def settings_for(address: str, num_processes: int = 2, bind: str | None = None) -> DistributedSettings:
+    options = DistributedOptions(
+        coordinator_address=address, num_processes=num_processes, process_id=0, coordinator_bind_address=bind
+    )
+    return resolve_settings(options, None)
+
+
+def test_coordinator_binds_only_where_the_processes_reach_it(
+    no_slurm: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On one host: loopback.
+    assert coordinator_bind_address(settings_for("localhost:1234")) == "localhost:1234"
+    assert coordinator_bind_address(settings_for("127.0.0.1:1234")) == "127.0.0.1:1234"
+    assert coordinator_bind_address(settings_for("[::1]:1234")) == "[::1]:1234"
+    assert coordinator_bind_address(settings_for("10.0.0.1:1234", num_processes=1)) == "localhost:1234"
+    # A SLURM step on one node serves the coordinator on loopback too.
+    set_step(no_slurm, tasks=4, nodes=1, rank=0, local=0)
+    assert (
+        resolve_settings(DistributedOptions(), slurm_step()).coordinator_address == f"localhost:{4242 % 4096 + 61440}"
+    )
+    # Across hosts: the coordinator address's own interface, or the option.
+    assert coordinator_bind_address(settings_for("10.0.0.1:1234")) == "10.0.0.1:1234"
+    assert coordinator_bind_address(settings_for("10.0.0.1:1234", bind="[::]:1234")) == "[::]:1234"
+    with pytest.raises(LaunchError, match=r"launcher\.distributed\.coordinator_bind_address='10\.0\.0\.1' is not HOST"):
+        settings_for("10.0.0.1:1234", bind="10.0.0.1")
+    # A host name that resolves to loopback here only (an /etc/hosts entry) must stay reachable from the others.
+    loopback = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.1.1", 1234))]
+    no_slurm.setattr(socket, "getaddrinfo", lambda *args, **kwargs: loopback)
+    with caplog.at_level("WARNING"):
+        assert coordinator_bind_address(settings_for("gpu007:1234")) == "[::]:1234"
+    assert "set launcher.distributed.coordinator_bind_address=IP:1234" in caplog.text
+
+
+# Run in each of two processes: join through the launcher, then process 0 prints the addresses its
+# coordinator port listens on (while both are joined, before shutting down together).
+LISTENERS = """
+import sys
+
+import jax
+import psutil
+
+from xax.task.launchers import MultiHostLauncher
+from xax.task.launchers.multi_host import DistributedOptions
+
+rank, port = int(sys.argv[1]), int(sys.argv[2])
+options = DistributedOptions(
+    coordinator_address=f"localhost:{port}", num_processes=2, process_id=rank, init_timeout_s=60
+)
+mesh = MultiHostLauncher(options).make_mesh()
+assert mesh.devices.size == 2, mesh
+if rank == 0:
+    for conn in psutil.Process().net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+            print(conn.laddr.ip)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_process_coordinator_listens_on_loopback_only() -> None:
+    """A real two-process start on one host: process 0's coordinator port is bound on loopback only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))}
+    env |= {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LISTENERS, str(rank), str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    listening = outputs[0][0].split()
+    assert listening, "process 0 listens nowhere on the coordinator port"
+    # gRPC binds a dual-stack socket, so 127.0.0.1 may show as ::ffff:127.0.0.1.
+    ips = [ipaddress.ip_address(ip) for ip in listening]
+    ips = [getattr(ip, "ipv4_mapped", None) or ip for ip in ips]
+    assert ipaddress.ip_address("127.0.0.1") in ips
+    assert all(ip.is_loopback for ip in ips), f"the coordinator listens on {listening}, not only on loopback"

@@ -2,11 +2,13 @@
 
 Every process runs the same program. The settings come from ``launcher.distributed`` or, for the
 ones left unset, from the SLURM job step the process was started in by ``srun``. Process 0 hosts
-the coordinator the others connect to; after that the mesh spans every process's devices, each
+the coordinator the others connect to, listening only where they reach it (see
+``coordinator_bind_address``); after that the mesh spans every process's devices, each
 process feeds its own rows of every batch, and only process 0 writes logs and run metadata.
 """
 
 import dataclasses
+import ipaddress
 import logging
 import re
 import socket
@@ -47,6 +49,11 @@ class DistributedOptions:
         None, help="multi_host: local accelerators this process uses (None: all; srun with a task per GPU: its own)"
     )
     init_timeout_s: int = field(300, help="multi_host: seconds to wait for every process to reach the coordinator")
+    coordinator_bind_address: str | None = field(
+        None,
+        help="multi_host: HOST:PORT where process 0's coordinator listens (None: loopback when every process runs "
+        "on its host, else coordinator_address's own interface; '[::]:PORT' listens on every interface)",
+    )
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class DistributedSettings:
         process_id: This process's rank.
         local_device_ids: The local accelerators this process uses; None for all.
         source: Where unset values came from, for messages ("launcher config" or "SLURM job N").
+        coordinator_bind_address: ``host:port`` where process 0's coordinator listens, when set by
+            the option; None lets ``coordinator_bind_address`` choose.
     """
 
     coordinator_address: str
@@ -66,6 +75,7 @@ class DistributedSettings:
     process_id: int
     local_device_ids: tuple[int, ...] | None
     source: str
+    coordinator_bind_address: str | None = None
 
 
 def first_host(node_list: str) -> str:
@@ -79,9 +89,11 @@ def first_host(node_list: str) -> str:
 
 
 def slurm_coordinator(step: SlurmStep) -> str:
-    """Where process 0 of a SLURM step serves the coordinator: its first node, on a port derived
-    from the job id (as ``jax.distributed`` picks it), so every task computes the same address."""
-    return f"{first_host(step.node_list)}:{step.job_id % 2**12 + (65535 - 2**12 + 1)}"
+    """Where process 0 of a SLURM step serves the coordinator: its first node (``localhost`` when the
+    step has one node, so the coordinator listens on loopback only), on a port derived from the job id
+    (as ``jax.distributed`` picks it), so every task computes the same address."""
+    host = "localhost" if step.num_nodes == 1 else first_host(step.node_list)
+    return f"{host}:{step.job_id % 2**12 + (65535 - 2**12 + 1)}"
 
 
 def _missing(key: str) -> LaunchError:
@@ -136,9 +148,13 @@ def resolve_settings(options: DistributedOptions, step: SlurmStep | None) -> Dis
         address = slurm_coordinator(step)
     num_processes = _from_step(options.num_processes, step, "num_processes")
     process_id = _from_step(options.process_id, step, "process_id")
-    match = _ADDRESS.fullmatch(address)
-    if match is None or not 0 < int(match.group("port")) < 65536:
-        raise LaunchError(f"{_KEY}.coordinator_address={address!r} is not HOST:PORT; e.g. 10.0.0.1:12345")
+    for key, value in (
+        ("coordinator_address", address),
+        ("coordinator_bind_address", options.coordinator_bind_address),
+    ):
+        match = None if value is None else _ADDRESS.fullmatch(value)
+        if value is not None and (match is None or not 0 < int(match.group("port")) < 65536):
+            raise LaunchError(f"{_KEY}.{key}={value!r} is not HOST:PORT; e.g. 10.0.0.1:12345")
     if num_processes < 1:
         raise LaunchError(f"{_KEY}.num_processes={num_processes} must be at least 1")
     if not 0 <= process_id < num_processes:
@@ -147,7 +163,66 @@ def resolve_settings(options: DistributedOptions, step: SlurmStep | None) -> Dis
         raise LaunchError(f"{_KEY}.init_timeout_s={options.init_timeout_s} must be at least 1")
     given = (options.coordinator_address, options.num_processes, options.process_id)
     source = "launcher config" if step is None or None not in given else f"SLURM job {step.job_id}"
-    return DistributedSettings(address, num_processes, process_id, _local_device_ids(options, step), source)
+    return DistributedSettings(
+        address, num_processes, process_id, _local_device_ids(options, step), source, options.coordinator_bind_address
+    )
+
+
+def _split(address: str) -> tuple[str, int]:
+    """``(host, port)`` of a checked ``HOST:PORT``; an IPv6 host loses its brackets."""
+    match = _ADDRESS.fullmatch(address)
+    assert match is not None, address
+    return match.group("host").strip("[]"), int(match.group("port"))
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address (IPv4-mapped IPv6 ones as IPv4), or None for a host name."""
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])  # without an IPv6 zone ("fe80::1%eth0")
+    except ValueError:
+        return None
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
+
+
+def _resolves_to_loopback_only(host: str, port: int) -> bool:
+    """Whether every address ``host`` has here is a loopback one (False when it does not resolve)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False  # the coordinator's bind then fails and says so
+    return all(getattr(_ip(str(info[4][0])), "is_loopback", False) for info in infos)
+
+
+def coordinator_bind_address(settings: DistributedSettings) -> str:
+    """Where process 0's coordinator listens: only where the other processes can reach it.
+
+    ``launcher.distributed.coordinator_bind_address`` when set. Otherwise loopback when every process
+    runs on this host (one process, or a coordinator address on loopback), and else the coordinator
+    address itself, so the coordinator listens on the interfaces its host name resolves to. A host
+    name that resolves to loopback on this host only (``/etc/hosts`` often maps the host's own name
+    to 127.0.1.1) could not be reached from the others: then every interface, with a warning.
+    """
+    if settings.coordinator_bind_address is not None:
+        return settings.coordinator_bind_address
+    host, port = _split(settings.coordinator_address)
+    if settings.num_processes == 1:
+        return f"localhost:{port}"
+    ip = _ip(host)
+    if host.lower() == "localhost" or (ip is not None and ip.is_loopback):
+        return settings.coordinator_address
+    if ip is None and _resolves_to_loopback_only(host, port):
+        logger.warning(
+            "%s.coordinator_address=%s: %r resolves to loopback on process 0, which other hosts cannot reach; "
+            "listening on every interface (set %s.coordinator_bind_address=IP:%d to this host's address)",
+            _KEY,
+            settings.coordinator_address,
+            host,
+            _KEY,
+            port,
+        )
+        return f"[::]:{port}"
+    return settings.coordinator_address
 
 
 def wants_multi_host(options: DistributedOptions) -> bool:
@@ -168,9 +243,7 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
     Raises:
         LaunchError: When the host is unknown, or nothing listens there within ``timeout_s``.
     """
-    match = _ADDRESS.fullmatch(address)
-    assert match is not None, address
-    host, port = match.group("host").strip("[]"), int(match.group("port"))
+    host, port = _split(address)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -206,18 +279,33 @@ def initialize(settings: DistributedSettings, timeout_s: int) -> None:
         )
     if settings.process_id != 0:
         wait_for_coordinator(settings.coordinator_address, timeout_s)
+    # Only process 0 serves the coordinator; the others' bind address is unused.
+    bind = coordinator_bind_address(settings) if settings.process_id == 0 else None
+    # A single process serves and reaches its coordinator on loopback, whatever host the address names.
+    single = settings.num_processes == 1 and settings.coordinator_bind_address is None
+    address = bind if single else settings.coordinator_address
+    if bind is not None:
+        logger.info("multi_host: the coordinator listens on %s", bind)
     try:
         jax.distributed.initialize(
-            coordinator_address=settings.coordinator_address,
+            coordinator_address=address,
             num_processes=settings.num_processes,
             process_id=settings.process_id,
             local_device_ids=None if settings.local_device_ids is None else list(settings.local_device_ids),
             # Every value is resolved above; JAX's own detection would pin one GPU per SLURM node.
             cluster_detection_method="deactivate",
             initialization_timeout=timeout_s,
+            coordinator_bind_address=bind,
         )
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if bind is not None:
+            raise LaunchError(
+                f"process 0 of {settings.num_processes} could not serve the coordinator on {bind} or gather the "
+                f"others within {timeout_s} s ({reason}); {bind} must be an address of this host with a free port "
+                f"(else set {_KEY}.coordinator_bind_address), and every process must start within "
+                f"{_KEY}.init_timeout_s"
+            ) from error
         raise LaunchError(
             f"process {settings.process_id} of {settings.num_processes} could not join the coordinator at "
             f"{_KEY}.coordinator_address={settings.coordinator_address} within {timeout_s} s ({reason}); check "
