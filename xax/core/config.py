@@ -364,8 +364,21 @@ def _load_yaml(path: str) -> dict[Any, Any]:
     return data
 
 
+def _check_not_empty(item: str, root: type) -> None:
+    """Raises for ``key=`` with nothing after it, unless the key is a string: YAML reads an empty
+    value as null, which would quietly mean "no limit" for a key such as ``max_steps``."""
+    key, _, value = item.partition("=")
+    if value.strip():
+        return
+    types = {entry.key: entry.type for entry in _entries(root)}
+    if types.get(key) is str:
+        return
+    raise ConfigError(f"config key '{key}' has an empty value {_CLI}; give a value, or write {key}=null to unset it")
+
+
 def _override_layer(item: str, root: type) -> dict[Any, Any]:
     _check_override(item, root)
+    _check_not_empty(item, root)
     try:
         layer = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
     except (yaml.YAMLError, OmegaConfBaseException):
@@ -500,3 +513,15 @@ def config_to_yaml(config: Any) -> str:
         The YAML text, fields in declaration order.
     """
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def check_range(
+    key: str, value: int | float | None, *, minimum: int | float, inclusive: bool = True, unset: str = ""
+) -> None:
+    """Raises ``ConfigError`` unless ``value`` is None or at least (above, when not ``inclusive``)
+    ``minimum``; ``unset`` says what None means, for the message."""
+    if value is None or value > minimum or (inclusive and value == minimum):
+        return
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+    hint = f" (or null: {unset})" if unset else ""
+    raise ConfigError(f"{key}={value} must be {bound}{hint}")

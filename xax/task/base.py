@@ -65,6 +65,11 @@ class BaseTask(Generic[Config]):
         """The class name in snake case, used for the run directory."""
         return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
+    def validate_config(self) -> None:
+        """Checks the values the type system cannot (ranges, choices, paths) before anything is
+        created; each mixin checks its own options and calls ``super()``. Raises ``ConfigError``
+        naming the key and the fix."""
+
     def on_run_start(self) -> None:
         """Called once before training starts, after the launcher has set up the devices."""
 

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
+from xax.core.config import check_range
 from xax.core.errors import ConfigError
 from xax.task.launchers.base import Launcher as Launcher
 from xax.task.launchers.multi_cpu import MultiCpuLauncher as MultiCpuLauncher
@@ -41,4 +42,6 @@ def get_launcher(options: "LauncherOptions") -> Launcher:
     """The launcher registered under ``options.kind``, built from ``options`` (``config.launcher``)."""
     if options.kind not in LAUNCHERS:
         raise ConfigError(f"launcher.kind={options.kind!r} is not one of {sorted(LAUNCHERS)}")
+    check_range("launcher.num_cpu_devices", options.num_cpu_devices, minimum=1)
+    check_range("launcher.num_devices", options.num_devices, minimum=1, unset="all local devices")
     return LAUNCHERS[options.kind](options)

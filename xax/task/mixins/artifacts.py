@@ -152,6 +152,19 @@ def next_run_dir(parent: Path) -> Path:
     )
 
 
+def check_writable_dir(path: Path, key: str) -> None:
+    """Raises ``ConfigError`` naming ``key`` unless ``path`` is a folder this process can write, or
+    can be created as one."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise ConfigError(f"{key}={path} {what}; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: {existing} is not writable by this user; choose another folder")
+
+
 def _write_text(path: Path, text: str) -> None:
     """Writes a file atomically, so a crash never leaves half of it."""
     tmp_path = path.with_name(f".{path.name}.tmp")
@@ -175,6 +188,15 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
                 "artifacts.runs_root is empty; set artifacts.runs_root=runs or artifacts.run_dir=<folder>"
             )
         self._run_dir: Path | None = None
+
+    @override
+    def validate_config(self) -> None:
+        super().validate_config()
+        options = self.config.artifacts
+        if options.run_dir is not None:
+            check_writable_dir(Path(options.run_dir).expanduser().absolute(), "artifacts.run_dir")
+        else:
+            check_writable_dir(Path(options.runs_root).expanduser().absolute(), "artifacts.runs_root")
 
     @override
     def on_run_start(self) -> None:

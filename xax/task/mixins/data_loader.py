@@ -25,8 +25,9 @@ import jax
 import numpy as np
 import pyarrow as pa
 from jax.sharding import Mesh
+from typing_extensions import override
 
-from xax.core.config import field
+from xax.core.config import check_range, field
 from xax.core.errors import ConfigError, DataError
 from xax.core.state import Phase
 from xax.task.base import BaseConfig, BaseTask
@@ -602,6 +603,17 @@ class DataLoaderMixin(BaseTask[Config], Generic[Config]):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
+
+    @override
+    def validate_config(self) -> None:
+        super().validate_config()
+        config = self.config
+        check_range("batch_size", config.batch_size, minimum=1)
+        check_range("valid_batch_size", config.valid_batch_size, minimum=1, unset="batch_size")
+        check_range("data.prefetch", config.data.prefetch, minimum=1)
+        check_range("data.shuffle_buffer", config.data.shuffle_buffer, minimum=1)
+        check_range("data.in_memory_max_mb", config.data.in_memory_max_mb, minimum=0)
+        check_range("data.device_resident_max_mb", config.data.device_resident_max_mb, minimum=0)
 
     @abstractmethod
     def get_dataset(self, phase: Phase) -> AnyDataset:

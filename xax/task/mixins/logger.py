@@ -12,7 +12,8 @@ from typing import Generic, TypeVar
 import jax
 from typing_extensions import override
 
-from xax.core.config import config_to_dict, config_to_yaml, field
+from xax.core.config import check_range, config_to_dict, config_to_yaml, field
+from xax.core.errors import ConfigError
 from xax.core.metric import Metric
 from xax.core.state import Phase, State
 from xax.task.loggers.base import LogEvent, Logger, LogRecord
@@ -168,11 +169,20 @@ class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config])
         self._light_cadence = _Cadence(config.log.every_n_steps, config.log.every_n_seconds)
         self._heavy_cadence = _Cadence(config.log.heavy_every_n_steps, config.log.heavy_every_n_seconds)
 
+    @override
+    def validate_config(self) -> None:
+        super().validate_config()
+        options = self.config.log
+        if options.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"log.wandb_mode={options.wandb_mode!r} is not one of {list(WANDB_MODES)}")
+        check_range("log.every_n_steps", options.every_n_steps, minimum=1, unset="by time only")
+        check_range("log.every_n_seconds", options.every_n_seconds, minimum=0.0, inclusive=False)
+        check_range("log.heavy_every_n_steps", options.heavy_every_n_steps, minimum=1)
+        check_range("log.heavy_every_n_seconds", options.heavy_every_n_seconds, minimum=0.0, inclusive=False)
+
     def make_loggers(self) -> list[Logger]:
         """The loggers the config asks for; override to add your own."""
         options = self.config.log
-        if options.wandb_mode not in WANDB_MODES:
-            raise ValueError(f"log.wandb_mode={options.wandb_mode!r} is not one of {WANDB_MODES}")
         sinks: list[Logger] = []
         if jax.process_index() != 0:
             return sinks

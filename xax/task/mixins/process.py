@@ -9,7 +9,7 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from typing_extensions import override
 
-from xax.core.config import field
+from xax.core.config import check_range, field
 from xax.task.base import BaseConfig, BaseTask
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,11 @@ class ProcessMixin(BaseTask[Config], Generic[Config]):
         super().__init__(config)
         self._workers: list[Closeable] = []
         self.signals = SignalRequests()
+
+    @override
+    def validate_config(self) -> None:
+        super().validate_config()
+        check_range("process.shutdown_timeout_s", self.config.process.shutdown_timeout_s, minimum=0.0, inclusive=False)
 
     @property
     def stop_signal(self) -> int | None:

@@ -59,6 +59,8 @@ class RunnableMixin(BaseTask[Config], Generic[Config]):
 
     def execute(self) -> State:
         """Runs the task between ``on_run_start`` and ``on_run_end`` (the latter in every case)."""
+        # Every option is checked before anything is created (run directory, logs, threads).
+        self.validate_config()
         try:
             self.on_run_start()
             return self.run()

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from typing_extensions import override
 
-from xax.core.config import field
+from xax.core.config import check_range, field
 from xax.core.errors import ConfigError, TrainingStopped
 from xax.core.metric import Metric
 from xax.core.state import State
@@ -225,8 +225,10 @@ class TrainMixin(
         """The dtype the model computes in (cast inputs to it in ``get_output``)."""
         return jnp.dtype(COMPUTE_DTYPES[self.config.precision.compute_dtype])
 
+    @override
     def validate_config(self) -> None:
-        """Checks values the type system cannot, before anything is compiled."""
+        """Checks values the type system cannot, before anything is created or compiled."""
+        super().validate_config()
         config = self.config
         if config.precision.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(
@@ -242,6 +244,15 @@ class TrainMixin(
             raise ConfigError(f"nan.policy={config.nan.policy!r} is not one of {list(NAN_POLICIES)}")
         if config.ema.decay is not None and not 0.0 <= config.ema.decay < 1.0:
             raise ConfigError(f"ema.decay={config.ema.decay} must be in [0, 1)")
+        check_range("max_grad_norm", config.max_grad_norm, minimum=0.0, inclusive=False, unset="no clipping")
+        check_range("valid_every_n_seconds", config.valid_every_n_seconds, minimum=0.0, inclusive=False)
+        check_range("max_inflight_steps", config.max_inflight_steps, minimum=0)
+        check_range("nan.max_consecutive", config.nan.max_consecutive, minimum=1)
+        check_range("nan.max_rewinds", config.nan.max_rewinds, minimum=0)
+        options = config.checkpoint
+        check_range("checkpoint.every_n_steps", options.every_n_steps, minimum=1, unset="save by time only")
+        check_range("checkpoint.every_n_seconds", options.every_n_seconds, minimum=0.0, inclusive=False)
+        check_range("checkpoint.keep_best", options.keep_best, minimum=0)
         check_batch_size(config.batch_size, config.grad_accum_steps, self.get_mesh())
 
     def full_optimizer(self) -> optax.GradientTransformation:
@@ -315,7 +326,6 @@ class TrainMixin(
         return self.train()
 
     def train(self) -> State:
-        self.validate_config()
         optimizer = self.full_optimizer()
         ts, static = self.init_train_state(optimizer)
         self._static = static
