@@ -4,6 +4,7 @@ media hooks that return nothing, non-finite values that no single batch causes."
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,3 +155,28 @@ def test_a_signal_during_start_up_is_kept_for_the_run(tmp_path: Path, signum: in
     assert len(checkpoint_steps(tmp_path / "checkpoints")) == saved, err
     if signum == signal.SIGTERM:
         assert "interrupted by SIGTERM at step 1" in err
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    first = start_toy(tmp_path, "max_steps=100000", "log.every_n_steps=1", "checkpoint.every_n_steps=50")
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text():
+            assert time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.05)
+        argv = [f"artifacts.run_dir={tmp_path}", *QUIET, "max_steps=5", "resume=auto"]
+        with pytest.raises(SystemExit) as exit_info:
+            Regression.launch(RegressionConfig(batch_size=32), argv=argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"error: run directory {tmp_path} is in use by process {first.pid} on {socket.gethostname()}; "
+            "wait for that run to end or stop it, or choose another artifacts.run_dir"
+        )
+        assert all(json.loads(line)["phase"] == "train" for line in (tmp_path / "log.jsonl").read_text().splitlines())
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    # A run that died holds nothing: its resume takes the directory.
+    state = Regression.launch(RegressionConfig(batch_size=32), argv=[*argv, "max_steps=200"])
+    assert state.num_steps == 200

@@ -1,5 +1,6 @@
 """The run directory and the metadata that makes a run reproducible."""
 
+import fcntl
 import importlib.metadata
 import json
 import logging
@@ -7,6 +8,7 @@ import os
 import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from jax.experimental import multihost_utils
 from typing_extensions import override
 
 from xax.core.config import field
-from xax.core.errors import ConfigError
+from xax.core.errors import ConfigError, LaunchError
 from xax.task.base import BaseConfig, BaseTask
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,40 @@ def check_writable_dir(path: Path, key: str) -> None:
         raise ConfigError(f"{key}={path}: {existing} is not writable by this user; choose another folder")
 
 
+LOCK_NAME = ".lock"
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory, held for the whole run (process 0 only).
+
+    Two runs writing one folder interleave ``log.jsonl`` and fight over the checkpoints. The lock
+    is an advisory ``flock`` on ``<run_dir>/.lock``, so the system releases it when its process
+    dies, however it dies: a crashed run never blocks its own resume.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self._file = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise LaunchError(
+                f"run directory {run_dir} is in use by {holder}; wait for that run to end or stop it, "
+                "or choose another artifacts.run_dir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # releases the lock
+
+
 def _write_text(path: Path, text: str) -> None:
     """Writes a file atomically, so a crash never leaves half of it."""
     tmp_path = path.with_name(f".{path.name}.tmp")
@@ -188,6 +224,7 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
                 "artifacts.runs_root is empty; set artifacts.runs_root=runs or artifacts.run_dir=<folder>"
             )
         self._run_dir: Path | None = None
+        self._run_dir_lock: RunDirLock | None = None
 
     @override
     def validate_config(self) -> None:
@@ -201,7 +238,19 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
     @override
     def on_run_start(self) -> None:
         super().on_run_start()
-        _ = self.run_dir
+        if jax.process_index() == 0:
+            self._run_dir_lock = RunDirLock(self.run_dir)
+        else:
+            _ = self.run_dir
+
+    @override
+    def on_run_end(self) -> None:
+        try:
+            super().on_run_end()
+        finally:
+            if self._run_dir_lock is not None:
+                self._run_dir_lock.close()
+                self._run_dir_lock = None
 
     @property
     def run_dir(self) -> Path:
