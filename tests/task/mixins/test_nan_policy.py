@@ -4,6 +4,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import datasets
 import jax
@@ -14,7 +15,7 @@ import pytest
 
 import xax
 from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl, regression_dataset
-from xax.task.mixins.checkpointing import checkpoint_steps
+from xax.task.mixins.checkpointing import checkpoint_steps, load_arrays_anywhere
 from xax.task.mixins.data_loader import shuffle_order
 
 POISONED_ROW = 100
@@ -180,9 +181,9 @@ def test_rewind_skips_each_bad_batch_once_by_its_data_position(
     assert "Skipping the batch at epoch 0, batch 4 " in caplog.text
     assert "Skipping the batch at epoch 0, batch 5 " in caplog.text
     params = jax.tree.leaves(
-        xax.task.mixins.checkpointing.load_arrays_anywhere(
-            tmp_path / "checkpoints", 12, jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        )["params"]
+        load_arrays_anywhere(tmp_path / "checkpoints", 12, jax.sharding.SingleDeviceSharding(jax.devices()[0]))[
+            "params"
+        ]
     )
     assert all_finite(params)
 
@@ -191,7 +192,10 @@ class LearningRateBlowsUp(Regression):
     """A finite run until the 6th update, whose learning rate (1e38) makes the weights infinite."""
 
     def get_optimizer(self) -> optax.GradientTransformation:
-        return optax.sgd(lambda count: jnp.where(count >= 5, jnp.float32(1e38), jnp.float32(0.05)))
+        def learning_rate(count: Any) -> Any:
+            return jnp.where(count >= 5, jnp.float32(1e38), jnp.float32(0.05))
+
+        return optax.sgd(learning_rate)
 
 
 def test_rewind_is_bounded_when_no_batch_is_the_cause(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,9 +221,7 @@ def test_rewind_is_bounded_when_no_batch_is_the_cause(tmp_path: Path, capsys: py
     assert "the cause is not the data; lower the learning rate" in err
     assert f"last good checkpoint: {tmp_path / 'checkpoints' / '6'}" in err
     for step in checkpoint_steps(tmp_path / "checkpoints"):
-        tree = xax.task.mixins.checkpointing.load_arrays_anywhere(
-            tmp_path / "checkpoints", step, jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        )
+        tree = load_arrays_anywhere(tmp_path / "checkpoints", step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         assert all_finite(tree["params"]), step
 
 
@@ -245,9 +247,7 @@ def test_nan_learning_rate_never_reaches_the_weights(tmp_path: Path, capsys: pyt
     assert "update made weight non-finite (check the learning rate) at step 1 (4 step(s) skipped)" in err
     assert "last good checkpoint: none" in err
     for step in checkpoint_steps(tmp_path / "checkpoints"):
-        tree = xax.task.mixins.checkpointing.load_arrays_anywhere(
-            tmp_path / "checkpoints", step, jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        )
+        tree = load_arrays_anywhere(tmp_path / "checkpoints", step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         assert all_finite(tree["params"]), step
 
 

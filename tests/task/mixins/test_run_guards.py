@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jaxtyping import Array
@@ -180,3 +181,19 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path: Path, capsys: p
     # A run that died holds nothing: its resume takes the directory.
     state = Regression.launch(RegressionConfig(batch_size=32), argv=[*argv, "max_steps=200"])
     assert state.num_steps == 200
+
+
+class SlowStart(Regression):
+    """Start-up (building the model, compiling) outlasts the logging interval."""
+
+    def get_model(self, params: xax.InitParams) -> Any:
+        time.sleep(4.0)
+        return super().get_model(params)
+
+
+def test_time_cadences_count_from_the_first_step(tmp_path: Path) -> None:
+    argv = [f"artifacts.run_dir={tmp_path}", "log.stdout=false", "log.tensorboard=false", "compile.cache=false"]
+    argv += ["max_steps=10", "log.every_n_steps=5", "log.every_n_seconds=3", "valid_every_n_steps=null"]
+    SlowStart.launch(RegressionConfig(batch_size=32), argv=argv)
+    steps = [record["step"] for record in xax.read_history(tmp_path, phase="train")]
+    assert steps == [5, 10]  # before, the 4 s of start-up put a record at step 1

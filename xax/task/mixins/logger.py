@@ -122,10 +122,12 @@ class LogWorker:
             try:
                 if item is None:
                     return
-                if self._error is None and isinstance(item, LogEvent):
+                if self._error is not None:
+                    continue
+                if isinstance(item, LogEvent):
                     for sink in self._loggers:
                         sink.write_event(item)
-                elif self._error is None:
+                else:
                     record, health = _to_record(item)
                     if health:
                         self._on_health(item.state, health)
@@ -153,6 +155,10 @@ class _Cadence:
 
     def mark(self, step: int) -> None:
         self.last_step = step
+        self.last_time = time.monotonic()
+
+    def restart_clock(self) -> None:
+        """Counts the seconds from now, leaving the step count alone."""
         self.last_time = time.monotonic()
 
 
@@ -226,6 +232,12 @@ class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config])
         """After a restore: count the logging cadences from the restored step."""
         self._light_cadence.mark(step)
         self._heavy_cadence.mark(step)
+
+    def restart_cadence_clocks(self) -> None:
+        """After the first step: time-based cadences count from the end of start-up and compilation,
+        so a slow start does not make them fire at step 1."""
+        self._light_cadence.restart_clock()
+        self._heavy_cadence.restart_clock()
 
     def light_log_is_due(self, state: State) -> bool:
         return self._light_cadence.is_due(state.num_steps)

@@ -446,6 +446,8 @@ class TrainMixin(
             if state.num_steps == first_step:
                 loss.block_until_ready()
                 window.first_step_s = time.perf_counter() - window.start
+                self.restart_cadence_clocks()
+                self._valid_cadence_last = (self._valid_cadence_last[0], time.monotonic())
                 logger.info("First step (including compilation) took %.2f s", window.first_step_s)
             state = State(
                 num_steps=state.num_steps + 1,
