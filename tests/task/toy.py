@@ -134,9 +134,11 @@ class Digits(xax.SupervisedTask[DigitsConfig]):
 
 
 def read_jsonl(path: "object") -> list[dict]:
+    """Every metric record of a log.jsonl, in file order (resume and rewind markers left out)."""
     import json
 
-    return [json.loads(line) for line in Path(str(path)).read_text().splitlines()]
+    lines = [json.loads(line) for line in Path(str(path)).read_text().splitlines()]
+    return [line for line in lines if "event" not in line]
 
 
 ROOT = Path(__file__).resolve().parents[2]
