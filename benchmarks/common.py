@@ -79,8 +79,9 @@ def write_results(out_dir: Path, name: str, rows: list[dict[str, Any]], notes: s
 
 def train_records(run_dir: Path) -> list[dict[str, Any]]:
     """The training records of an xax run's ``log.jsonl``, in step order."""
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return sorted((r for r in records if r["phase"] == "train"), key=lambda r: r["step"])
+    from xax.task.loggers.jsonl import read_history
+
+    return read_history(run_dir, phase="train")
 
 
 def steps_per_second_after(run_dir: Path, warmup: int) -> float:

@@ -19,7 +19,6 @@ from the diffusion model's EMA weights, at the config's guidance scale and at ea
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -123,7 +122,9 @@ def classify(model: CNN, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def log_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The training and the validation records of a run's log.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    from xax.task.loggers.jsonl import read_history
+
+    records = read_history(run_dir)
     train = [r for r in records if r["phase"] == "train"]
     valid = [r for r in records if r["phase"] == "valid" and "loss" in r["scalars"]]
     return train, valid
