@@ -7,12 +7,10 @@ checkpoint is unpickled or executed, and the model class is never needed.
 import argparse
 import importlib
 import json
-import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Generator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,21 @@ from orbax.checkpoint import metadata as ocp_metadata
 
 from xax.core.errors import CheckpointError, ConfigError, XaxError
 from xax.task.mixins.checkpointing import (
+    ClosedLoopFilter,
+    disk_size,
     flatten_dict,
+    human_bytes,
     load_arrays_anywhere,
     named_leaves,
+    one_line,
+    quiet_orbax,
+    read_checksums,
     resolve_checkpoint,
 )
+
+# Kept under the names this module has always used.
+_ClosedLoopFilter = ClosedLoopFilter
+_one_line = one_line
 
 # The TrainState fields in their saved order; a checkpoint's other top-level entries follow them.
 GROUPS = ("params", "frozen", "opt_state", "ema", "key")
@@ -69,6 +77,7 @@ class Checkpoint:
         tree: The saved tree of orbax array metadata (None where a TrainState field is empty).
         leaves: Shape and dtype of every saved array, by dotted name.
         meta: The JSON metadata saved next to the arrays.
+        checksums: The checksums recorded with the arrays (None for a checkpoint saved without).
     """
 
     directory: Path
@@ -76,22 +85,11 @@ class Checkpoint:
     tree: Any
     leaves: dict[str, Leaf]
     meta: dict[str, Any]
+    checksums: dict[str, Any] | None = None
 
     @property
     def path(self) -> Path:
         return self.directory / str(self.step)
-
-
-@contextmanager
-def _quiet_orbax() -> Generator[None]:
-    # orbax reports read-only managers and similar non-events as absl warnings on stderr.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl_logger.setLevel(level)
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
@@ -110,7 +108,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoints directory or a step")
     directory, steps = resolve_checkpoint(path)
     step_dir = directory / str(steps[0])
-    with _quiet_orbax():
+    with quiet_orbax():
         try:
             tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir / "state")).tree
         except Exception as error:
@@ -121,39 +119,27 @@ def open_checkpoint(path: Path) -> Checkpoint:
             raise CheckpointError(f"{step_dir / 'meta'} is unreadable ({type(error).__name__}: {error})") from error
     if "state" not in meta:
         raise CheckpointError(f"{step_dir / 'meta'} has no 'state' entry; it is not an xax checkpoint")
+    checksums = read_checksums(step_dir)
     leaves = {}
     for name, leaf in named_leaves(tree).items():
         if not isinstance(leaf, ocp_metadata.ArrayMetadata):
             raise CheckpointError(f"{step_dir / 'state'} holds a {type(leaf).__name__} at {name}; expected arrays only")
         leaves[name] = Leaf(tuple(int(n) for n in leaf.shape), np.dtype(leaf.dtype))
-    return Checkpoint(directory, steps[0], tree, leaves, meta)
+    return Checkpoint(directory, steps[0], tree, leaves, meta, checksums)
 
 
 def read_arrays(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
-    """Reads every array of ``checkpoint`` into host memory, whatever mesh it was saved under.
+    """Reads every array of ``checkpoint`` into host memory, whatever mesh it was saved under, and
+    verifies each against the checksum recorded with it.
 
     Raises:
-        CheckpointError: Naming the checkpoint when an array file is truncated or corrupt.
+        CheckpointError: Naming the checkpoint when an array file is truncated or corrupt, or naming
+            the array that does not match its checksum.
     """
     device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    with _quiet_orbax():
+    with quiet_orbax():
         tree = load_arrays_anywhere(checkpoint.directory, checkpoint.step, device)
     return {name: np.asarray(value) for name, value in named_leaves(tree).items()}
-
-
-def disk_size(path: Path) -> int:
-    """Bytes of all files under ``path`` (symbolic links not followed)."""
-    return sum(file.lstat().st_size for file in path.rglob("*") if file.is_file() and not file.is_symlink())
-
-
-def human_bytes(num_bytes: int) -> str:
-    """``num_bytes`` in binary units: ``'512 B'``, ``'1.5 KiB'``, ``'3.2 GiB'``."""
-    value, unit = float(num_bytes), ""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            break
-        value /= 1024
-    return f"{num_bytes} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def leaf_difference(a: Shaped[np.ndarray, "*shape"], b: Shaped[np.ndarray, "*shape"]) -> tuple[float, float]:
@@ -215,6 +201,12 @@ def _array_lines(leaves: dict[str, Leaf]) -> list[str]:
     return lines
 
 
+def _checksums_row(checkpoint: Checkpoint) -> str:
+    if checkpoint.checksums is None:
+        return "none (saved without checksums)"
+    return f"{_count(len(checkpoint.checksums.get('arrays', {})), 'array')} ({checkpoint.checksums.get('algorithm')})"
+
+
 def inspect_lines(checkpoint: Checkpoint) -> list[str]:
     """The report ``xax ckpt inspect`` prints: metadata, counters, arrays and config."""
     meta, size = checkpoint.meta, disk_size(checkpoint.path)
@@ -227,6 +219,7 @@ def inspect_lines(checkpoint: Checkpoint) -> list[str]:
             ("git commit", _show(meta.get("git_commit") or "unknown")),
             ("mesh", _mesh(meta.get("mesh"))),
             ("size on disk", f"{human_bytes(size)} ({size:,} bytes)"),
+            ("checksums", _checksums_row(checkpoint)),
         ]
     )
     for key, title in META_SECTIONS:
@@ -304,9 +297,12 @@ def diff_lines(a: Checkpoint, b: Checkpoint, *, arrays_only: bool = False) -> li
 
 def _inspect_command(args: argparse.Namespace) -> int:
     checkpoint = open_checkpoint(args.path)
+    lines = inspect_lines(checkpoint)
     if args.verify:
-        read_arrays(checkpoint)
-    print("\n".join(inspect_lines(checkpoint)))
+        arrays = read_arrays(checkpoint)
+        checked = "" if checkpoint.checksums is None else ", each matching its checksum"
+        lines.append(f"Verified: {_count(len(arrays), 'array')} read back{checked}")
+    print("\n".join(lines))
     return EXIT_OK
 
 
@@ -315,27 +311,6 @@ def _diff_command(args: argparse.Namespace) -> int:
     if lines:
         print("\n".join(lines))
     return EXIT_DIFFERENT if lines else EXIT_OK
-
-
-class _ClosedLoopFilter:
-    """An unraisable-exception hook that drops the reports of tensorstore reads finishing after a
-    failed read closed orbax's event loop (``RuntimeError: Event loop is closed``), and passes every
-    other report on."""
-
-    def __init__(self, previous: Callable[[Any], object]) -> None:
-        self.previous = previous
-
-    def __call__(self, unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            self.previous(unraisable)
-
-
-def _one_line(error: BaseException) -> str:
-    # tensorstore appends its whole JSON spec to read errors; the file and the reason come before it.
-    text = " ".join(str(error).split())
-    head, spec, _ = text.partition(" [tensorstore_spec=")
-    return head + ")" if spec and text.endswith(")") else head
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a checkpoint's step, counters, data cursor, version, mesh, config, arrays and size.",
     )
     inspect.add_argument("path", metavar="PATH", type=Path, help=path_help)
-    inspect.add_argument("--verify", action="store_true", help="also read every array, to catch corrupt data files")
+    inspect.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every array and check it against its recorded checksum, to catch corrupt data files",
+    )
     inspect.set_defaults(run=_inspect_command)
 
     diff = actions.add_parser(
