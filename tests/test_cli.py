@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -24,7 +25,8 @@ from xax.cli import (
     open_checkpoint,
     read_arrays,
 )
-from xax.task.mixins.checkpointing import named_leaves
+from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin, named_leaves
+from xax.task.mixins.data_loader import Cursor
 
 REPO_ROOT = Path(xax.__file__).resolve().parents[1]
 
@@ -236,3 +238,55 @@ def test_closed_loop_reports_are_dropped_and_others_passed_on() -> None:
     for error in (RuntimeError("Event loop is closed"), other):
         hook(SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=None))
     assert passed_on == [other]
+
+
+class _SaveOnly(CheckpointingMixin[CheckpointingConfig]):
+    """The checkpointing mixin alone, as the training loop drives it."""
+
+
+def test_inspect_prints_the_validation_metrics_of_the_checkpoints_own_step(tmp_path: Path, capsys) -> None:
+    config = CheckpointingConfig()
+    config.artifacts.run_dir = str(tmp_path)
+    saver = _SaveOnly(config)
+    tree = {"params": {"w": jnp.arange(3.0)}}
+    saver.last_valid_metrics, saver.last_valid_step = {"loss": 0.125, "accuracy": 0.75}, 4
+    saver.save_checkpoint(tree, xax.State(num_steps=4), Cursor(), wait=True)
+    saver.save_checkpoint(tree, xax.State(num_steps=6), Cursor(), wait=True)  # no validation at step 6
+    saver.on_run_end()
+
+    validated = inspect_output(tmp_path / "checkpoints" / "4", capsys)
+    section = validated.split("\nValidation metrics\n", 1)[1]
+    assert row(section.split("\nArrays:", 1)[0], "loss", "0.125")
+    assert row(section.split("\nArrays:", 1)[0], "accuracy", "0.75")
+    not_validated = inspect_output(tmp_path / "checkpoints" / "6", capsys)
+    assert "\nValidation metrics\n  none\n" in not_validated  # not step 4's
+    assert row(validated, "checksums", "1 array (xax-fmix32-sum-v1)")
+
+
+def test_verify_names_the_array_whose_bytes_changed(tmp_path: Path, capsys) -> None:
+    config = CheckpointingConfig()
+    config.artifacts.run_dir = str(tmp_path)
+    saver = _SaveOnly(config)
+    # Large enough to be stored in a data file of its own (small arrays sit in the checksummed index).
+    tree = {"params": {"small": jnp.ones(3), "large": jnp.linspace(0.0, 1.0, 65536)}}
+    saver.save_checkpoint(tree, xax.State(num_steps=1), Cursor(), wait=True)
+    saver.on_run_end()
+    step_dir = tmp_path / "checkpoints" / "1"
+    assert main(["ckpt", "inspect", "--verify", str(step_dir)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "Verified: 2 arrays read back, each matching its checksum"
+    data = max(
+        (path for path in (step_dir / "state").rglob("*") if path.is_file() and path.parent.name == "d"),
+        key=lambda path: path.stat().st_size,
+    )
+    flipped = bytearray(data.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x10
+    data.write_bytes(bytes(flipped))
+    assert main(["ckpt", "inspect", str(step_dir)]) == 0  # metadata alone: no array is read
+    capsys.readouterr()
+    assert main(["ckpt", "inspect", "--verify", str(step_dir)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"xax: error: checkpoint {step_dir} is corrupt: array params.large does not match its checksum "
+        f"(its data under {step_dir / 'state'} changed after it was written)\n"
+    )
