@@ -6,6 +6,7 @@ checkpoints megabytes large, NaN rows in chosen batches, and a learning rate tha
 that overflows the weights.
 """
 
+import time
 from dataclasses import dataclass
 
 import datasets
@@ -98,6 +99,10 @@ class SoakRegression(xax.SupervisedTask[SoakConfig]):
         for step in config.poison_steps:
             x[order[(step - 1) * config.batch_size]] = np.nan
         return datasets.Dataset.from_dict({"x": x, "y": y})
+
+    def host_metrics(self) -> dict[str, float]:
+        # The wall clock at the end of each logged window: runs side by side line up by it.
+        return {**super().host_metrics(), "soak/clock_s": time.time()}
 
 
 if __name__ == "__main__":
