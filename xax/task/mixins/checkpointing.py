@@ -1,6 +1,7 @@
 """Checkpoints on orbax: asynchronous, atomic, checksummed, restorable under any mesh, never pickled."""
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -291,10 +292,10 @@ def read_checksums(step_dir: Path) -> dict[str, Any] | None:
 
 @dataclass
 class _ChecksumSave(ocp.args.CheckpointArgs):
-    """The checksums of a checkpoint's arrays, still being computed on the device."""
+    """The checksums of a checkpoint's arrays: ``(names, device array)``, set once dispatched (which
+    may be after orbax copied the arrays off the devices, so the two do not compete)."""
 
-    names: list[str]
-    checksums: Array
+    checksums: concurrent.futures.Future[tuple[list[str], Array]]
 
 
 class _ChecksumHandler(ocp.handlers.JsonCheckpointHandler):
@@ -302,7 +303,8 @@ class _ChecksumHandler(ocp.handlers.JsonCheckpointHandler):
     before orbax finalizes the checkpoint; reads back as any JSON item."""
 
     async def _write(self, directory: epath.Path, args: _ChecksumSave) -> None:
-        arrays = await asyncio.to_thread(_host_checksums, args.names, args.checksums)
+        names, checksums = await asyncio.wrap_future(args.checksums)
+        arrays = await asyncio.to_thread(_host_checksums, names, checksums)
         if ocp.utils.is_primary_host(self._primary_host):
             text = json.dumps({"algorithm": CHECKSUM_ALGORITHM, "arrays": arrays})
             await asyncio.to_thread((directory / "metadata").write_text, text)
@@ -697,13 +699,25 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
                 "state": ocp.args.StandardSave(tree),
                 "meta": ocp.args.JsonSave(self.checkpoint_metadata(state, cursor, mesh)),
             }
+            # The checksums are dispatched once orbax has copied the arrays to the host (before
+            # the next step donates them), so that the device computes them while training goes
+            # on; a synchronous save waits for them inside ``save``, so they go first there.
+            checksums: concurrent.futures.Future[tuple[list[str], Array]] = concurrent.futures.Future()
             if self.config.checkpoint.checksums:
-                items["checksums"] = _ChecksumSave(*array_checksums(tree))
+                items["checksums"] = _ChecksumSave(checksums)
+                if not self.config.checkpoint.async_save:
+                    checksums.set_result(array_checksums(tree))
             try:
                 with quiet_orbax():  # orbax warns of a save without metrics when ranking by them
                     manager.save(step, args=ocp.args.Composite(**items), metrics=rank, force=True)
-            except Exception as error:
-                self._write_failed(step, error)
+                if not checksums.done():
+                    checksums.set_result(array_checksums(tree))
+            except BaseException as error:
+                if not checksums.done():
+                    checksums.set_exception(error)  # lets the background writer end
+                if isinstance(error, Exception):
+                    self._write_failed(step, error)
+                raise
             self._writing = step
         self._last_save = (step, time.monotonic())
         if wait:
