@@ -150,25 +150,26 @@ class ClosedLoopFilter:
             self.previous(unraisable)
 
 
-class _AbandonedReadErrors(logging.Filter):
-    """Drops asyncio's "Future exception was never retrieved" reports of tensorstore reads that
-    failed alongside one that was already reported (each holds the read's whole JSON spec)."""
+class _AbandonedIoErrors(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" reports of tensorstore reads and
+    writes that failed alongside one that was already reported (a read's holds its whole JSON spec)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Future exception was never retrieved") and "tensorstore" in message)
+        ours = any(word in message for word in ("tensorstore", "OCDBT", "orbax"))
+        return not (message.startswith("Future exception was never retrieved") and ours)
 
 
-def drop_failed_read_reports() -> None:
-    """Installs ``ClosedLoopFilter`` and ``_AbandonedReadErrors`` (once each), before a checkpoint
-    is read: when one read fails, the others still in flight fail or finish after orbax's event
-    loop closed (during or after the failure is raised), and would each print a traceback. Both
-    drop only those reports."""
+def drop_abandoned_io_reports() -> None:
+    """Installs ``ClosedLoopFilter`` and ``_AbandonedIoErrors`` (once each), before a checkpoint
+    is read or written: when one read or write fails, the others still in flight fail or finish
+    after orbax's event loop closed (during or after the failure is raised), and would each print a
+    traceback. Both drop only those reports."""
     if not isinstance(sys.unraisablehook, ClosedLoopFilter):
         sys.unraisablehook = ClosedLoopFilter(sys.unraisablehook)
     asyncio_logger = logging.getLogger("asyncio")
-    if not any(isinstance(existing, _AbandonedReadErrors) for existing in asyncio_logger.filters):
-        asyncio_logger.addFilter(_AbandonedReadErrors())
+    if not any(isinstance(existing, _AbandonedIoErrors) for existing in asyncio_logger.filters):
+        asyncio_logger.addFilter(_AbandonedIoErrors())
 
 
 class _OrbaxWriteErrors(logging.Filter):
@@ -425,7 +426,7 @@ def load_checkpoint(directory: Path, step: int, target: PyTree | None) -> tuple[
     """
     step_dir = directory / str(step)
     recorded = read_checksums(step_dir)
-    drop_failed_read_reports()
+    drop_abandoned_io_reports()
     with quiet_orbax():
         manager = _manager(directory, CheckpointOptions(), read_only=True)
         try:
@@ -631,6 +632,7 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
 
     def checkpoint_manager(self) -> ocp.CheckpointManager:
         if self._checkpoints is None:
+            drop_abandoned_io_reports()
             self._checkpoints = _manager(self.checkpoint_dir, self.config.checkpoint)
             if self._write_error_filter is None:
                 self._write_error_filter = _OrbaxWriteErrors()
