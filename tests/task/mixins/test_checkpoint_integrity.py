@@ -112,11 +112,6 @@ def test_checksums_verify_under_another_mesh_and_catch_a_flipped_byte(
         "parallel.plan=fsdp",
     ]
     config = RegressionConfig(batch_size=32, max_steps=4, num_features=4096, learning_rate=0.001)
-    saved = Regression.launch(config, argv=[*argv, "launcher.num_devices=4"])
-    assert saved.num_steps == 4
-    checksums = (tmp_path / "checkpoints" / "4" / "checksums" / "metadata").read_text()
-    assert "params.weight" in checksums
-    capsys.readouterr()
     tasks: list[Regression] = []
 
     class Recorded(Regression):
@@ -124,11 +119,18 @@ def test_checksums_verify_under_another_mesh_and_catch_a_flipped_byte(
             tasks.append(self)
             super().on_run_start()
 
+    Recorded.launch(config, argv=[*argv, "launcher.num_devices=4"])
+    shards = final_params(tasks[0]).params.weight.addressable_shards
+    assert [shard.data.shape for shard in shards] == [(1, 1024)] * 4  # each device held a quarter
+    checksums = (tmp_path / "checkpoints" / "4" / "checksums" / "metadata").read_text()
+    assert "params.weight" in checksums
+    capsys.readouterr()
+
     Recorded.launch(config, argv=[*argv, "launcher.num_devices=2", "resume=auto"])
     err = capsys.readouterr().err
     assert f"resumed from step 4 of {tmp_path / 'checkpoints'}" in err
     assert "fell back" not in err
-    assert final_params(tasks[0]).params.weight.sharding.mesh.devices.size == 2
+    assert [shard.data.shape for shard in final_params(tasks[1]).params.weight.addressable_shards] == [(1, 2048)] * 2
     assert verify(tmp_path / "checkpoints" / "4", capsys)[0] == 0  # one CPU device
 
     flip_a_byte(tmp_path / "checkpoints" / "4")
