@@ -24,16 +24,12 @@ def _env() -> dict[str, str]:
 
 
 def start(run_dir: Path, *overrides: str, **popen: Any) -> subprocess.Popen[str]:
-    """Starts ``python -m tests.soak.tasks`` writing into ``run_dir`` (no TensorBoard, no stdout log)."""
+    """Starts ``python -m tests.soak.tasks`` writing into ``run_dir`` (no TensorBoard, no stdout log);
+    its output goes to pipes unless ``popen`` says otherwise."""
     argv = [f"artifacts.run_dir={run_dir}", "compile.cache=false", "log.tensorboard=false", "log.stdout=false"]
+    options: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.soak.tasks", *argv, *overrides],
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
+        [sys.executable, "-m", "tests.soak.tasks", *argv, *overrides], cwd=ROOT, env=_env(), text=True, **options
     )
 
 

@@ -3,7 +3,7 @@ every few seconds: the step rate and the memory at the end are those of the star
 keeps the best checkpoint by a validation loss that falls and then rises."""
 
 import itertools
-import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +16,22 @@ from tests.soak.common import records, start, steps
 pytestmark = pytest.mark.soak
 
 RUN_S = 75.0
-WARMUP_S = 5.0
+WARMUP_S = 10.0
 KEEP_LAST = 2
+# Logging and media by the second. Validation and checkpoints by the same step count (about every
+# 2-5 s here): keep_best ranks a checkpoint by the validation of its own step, which two cadences
+# in seconds, each counted from its own last event, never land on together.
+EVERY_N_STEPS = 8000
+HEAVY_S = 3.0
 CADENCES = (
     "log.every_n_steps=null",
     "log.every_n_seconds=1",
     "log.heavy_every_n_steps=null",
-    "log.heavy_every_n_seconds=3",
-    "valid_every_n_steps=null",
-    "valid_every_n_seconds=5",
-    "checkpoint.every_n_steps=null",
-    "checkpoint.every_n_seconds=5",
+    f"log.heavy_every_n_seconds={HEAVY_S}",
+    f"valid_every_n_steps={EVERY_N_STEPS}",
+    "valid_every_n_seconds=null",
+    f"checkpoint.every_n_steps={EVERY_N_STEPS}",
+    "checkpoint.every_n_seconds=null",
     f"checkpoint.keep_last={KEEP_LAST}",
     "checkpoint.keep_best=1",
     "checkpoint.best_metric=loss",
@@ -44,9 +49,9 @@ NO_CADENCES = (
 # The training targets drift away from the validation targets but for around 25 s into the run:
 # the validation loss falls, then rises.
 DRIFT = ("drift=1", "drift_center_s=25")
-# The last third's step rate over the first's, each against the control's, may not fall below this.
-# On two shared CPU cores, healthy runs measure 0.88-1.0 by it (windows of one second are noisy);
-# the loop's overhead on a GPU is held to 0.97 by benchmarks/long_run.py.
+# The last third's step rate over the first's, each against the control's, may not fall below this
+# (on two CPU cores shared with other programs the measure moves by about 10% between healthy runs;
+# benchmarks/long_run.py holds the loop to 0.97 on a GPU).
 MIN_RATIO = 0.8
 # Resident memory may grow by this much over the last two thirds of the run.
 GROWTH_MB = 8.0
@@ -63,6 +68,7 @@ class Window:
     steps: int
     steps_per_second: float
     cadence_s: float  # seconds of validation, media and checkpointing in the window
+    media: bool  # whether a media pass ran in the window
 
     @property
     def seconds(self) -> float:
@@ -89,6 +95,7 @@ def windows(run_dir: Path, *, warm: bool = True) -> list[Window]:
                 steps=record["step"] - before["step"],
                 steps_per_second=scalars["steps_per_second"],
                 cadence_s=sum(scalars.get(name, 0.0) for name in CADENCE_TIMERS),
+                media="timers/media_s" in scalars,
             )
         )
     return out
@@ -105,18 +112,17 @@ def describe(ws: list[Window]) -> str:
     return ", ".join(f"{w.steps_per_second:.0f}{'' if w.clean else '*'}" for w in ws)
 
 
-def relative_rates(ws: list[Window], control_dir: Path) -> list[float]:
-    """Each window's step rate over the control's in the same wall-clock interval."""
+def relative_rate(ws: list[Window], control_dir: Path) -> float:
+    """The steps of ``ws`` over the control's steps in the same wall-clock span (the runs start and
+    stop a second or so apart)."""
     train = records(control_dir, "train")
     clock = np.array([r["scalars"]["soak/clock_s"] for r in train])
     step = np.array([r["step"] for r in train], dtype=np.float64)
-    rates = []
-    for w in ws:
-        begin, end = w.clock_s - w.seconds, w.clock_s
-        if clock[0] <= begin and end <= clock[-1]:
-            control_steps = float(np.interp(end, clock, step) - np.interp(begin, clock, step))
-            rates.append(w.steps_per_second / max(control_steps / (end - begin), 1e-9))
-    return rates
+    # The windows (consecutive) that the control's records span.
+    inside = [w for w in ws if clock[0] <= w.clock_s - w.seconds and w.clock_s <= clock[-1]]
+    assert len(inside) >= len(ws) // 2, "the control did not run alongside"
+    begin, end = inside[0].clock_s - inside[0].seconds, inside[-1].clock_s
+    return sum(w.steps for w in inside) / float(np.interp(end, clock, step) - np.interp(begin, clock, step))
 
 
 def assert_rate_holds(run_dir: Path, control_dir: Path) -> None:
@@ -126,21 +132,20 @@ def assert_rate_holds(run_dir: Path, control_dir: Path) -> None:
     first, last = thirds(windows(run_dir))
     summary = (
         f"steps/s in the first {WARMUP_S:.0f} s: {describe(windows(run_dir, warm=False))}; in the first third "
-        f"after: {describe(first)}; in the last: {describe(last)} (* with cadence work)"
+        f"after: {describe(first)}; in the last: {describe(last)} (* with validation, media or checkpoint work)"
     )
-    # Cadence work (validation, media, checkpoint) fires every few seconds; a window of one
-    # second is free of it about half the time. None free means a cadence fires far more often
-    # than configured (as a media pass run at every step once it first came due did).
-    clean_first, clean_last = [w for w in first if w.clean], [w for w in last if w.clean]
-    for part, clean, name in ((first, clean_first, "first"), (last, clean_last, "last")):
-        assert len(clean) >= max(3, len(part) // 4), (
-            f"only {len(clean)} of the {len(part)} windows of the {name} third ran without validation, media or "
-            f"checkpoint work: a cadence fires more often than configured; {summary}"
+    # Media every 3 s appear in at most one window (of 1 s) in three; a media pass at every step,
+    # as once ran after the cadence first came due, appears in every window.
+    for part, name in ((first, "first"), (last, "last")):
+        seconds = part[-1].end_s - part[0].end_s + part[0].seconds
+        media = sum(w.media for w in part)
+        assert media <= seconds / HEAVY_S + 2, (
+            f"media ran in {media} of the {len(part)} windows of the {name} third ({seconds:.0f} s, media every "
+            f"{HEAVY_S:.0f} s); {summary}"
         )
-    relative_first = statistics.median(relative_rates(clean_first, control_dir))
-    relative_last = statistics.median(relative_rates(clean_last, control_dir))
+    relative_first, relative_last = relative_rate(first, control_dir), relative_rate(last, control_dir)
     assert relative_last >= MIN_RATIO * relative_first, (
-        f"the training rate went from {relative_first:.2f}x the control's in the first third to "
+        f"the step rate went from {relative_first:.2f}x the control's in the first third to "
         f"{relative_last:.2f}x in the last; {summary}"
     )
     # The cadences' own work does not grow either (a share of the wall time, which a busier
@@ -178,18 +183,22 @@ def checkpoint_metric(run_dir: Path, step: int) -> float | None:
 def test_rate_memory_and_retention_hold_past_every_cadence(tmp_path: Path, media: bool) -> None:
     run_dir, control_dir = tmp_path / "run", tmp_path / "control"
     task = (f"max_seconds={RUN_S}", f"media={str(media).lower()}", *DRIFT)
-    proc = start(run_dir, *task, *CADENCES)
-    control = start(control_dir, *task, *CADENCES[:2], *NO_CADENCES)
-    # Every checkpoint written, including those retention deletes later (each lives for seconds).
-    written: set[int] = set()
-    deadline = time.monotonic() + RUN_S + 150
-    while proc.poll() is None or control.poll() is None:
-        assert time.monotonic() < deadline, "the runs did not stop at max_seconds"
-        written.update(steps(run_dir))
-        time.sleep(0.2)
-    for finished in (proc, control):
-        _, err = finished.communicate()
-        assert finished.returncode == 0, err
+    # Output to files: nothing reads a pipe while the runs go on.
+    with (tmp_path / "run.out").open("w") as out, (tmp_path / "control.out").open("w") as control_out:
+        proc = start(run_dir, *task, *CADENCES, stdout=out, stderr=subprocess.STDOUT)
+        control = start(control_dir, *task, *CADENCES[:2], *NO_CADENCES, stdout=control_out, stderr=subprocess.STDOUT)
+        # Every checkpoint written, including those retention deletes later (each lives for seconds).
+        written: set[int] = set()
+        deadline = time.monotonic() + RUN_S + 150
+        while proc.poll() is None or control.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                control.kill()
+                pytest.fail("the runs did not stop at max_seconds")
+            written.update(steps(run_dir))
+            time.sleep(0.2)
+    for finished, name in ((proc, "run"), (control, "control")):
+        assert finished.returncode == 0, (tmp_path / f"{name}.out").read_text()[-4000:]
     kept = steps(run_dir)
     written.update(kept)
 
@@ -197,9 +206,9 @@ def test_rate_memory_and_retention_hold_past_every_cadence(tmp_path: Path, media
 
     # The validation loss fell, then rose: the best checkpoint is not one of the newest.
     valid_losses = [r["scalars"]["loss"] for r in records(run_dir, "valid") if "loss" in r["scalars"]]
-    assert len(valid_losses) >= 10 and 0 < valid_losses.index(min(valid_losses)) < len(valid_losses) - 1
+    assert len(valid_losses) >= 5 and 0 < valid_losses.index(min(valid_losses)) < len(valid_losses) - 1
     ranked = {step: metric for step in sorted(written) if (metric := checkpoint_metric(run_dir, step)) is not None}
-    assert len(ranked) >= 2, f"no checkpoint but the last was saved at a validated step: {sorted(written)}"
+    assert set(ranked) == written, f"checkpoints without a validation of their step: {sorted(written - set(ranked))}"
     best = min(ranked, key=lambda step: ranked[step])
     newest = sorted(written)[-KEEP_LAST:]
     assert best not in newest, (best, ranked)
