@@ -196,19 +196,22 @@ def assert_older_checkpoints_load(checkpoints: Path, num_features: int) -> None:
 
 def test_full_disk_during_an_async_save_is_one_line_and_exit_3(tmp_path: Path) -> None:
     checkpoints = tmp_path / "run" / "checkpoints"
-    _mount_small_disk(checkpoints, "12m")
+    _mount_small_disk(checkpoints, "3m")
     try:
-        # 4 MB of weights a checkpoint: the fourth does not fit; its failure surfaces at the next save.
+        # 1 MB of weights a checkpoint (and few rows of data, to keep the process small): the third
+        # does not fit; its failure surfaces at the next save.
         result = run_toy(
             tmp_path / "run",
             "max_steps=60",
             "checkpoint.every_n_steps=10",
-            "num_features=1000000",
+            "num_features=250000",
+            "num_train=64",
+            "num_valid=32",
             "learning_rate=0.00001",
         )
         failed = assert_one_clear_line(result, checkpoints, "No space left on device")
         assert failed < 60  # an async write, reported at the next save
-        assert_older_checkpoints_load(checkpoints, 1000000)
+        assert_older_checkpoints_load(checkpoints, 250000)
     finally:
         subprocess.run(["umount", str(checkpoints)], check=False, timeout=60)
 
@@ -219,14 +222,15 @@ def test_failed_write_is_one_line_and_exit_3(
 ) -> None:
     # No git.diff in the run directory (a working tree's diff may exceed the file size limit).
     monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-repository"))
-    first = run_toy(tmp_path, "max_steps=4", "checkpoint.every_n_steps=4", "num_features=65536")
+    small = ("num_features=65536", "num_train=64", "num_valid=32")  # a 256 KiB weight, little data
+    first = run_toy(tmp_path, "max_steps=4", "checkpoint.every_n_steps=4", *small)
     assert first.returncode == 0, first.stderr
     result = run_toy(
         tmp_path,
         f"max_steps={max_steps}",
         "checkpoint.every_n_steps=4",
         "resume=auto",
-        "num_features=65536",
+        *small,
         preexec_fn=_limit_file_size,
     )
     # The write of step 8 fails in the background: reported when the save of step 12 begins, or
