@@ -21,7 +21,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from typing_extensions import override
 
 from xax.core.config import check_range, field
-from xax.core.errors import ConfigError, TrainingStopped
+from xax.core.errors import CheckpointWriteError, ConfigError, TrainingStopped
 from xax.core.metric import Metric
 from xax.core.state import State
 from xax.parallel import (
@@ -349,8 +349,8 @@ class TrainMixin(
                 ts, state, cursor = self._rewind(template, rewind)
                 if rewind.position is not None:
                     skipped.add(rewind.position)
-            except TrainingStopped:
-                raise
+            except (TrainingStopped, CheckpointWriteError):
+                raise  # saved already, or saving is what failed
             except Exception:
                 # A bug in the task's own code (a media hook, a data source) mid-run: keep the work
                 # done so far, then let the error surface as usual.
@@ -610,7 +610,6 @@ class TrainMixin(
                     )
             return ts, State(), None
         ts, info = restored
-        logger.info("Resumed from %s at step %d", info.path, info.state.num_steps)
         self.log_event(info.state.num_steps, "resume", checkpoint=str(info.path))
         self._valid_cadence_last = (info.state.num_steps, time.monotonic())
         self.resume_cadences(info.state.num_steps)
