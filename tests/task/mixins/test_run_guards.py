@@ -126,10 +126,14 @@ def test_history_after_a_kill_and_resume_has_each_step_once(tmp_path: Path) -> N
 
 
 EARLY = (
-    "import sys\n"
+    "import time\n"
     "from tests.task.toy_main import FaultyConfig, FaultyRegression\n"
-    "print('launching', flush=True)\n"
-    "FaultyRegression.launch(FaultyConfig(batch_size=32))\n"
+    "class SlowStart(FaultyRegression):\n"
+    "    def __init__(self, config):\n"
+    "        print('starting', flush=True)\n"  # inside launch(), before the run starts
+    "        time.sleep(1.0)\n"
+    "        super().__init__(config)\n"
+    "SlowStart.launch(FaultyConfig(batch_size=32))\n"
 )
 
 
@@ -148,7 +152,7 @@ def test_a_signal_during_start_up_is_kept_for_the_run(tmp_path: Path, signum: in
         text=True,
     )
     assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "launching"
+    assert proc.stdout.readline().strip() == "starting"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
