@@ -201,3 +201,27 @@ def test_time_cadences_count_from_the_first_step(tmp_path: Path) -> None:
     SlowStart.launch(RegressionConfig(batch_size=32), argv=argv)
     steps = [record["step"] for record in xax.read_history(tmp_path, phase="train")]
     assert steps == [5, 10]  # before, the 4 s of start-up put a record at step 1
+
+
+class CountsTraces(Regression):
+    traces = 0
+    traces_at_media: list[int] = []  # noqa: RUF012
+
+    def get_output(self, model: Any, batch: dict[str, Array], state: xax.State, key: Any) -> Array:
+        type(self).traces += 1  # runs only while JAX traces
+        return super().get_output(model, batch, state, key)
+
+    def log_heavy(self, ts: xax.TrainState, state: xax.State) -> None:
+        super().log_heavy(ts, state)
+        type(self).traces_at_media.append(type(self).traces)
+
+
+def test_media_passes_compile_once(tmp_path: Path) -> None:
+    # The State's counters change every pass; as static arguments they re-traced (and kept a new
+    # compiled copy of) get_output each time: memory grew for as long as the run lasted.
+    CountsTraces.traces, CountsTraces.traces_at_media = 0, []
+    argv = [f"artifacts.run_dir={tmp_path}", *QUIET, "max_steps=40", "log.heavy_every_n_steps=4", "media=true"]
+    CountsTraces.launch(RegressionConfig(batch_size=32), argv=[*argv, "log.heavy_every_n_seconds=null"])
+    assert len(CountsTraces.traces_at_media) == 10
+    # (The last pass follows the final validation, which traces the model for its own step.)
+    assert CountsTraces.traces_at_media[-2] == CountsTraces.traces_at_media[0]

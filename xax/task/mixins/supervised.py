@@ -71,7 +71,13 @@ class SupervisedMixin(TrainMixin[Config], Generic[Config]):
     @override
     def log_media(self, model: PyTree, batch: PyTree, state: State) -> dict[str, Metric]:
         if self._jit_output is None:
-            self._jit_output = eqx.filter_jit(self.get_output)
+            # The counters enter as one array: as Python numbers they would be static, and every
+            # media pass would trace and compile get_output anew (and keep the compiled copy).
+            def output(model: PyTree, batch: PyTree, packed: Array, key: PRNGKeyArray) -> PyTree:
+                return self.get_output(model, batch, State.unpack(packed, "valid"), key)
+
+            self._jit_output = eqx.filter_jit(output)
         key = jax.random.fold_in(jax.random.key(self.config.seed), 2)
-        output = cast_floating(self._jit_output(model, batch, state, key), jnp.dtype(jnp.float32))
+        packed = jnp.asarray(state.pack())
+        output = cast_floating(self._jit_output(model, batch, packed, key), jnp.dtype(jnp.float32))
         return self.compute_media(model, batch, output, state)
