@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pytest
 from jaxtyping import Array
 
 import xax
-from tests.task.toy import ROOT, Regression, RegressionConfig, start_toy
+from tests.task.toy import ROOT, Regression, RegressionConfig, regression_arrays, start_toy
 from xax.task.mixins.checkpointing import checkpoint_steps
 
 QUIET = ["log.stdout=false", "log.tensorboard=false", "compile.cache=false", "log.every_n_seconds=null"]
@@ -225,3 +226,28 @@ def test_media_passes_compile_once(tmp_path: Path) -> None:
     assert len(CountsTraces.traces_at_media) == 10
     # (The last pass follows the final validation, which traces the model for its own step.)
     assert CountsTraces.traces_at_media[-2] == CountsTraces.traces_at_media[0]
+
+
+class HalfwayBest(Regression):
+    """Validation targets are half the training ones: the validation loss falls while the weights
+    grow through the halfway point, then rises, so the best checkpoint is not the last."""
+
+    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
+        if phase == "train":
+            return super().get_dataset(phase)
+        x, y = regression_arrays(self.config.num_valid, 1)
+        return datasets.Dataset.from_dict({"x": x, "y": 0.5 * y})
+
+
+def test_keep_best_validates_every_checkpoint_it_ranks(tmp_path: Path) -> None:
+    # Validation every 25 steps, checkpoints every 10: without a pass of their own, most
+    # checkpoints could not be ranked, and keep_best would keep the wrong ones.
+    argv = [f"artifacts.run_dir={tmp_path}", *QUIET, "max_steps=60", "valid_every_n_steps=25", "learning_rate=0.01"]
+    argv += ["checkpoint.every_n_steps=10", "checkpoint.keep_last=1", "checkpoint.keep_best=2"]
+    HalfwayBest.launch(RegressionConfig(batch_size=32), argv=argv)
+    valid = {r["step"]: r["scalars"]["loss"] for r in xax.read_history(tmp_path, phase="valid")}
+    saved = [10, 20, 30, 40, 50, 60]
+    assert set(saved) <= set(valid)
+    best_two = sorted(sorted(saved, key=lambda step: valid[step])[:2])
+    assert 60 not in best_two, valid  # the setup makes the best checkpoints old ones
+    assert checkpoint_steps(tmp_path / "checkpoints") == [*best_two, 60]

@@ -480,10 +480,20 @@ class TrainMixin(
                 state = self._between_steps(jax.tree.unflatten(treedef, leaves), state, over)
             if over or stop_signal is not None or save_requested or self.checkpoint_is_due(state):
                 ts = jax.tree.unflatten(treedef, leaves)
+                if self._needs_ranking(state, stop_signal):
+                    with self.step_context("valid"):
+                        self.validate(ts, state)
+                    state = state.replace(num_valid_steps=state.num_valid_steps + 1)
                 self._checkpoint_or_stop(ts, state, feed.cursor, over, stop_signal)
         self.flush_logs()
         self.final_train_state = jax.tree.unflatten(treedef, leaves)
         return state
+
+    def _needs_ranking(self, state: State, stop_signal: int | None) -> bool:
+        """Whether a checkpoint about to be saved needs a validation pass of its own: keep_best ranks
+        a checkpoint only by the validation of its step, and the cadences need not line up. Not
+        when stopping on a signal, which should be quick."""
+        return self.config.checkpoint.keep_best > 0 and stop_signal is None and self.last_valid_step != state.num_steps
 
     def _requests(self, state: State, over: bool) -> tuple[int | None, bool, dict[str, float] | None]:
         """The stop signal, save request and non-finite alert to act on after this step.
