@@ -25,6 +25,7 @@ from benchmarks import (
     dit_throughput,
     gpt2_throughput,
     input_pipeline,
+    long_run,
     mnist_overhead,
     remat_memory,
     shakespeare_overhead,
@@ -56,6 +57,7 @@ SUITE: dict[str, Benchmark] = {
     "checkpoint_save": Benchmark(checkpoint_save.main, ("--saves", "2"), 0.75),
     "gpt2_throughput": Benchmark(gpt2_throughput.main, ("--steps", "200", "--warmup", "100"), 2.0),
     "dit_throughput": Benchmark(dit_throughput.main, ("--steps", "150", "--warmup", "50"), 1.5),
+    "long_run": Benchmark(long_run.main, ("--minutes", "8"), 9.0),
 }
 
 
