@@ -232,7 +232,7 @@ class HalfwayBest(Regression):
     """Validation targets are half the training ones: the validation loss falls while the weights
     grow through the halfway point, then rises, so the best checkpoint is not the last."""
 
-    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
+    def get_dataset(self, phase: xax.Phase) -> datasets.Dataset | datasets.IterableDataset:
         if phase == "train":
             return super().get_dataset(phase)
         x, y = regression_arrays(self.config.num_valid, 1)
