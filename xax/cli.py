@@ -136,7 +136,7 @@ def read_arrays(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
         CheckpointError: Naming the checkpoint when an array file is truncated or corrupt, or naming
             the array that does not match its checksum.
     """
-    device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    device = jax.sharding.make_single_device_sharding(jax.devices("cpu")[0])
     with quiet_orbax():
         tree = load_arrays_anywhere(checkpoint.directory, checkpoint.step, device)
     return {name: np.asarray(value) for name, value in named_leaves(tree).items()}

@@ -16,7 +16,7 @@ COMMON = ["log.stdout=false", "log.tensorboard=false", "compile.cache=false", "v
 
 
 def saved_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.make_single_device_sharding(jax.devices()[0])
     tree = load_arrays_anywhere(run_dir / "checkpoints", step, device)
     return {name: np.asarray(value) for name, value in named_leaves(tree["params"]).items()}
 

@@ -73,7 +73,9 @@ def steps(run_dir: Path) -> list[int]:
 
 def saved(run_dir: Path, step: int) -> dict[str, Any]:
     """Every array of one checkpoint, read onto this process's first device, as numpy."""
-    tree = load_arrays_anywhere(run_dir / "checkpoints", step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    tree = load_arrays_anywhere(
+        run_dir / "checkpoints", step, jax.sharding.make_single_device_sharding(jax.devices()[0])
+    )
     return jax.tree.map(np.asarray, tree)
 
 

@@ -181,7 +181,7 @@ def test_rewind_skips_each_bad_batch_once_by_its_data_position(
     assert "Skipping the batch at epoch 0, batch 4 " in caplog.text
     assert "Skipping the batch at epoch 0, batch 5 " in caplog.text
     params = jax.tree.leaves(
-        load_arrays_anywhere(tmp_path / "checkpoints", 12, jax.sharding.SingleDeviceSharding(jax.devices()[0]))[
+        load_arrays_anywhere(tmp_path / "checkpoints", 12, jax.sharding.make_single_device_sharding(jax.devices()[0]))[
             "params"
         ]
     )
@@ -221,7 +221,9 @@ def test_rewind_is_bounded_when_no_batch_is_the_cause(tmp_path: Path, capsys: py
     assert "the cause is not the data; lower the learning rate" in err
     assert f"last good checkpoint: {tmp_path / 'checkpoints' / '6'}" in err
     for step in checkpoint_steps(tmp_path / "checkpoints"):
-        tree = load_arrays_anywhere(tmp_path / "checkpoints", step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        tree = load_arrays_anywhere(
+            tmp_path / "checkpoints", step, jax.sharding.make_single_device_sharding(jax.devices()[0])
+        )
         assert all_finite(tree["params"]), step
 
 
@@ -247,7 +249,9 @@ def test_nan_learning_rate_never_reaches_the_weights(tmp_path: Path, capsys: pyt
     assert "update made weight non-finite (check the learning rate) at step 1 (4 step(s) skipped)" in err
     assert "last good checkpoint: none" in err
     for step in checkpoint_steps(tmp_path / "checkpoints"):
-        tree = load_arrays_anywhere(tmp_path / "checkpoints", step, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        tree = load_arrays_anywhere(
+            tmp_path / "checkpoints", step, jax.sharding.make_single_device_sharding(jax.devices()[0])
+        )
         assert all_finite(tree["params"]), step
 
 

@@ -499,7 +499,7 @@ def restore_weights(template: PyTree, directory: Path, step: int, *, prefer_ema:
     Raises:
         CheckpointError: If a parameter of ``template`` is missing from the checkpoint or has another shape.
     """
-    tree = load_arrays_anywhere(directory, step, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    tree = load_arrays_anywhere(directory, step, jax.sharding.make_single_device_sharding(jax.local_devices()[0]))
     weights = tree["ema"] if prefer_ema and tree.get("ema") is not None else tree["params"]
     arrays, static = eqx.partition(template, eqx.is_inexact_array)
     check_shapes(arrays, weights, directory / str(step))
@@ -915,7 +915,9 @@ class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
         directory, steps = resolve_checkpoint(Path(path))
         # Read onto one device, then place each array with its own parameter's sharding (a plan's
         # shardings differ from leaf to leaf, in rank too).
-        tree = load_arrays_anywhere(directory, steps[0], jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        tree = load_arrays_anywhere(
+            directory, steps[0], jax.sharding.make_single_device_sharding(jax.local_devices()[0])
+        )
         saved = named_leaves(tree["params"])
         check_shapes(params, tree["params"], directory / str(steps[0]))
         loaded = 0
