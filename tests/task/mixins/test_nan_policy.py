@@ -72,6 +72,12 @@ def all_finite(tree: object) -> bool:
     return all(bool(np.all(np.isfinite(np.asarray(leaf)))) for leaf in jax.tree.leaves(tree))
 
 
+def assert_every_checkpoint_finite(run_dir: Path) -> None:
+    sharding = jax.sharding.make_single_device_sharding(jax.devices()[0])
+    for step in checkpoint_steps(run_dir / "checkpoints"):
+        assert all_finite(load_arrays_anywhere(run_dir / "checkpoints", step, sharding)["params"]), step
+
+
 def test_poisoned_step_is_inside_the_run() -> None:
     assert 3 <= POISONED_STEP <= 14
 
@@ -220,11 +226,7 @@ def test_rewind_is_bounded_when_no_batch_is_the_cause(tmp_path: Path, capsys: py
     assert "non-finite loss at step 7" in err
     assert "the cause is not the data; lower the learning rate" in err
     assert f"last good checkpoint: {tmp_path / 'checkpoints' / '6'}" in err
-    for step in checkpoint_steps(tmp_path / "checkpoints"):
-        tree = load_arrays_anywhere(
-            tmp_path / "checkpoints", step, jax.sharding.make_single_device_sharding(jax.devices()[0])
-        )
-        assert all_finite(tree["params"]), step
+    assert_every_checkpoint_finite(tmp_path)
 
 
 def test_nan_learning_rate_never_reaches_the_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -248,11 +250,7 @@ def test_nan_learning_rate_never_reaches_the_weights(tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "update made weight non-finite (check the learning rate) at step 1 (4 step(s) skipped)" in err
     assert "last good checkpoint: none" in err
-    for step in checkpoint_steps(tmp_path / "checkpoints"):
-        tree = load_arrays_anywhere(
-            tmp_path / "checkpoints", step, jax.sharding.make_single_device_sharding(jax.devices()[0])
-        )
-        assert all_finite(tree["params"]), step
+    assert_every_checkpoint_finite(tmp_path)
 
 
 def test_a_pending_alert_is_merged_not_replaced() -> None:
