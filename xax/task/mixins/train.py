@@ -548,7 +548,8 @@ class TrainMixin(
     def _forget_positions(self) -> None:
         """Drops the data positions of steps whose windows the logging thread has found finite."""
         seen = self._health_seen_step
-        if self.nonfinite_alert is None and self._positions and min(self._positions) <= seen:
+        # Steps are added in increasing order, so the first key is the oldest: O(1) on every step.
+        if self.nonfinite_alert is None and self._positions and next(iter(self._positions)) <= seen:
             self._positions = {step: cursor for step, cursor in self._positions.items() if step > seen}
 
     def _on_nonfinite(self, health: dict[str, float]) -> None:
