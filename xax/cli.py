@@ -384,7 +384,7 @@ def load_task_class(spec: str) -> type:
 
 
 def _plan_command(args: argparse.Namespace) -> int:
-    from xax.core.config import parse_cli
+    from xax.core.config_io import parse_cli
     from xax.task.launchers import get_launcher
     from xax.task.mixins.train import TrainMixin
 

@@ -13,16 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from xax.core.config import (
-    MISSING,
-    config_to_dict,
-    config_to_yaml,
-    field,
-    format_help,
-    load_config,
-    parse_cli,
-    register_config,
-)
+from xax.core.config import MISSING, field, format_help, register_config
+from xax.core.config_io import config_to_dict, config_to_yaml, load_config, parse_cli
 from xax.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -328,7 +320,8 @@ def test_cli_subprocess_one_line_error() -> None:
         """
         import sys
         from dataclasses import dataclass
-        from xax.core.config import field, parse_cli
+        from xax.core.config import field
+        from xax.core.config_io import parse_cli
 
         @dataclass
         class Small:

@@ -235,7 +235,7 @@ def test_fsdp_step_moves_weights_not_activations(monkeypatch: pytest.MonkeyPatch
     from jax.sharding import Mesh
 
     import xax.task.mixins.train as train_module
-    from xax.core.config import load_config
+    from xax.core.config_io import load_config
     from xax.testing.plan_parity import TinyLM, TinyLMConfig
 
     compiled: list[Any] = []

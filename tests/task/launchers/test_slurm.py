@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.task.toy import ROOT, Regression, RegressionConfig
-from xax.core.config import load_config
+from xax.core.config_io import load_config
 from xax.core.errors import LaunchError
 from xax.task.launchers.slurm import CONFIG_NAME, SCRIPT_NAME, SlurmLauncher, SlurmOptions
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from jax.sharding import Mesh
 from typing_extensions import override
 
-from xax.core.config import config_to_yaml, field
+from xax.core.config import field
+from xax.core.config_io import config_to_yaml
 from xax.core.errors import LaunchError
 from xax.core.state import State
 from xax.task.launchers.base import Launcher

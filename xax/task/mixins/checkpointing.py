@@ -29,7 +29,8 @@ from jaxtyping import Array, PyTree, UInt32
 from orbax.checkpoint import checkpoint_managers
 from typing_extensions import override
 
-from xax.core.config import config_to_dict, field
+from xax.core.config import field
+from xax.core.config_io import config_to_dict
 from xax.core.errors import CheckpointError, CheckpointWriteError, ConfigError
 from xax.core.state import State
 from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin, read_git_state

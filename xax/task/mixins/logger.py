@@ -12,7 +12,8 @@ from typing import Generic, TypeVar
 import jax
 from typing_extensions import override
 
-from xax.core.config import check_range, config_to_dict, config_to_yaml, field
+from xax.core.config import check_range, field
+from xax.core.config_io import config_to_dict, config_to_yaml
 from xax.core.errors import ConfigError
 from xax.core.metric import Metric
 from xax.core.state import Phase, State

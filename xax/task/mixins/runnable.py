@@ -9,7 +9,8 @@ from typing import Generic, TypeVar
 
 from jax.sharding import Mesh
 
-from xax.core.config import field, parse_cli
+from xax.core.config import field
+from xax.core.config_io import parse_cli
 from xax.core.errors import CheckpointWriteError, TrainingStopped, XaxError
 from xax.core.state import State
 from xax.task.base import BaseConfig, BaseTask
