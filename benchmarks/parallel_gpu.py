@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from benchmarks.common import run_child_processes, steps_per_second_after, write_results
-from xax.parallel.report import human_bytes
+from xax.utils.text import human_bytes
 
 CHILDREN = ("parity", "dp1", "dp2", "dp2_overlap", "fsdp2")
 # dp2_overlap: dp on 2 GPUs with XLA's latency-hiding scheduler, which may overlap the gradient
@@ -107,7 +107,7 @@ def run_children(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
 
 
 def _bytes(value: float | None) -> str:
-    return "n/a" if value is None else human_bytes(value)
+    return "n/a" if value is None else human_bytes(value, 2)
 
 
 def rows_of(results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from benchmarks.common import quiet_run_argv, steps_per_second_after, write_resu
 from examples.shakespeare import Config, GPTOptions, Shakespeare
 from xax.nn.losses import cross_entropy
 from xax.task.mixins.train import PrecisionOptions
-from xax.task.mixins.train_step import cast_floating
+from xax.utils.pytree import cast_floating
 
 
 def make_config(tiny: bool) -> Config:

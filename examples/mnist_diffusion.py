@@ -36,10 +36,11 @@ from examples.mnist_data import NUM_CLASSES, load_mnist
 from xax.arch.diffusion import GaussianSchedule, ddim_sample, diffusion_loss, drop_labels, guided
 from xax.arch.dit import DiT, DiTConfig, dit_config
 from xax.arch.unet import UNet, UNetConfig
+from xax.nn.precision import COMPUTE_DTYPES
 from xax.task.mixins.checkpointing import read_metadata, resolve_checkpoint, restore_weights
 from xax.task.mixins.logger import LogOptions
 from xax.task.mixins.train import EMAOptions, PrecisionOptions
-from xax.task.mixins.train_step import COMPUTE_DTYPES, cast_floating
+from xax.utils.pytree import cast_floating
 
 MODES = ("train", "sample")
 ATTENTION = ("xla", "cudnn")

@@ -51,7 +51,7 @@ def checkpoint(saved: Path, restore_dir: Path, save_dir: Path, out: Path) -> Non
     )
     ts = restored[0].final_train_state
     assert ts is not None
-    from xax.parallel.plan import path_name
+    from xax.utils.pytree import path_name
 
     leaves = jax.tree_util.tree_leaves_with_path(ts.params)
     arrays = {path_name(path): np.asarray(leaf) for path, leaf in leaves}

@@ -8,9 +8,9 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from tests.parallel.eight_devices import start
-from xax.parallel.plan import path_name
 from xax.task.mixins.checkpointing import load_arrays_anywhere, named_leaves
 from xax.testing.plan_parity import TinyLM, TinyLMConfig
+from xax.utils.pytree import path_name
 
 COMMON = ["log.stdout=false", "log.tensorboard=false", "compile.cache=false", "valid_every_n_steps=null"]
 

@@ -30,7 +30,7 @@ from xax.parallel import (
     plan_axis_sizes,
     shard_bytes,
 )
-from xax.parallel.plan import path_name
+from xax.utils.pytree import path_name
 
 P = PartitionSpec
 

@@ -28,9 +28,11 @@ from xax.core.config import field, register_config
 from xax.core.errors import ConfigError
 from xax.nn.embeddings import Embedding, check_id_range
 from xax.nn.norms import RMSNorm
+from xax.nn.precision import COMPUTE_DTYPES
 from xax.nn.ssm import DIAGONAL_INITS, DT_MAX, DT_MIN, DiagonalSSM, SelectiveSSM, SSMLayer
 
-_COMPUTE_DTYPES: dict[str, jnp.dtype] = {"float32": jnp.dtype(jnp.float32), "bfloat16": jnp.dtype(jnp.bfloat16)}
+# The compute dtypes this model supports (float16 is not among them).
+_COMPUTE_DTYPES = {name: COMPUTE_DTYPES[name] for name in ("float32", "bfloat16")}
 
 
 @register_config

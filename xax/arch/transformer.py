@@ -35,7 +35,6 @@ from typing import Any, cast
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from xax.core.errors import ConfigError
@@ -44,11 +43,11 @@ from xax.nn.embeddings import Embedding, RopeScaling, RotaryEmbedding, check_id_
 from xax.nn.lora import AnyLinear, make_linear
 from xax.nn.mlp import ACTIVATIONS, MLP, SwiGLU
 from xax.nn.norms import NORM_TYPES, LayerNorm, RMSNorm, make_norm
-from xax.nn.precision import mixed_dot_general
+from xax.nn.precision import COMPUTE_DTYPES, mixed_dot_general
+from xax.utils.pytree import cast_floating
 
 POSITION_TYPES = ("learned", "rope", "none")
 MLP_TYPES = ("mlp", "swiglu")
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Rematerialization policies by name: None means no rematerialization.
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
@@ -290,17 +289,6 @@ class TransformerBlock(eqx.Module):
         return x, cache
 
 
-def _cast_floating(tree: Any, dtype: DTypeLike) -> Any:
-    """Casts every floating-point array leaf of ``tree`` to ``dtype``."""
-
-    def cast(leaf: Any) -> Any:
-        if eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating):
-            return leaf.astype(dtype)
-        return leaf
-
-    return jax.tree.map(cast, tree)
-
-
 class Transformer(eqx.Module):
     """A decoder-only language model; see the module docstring for parameter names.
 
@@ -394,7 +382,7 @@ class Transformer(eqx.Module):
             ``(hidden states (B, T, d_model) in the compute dtype, updated cache or None)``.
         """
         cfg = self.config
-        model = _cast_floating(self, cfg.dtype)
+        model = cast_floating(self, cfg.dtype)
         batch, seq = tokens.shape
         _check_length(cfg, seq, cache)
         if positions is None:

@@ -18,7 +18,7 @@ leaf paths and an optional ``Transform``::
 
 Templates: ``{name}`` matches digits and ``{name:regex}`` matches ``regex``; every placeholder of
 the torch name appears in each Equinox path, so a row reads in both directions. An Equinox path is
-a dotted leaf path (``jax.tree_util.keystr(path, simple=True, separator=".")``, so tuple members are
+a dotted leaf path (``xax.utils.pytree.path_name``, so tuple members are
 ``layers.0.…``); a trailing ``[{i}]`` addresses index ``i`` of the leaf's leading axis, which is
 how per-layer tensors are stacked into the weights of scanned layers.
 
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xax.core.errors import XaxError
+from xax.utils.pytree import path_name
 
 M = TypeVar("M")
 
@@ -300,11 +301,7 @@ def _is_leaf_array(x: Any) -> bool:
 def _model_leaves(model: Any) -> tuple[list[Any], Any, dict[str, int]]:
     """Returns ``(leaves, treedef, {dotted path: leaf position})`` for the array leaves of ``model``."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(model)
-    positions = {
-        jax.tree_util.keystr(path, simple=True, separator="."): n
-        for n, (path, leaf) in enumerate(flat)
-        if _is_leaf_array(leaf)
-    }
+    positions = {path_name(path): n for n, (path, leaf) in enumerate(flat) if _is_leaf_array(leaf)}
     return [leaf for _, leaf in flat], treedef, positions
 
 

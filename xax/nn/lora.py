@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from xax.utils.pytree import path_name
+
 
 class LoRALinear(eqx.Module):
     """An ``eqx.nn.Linear`` plus a trainable low-rank update; called like the Linear it wraps.
@@ -103,14 +105,17 @@ def _is_linear(node: Any) -> bool:
     return isinstance(node, eqx.nn.Linear | LoRALinear)
 
 
-def _path_name(path: tuple) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator=".")
-
-
 def linear_paths(model: Any) -> list[str]:
-    """Lists the dotted paths of every linear layer in ``model`` (for choosing a LoRA pattern)."""
+    """Lists the dotted paths of every linear layer in ``model`` (for choosing a LoRA pattern).
+
+    Examples:
+        >>> import jax
+        >>> from xax.nn.mlp import MLP
+        >>> linear_paths(MLP(4, 8, key=jax.random.key(0)))
+        ['up_proj', 'down_proj']
+    """
     leaves = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_linear)[0]
-    return [_path_name(path) for path, leaf in leaves if _is_linear(leaf)]
+    return [path_name(path) for path, leaf in leaves if _is_linear(leaf)]
 
 
 def apply_lora(model: Any, pattern: str, *, rank: int, alpha: float, key: PRNGKeyArray) -> Any:
@@ -126,6 +131,17 @@ def apply_lora(model: Any, pattern: str, *, rank: int, alpha: float, key: PRNGKe
 
     Returns:
         The model with matching linears wrapped.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from xax.nn.mlp import MLP
+        >>> mlp = MLP(4, 8, key=jax.random.key(0))
+        >>> adapted = apply_lora(mlp, r"up_proj", rank=2, alpha=4.0, key=jax.random.key(1))
+        >>> type(adapted.up_proj).__name__, type(adapted.down_proj).__name__
+        ('LoRALinear', 'Linear')
+        >>> x = jnp.ones((3, 4))
+        >>> bool(jnp.allclose(adapted(x), mlp(x)))  # B starts at zero: the same function
+        True
     """
     regex = re.compile(pattern)
     matches = [name for name in linear_paths(model) if regex.search(name)]
@@ -136,7 +152,7 @@ def apply_lora(model: Any, pattern: str, *, rank: int, alpha: float, key: PRNGKe
     keys = dict(zip(matches, jax.random.split(key, len(matches))))
 
     def wrap(path: tuple, node: Any) -> Any:
-        name = _path_name(path)
+        name = path_name(path)
         if isinstance(node, eqx.nn.Linear) and name in keys:
             return LoRALinear(node, rank=rank, alpha=alpha, key=keys[name])
         return node

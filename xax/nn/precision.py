@@ -1,4 +1,4 @@
-"""Mixed-precision matmuls: low-precision operands, float32 results, low-precision backward pass.
+"""Compute dtypes by name, and mixed-precision matmuls (float32 results, low-precision backward pass).
 
 ``lax.dot_general(a, b, ..., preferred_element_type=float32)`` on bfloat16 operands gives float32
 results (accurate logits and attention scores), but its transpose then multiplies the float32
@@ -14,6 +14,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
+
+# The compute dtypes a config may name: the dtype of activations (and of the parameters as the
+# forward pass uses them); the parameters themselves stay float32.
+COMPUTE_DTYPES: dict[str, jnp.dtype] = {
+    "float32": jnp.dtype(jnp.float32),
+    "bfloat16": jnp.dtype(jnp.bfloat16),
+    "float16": jnp.dtype(jnp.float16),
+}
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
 
@@ -32,6 +40,13 @@ def mixed_dot_general(lhs: Array, rhs: Array, dimension_numbers: DimensionNumber
         The product in float32. Its gradients with respect to ``lhs`` and ``rhs`` are those of the
         same product computed in the operands' dtype, applied to the cotangent cast to that dtype;
         with float32 operands they equal the plain ``dot_general``'s exactly.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> a = jnp.ones((2, 3), jnp.bfloat16)
+        >>> out = mixed_dot_general(a, a, (((1,), (1,)), ((), ())))  # a @ a.T
+        >>> out.dtype, out.tolist()
+        (dtype('float32'), [[3.0, 3.0], [3.0, 3.0]])
     """
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
 

@@ -26,6 +26,7 @@ from xax.core.config import field
 from xax.parallel.errors import BatchSizeError, PlanError, ShardingError
 from xax.parallel.mesh import AXES, BATCH_AXES, DATA, FSDP, TENSOR, axis_sizes, batch_axis_size
 from xax.parallel.rules import logical_axes
+from xax.utils.pytree import path_name
 
 # Plan part -> the mesh axis it splits over.
 PARTS = {"dp": DATA, "fsdp": FSDP, "tp": TENSOR}
@@ -162,11 +163,6 @@ def param_spec(path: str, shape: Sequence[int], plan: Plan, sizes: Mapping[str, 
             )
         spec.append(mesh_axis)
     return _shards(spec, sizes)
-
-
-def path_name(path: Sequence[Any]) -> str:
-    """A key path as a dotted name (``layers.self_attn.q_proj.weight``), as checkpoints spell it."""
-    return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
 
 
 def param_specs(params: PyTree, plan: Plan, sizes: Mapping[str, int]) -> PyTree:

@@ -14,17 +14,9 @@ import jax
 from jax.sharding import PartitionSpec
 from jaxtyping import PyTree
 
-from xax.parallel.plan import path_name, shard_bytes, total_bytes
-
-
-def human_bytes(num_bytes: int | float) -> str:
-    """``num_bytes`` in binary units (``'1.5 GiB'``)."""
-    value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+from xax.parallel.plan import shard_bytes, total_bytes
+from xax.utils.pytree import path_name
+from xax.utils.text import human_bytes
 
 
 @dataclass(frozen=True)
@@ -95,7 +87,7 @@ class PlanReport:
         lines = [f"Plan {self.plan} on mesh {mesh}", "Train state (one copy -> per device)"]
         width = max((len(name) for name in self.groups), default=0)
         for name, (whole, per_device) in self.groups.items():
-            lines.append(f"  {name.ljust(width)}  {human_bytes(whole):>11} -> {human_bytes(per_device):>11}")
+            lines.append(f"  {name.ljust(width)}  {human_bytes(whole, 2):>11} -> {human_bytes(per_device, 2):>11}")
         if self.compiled is not None:
             c = self.compiled
             lines.append("Compiled step, per device (XLA memory analysis)")
@@ -106,7 +98,7 @@ class PlanReport:
                 ("temporaries", c.temp_bytes),
                 ("peak estimate", c.peak_bytes),
             ):
-                lines.append(f"  {label.ljust(17)}  {human_bytes(value):>11}")
+                lines.append(f"  {label.ljust(17)}  {human_bytes(value, 2):>11}")
             flops = "n/a" if c.flops is None else f"{c.flops / 1e9:.3f} GFLOP"
             lines.append(f"  {'FLOPs per step'.ljust(17)}  {flops:>11}")
         lines.append("Parameters (shape, dtype, sharding)")

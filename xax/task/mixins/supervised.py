@@ -14,7 +14,7 @@ from typing_extensions import override
 from xax.core.metric import Metric
 from xax.core.state import State
 from xax.task.mixins.train import TrainConfig, TrainMixin
-from xax.task.mixins.train_step import cast_floating
+from xax.utils.pytree import cast_floating
 
 
 @dataclass

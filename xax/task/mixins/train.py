@@ -24,6 +24,7 @@ from xax.core.config import check_range, field
 from xax.core.errors import CheckpointWriteError, ConfigError, TrainingStopped
 from xax.core.metric import Metric
 from xax.core.state import State
+from xax.nn.precision import COMPUTE_DTYPES
 from xax.parallel import (
     PlanReport,
     axis_sizes,
@@ -48,15 +49,14 @@ from xax.task.mixins.runnable import EXIT_FAILURE, EXIT_INTERRUPTED
 from xax.task.mixins.sharding import ShardingConfig, ShardingMixin
 from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
 from xax.task.mixins.train_step import (
-    COMPUTE_DTYPES,
     NONFINITE_GRADIENT,
     NONFINITE_UPDATE,
     TrainState,
-    cast_floating,
     empty_sums,
     make_eval_step,
     make_train_step,
 )
+from xax.utils.pytree import cast_floating
 
 logger = logging.getLogger(__name__)
 

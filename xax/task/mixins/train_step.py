@@ -11,13 +11,12 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree, UInt32
 
 from xax.core.metric import Scalar
 from xax.core.state import State
+from xax.utils.pytree import cast_floating
 
 # What made a step non-finite (``_first_nonfinite_cause``): its update is never applied.
 NONFINITE_LOSS = 1
 NONFINITE_GRADIENT = 2
 NONFINITE_UPDATE = 3
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # (model, batch, state, key) -> (loss, metrics); the model is already cast to the compute dtype.
 LossFn = Callable[[Any, Any, State, PRNGKeyArray], tuple[Array, dict[str, Any]]]
@@ -43,17 +42,6 @@ class TrainState(NamedTuple):
     ema: PyTree | None
     key: UInt32[Array, "..."]
     nonfinite_streak: Int[Array, ""]
-
-
-def cast_floating(tree: PyTree, dtype: jnp.dtype) -> PyTree:
-    """Casts the floating-point leaves of a tree to ``dtype``, leaving the others alone."""
-
-    def cast(leaf: Any) -> Any:
-        if eqx.is_inexact_array(leaf) and leaf.dtype != dtype:
-            return leaf.astype(dtype)
-        return leaf
-
-    return jax.tree.map(cast, tree)
 
 
 def scalar_metrics(metrics: dict[str, Any], where: str) -> dict[str, Array]:
