@@ -392,9 +392,9 @@ def _plan_command(args: argparse.Namespace) -> int:
     if not issubclass(task_class, TrainMixin):
         raise ConfigError(f"task {args.task!r} is not a training task (an xax.Task subclass)")
     config = parse_cli(task_class.get_config_class(), None, list(args.overrides))
-    mesh = get_launcher(config.launcher).make_mesh()
+    placement = get_launcher(config.launcher).place()
     task = task_class(config)
-    task.mesh = mesh
+    task.placement = placement
     print("\n".join(task.plan_report(compile_step=not args.no_compile).lines()))
     return EXIT_OK
 

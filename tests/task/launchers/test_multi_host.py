@@ -16,7 +16,7 @@ import pytest
 
 from tests.task.toy import ROOT, Regression, RegressionConfig, read_jsonl
 from xax.core.errors import LaunchError
-from xax.task.launchers import MultiHostLauncher, get_launcher
+from xax.task.launchers import LauncherOptions, MultiHostLauncher, get_launcher
 from xax.task.launchers.multi_host import (
     DistributedOptions,
     DistributedSettings,
@@ -30,7 +30,6 @@ from xax.task.launchers.multi_host import (
     wants_multi_host,
 )
 from xax.task.mixins.checkpointing import checkpoint_steps
-from xax.task.mixins.runnable import LauncherOptions
 from xax.utils.env import SlurmStep, slurm_step
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
@@ -372,8 +371,8 @@ rank, port = int(sys.argv[1]), int(sys.argv[2])
 options = DistributedOptions(
     coordinator_address=f"localhost:{port}", num_processes=2, process_id=rank, init_timeout_s=60
 )
-mesh = MultiHostLauncher(options).make_mesh()
-assert mesh.devices.size == 2, mesh
+placement = MultiHostLauncher(options).place()
+assert len(placement.devices) == 2, placement
 if rank == 0:
     for conn in psutil.Process().net_connections("tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:

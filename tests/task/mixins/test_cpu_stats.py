@@ -134,4 +134,4 @@ def test_default_options() -> None:
 @pytest.mark.parametrize("interval_s", [0.0, -1.0])
 def test_non_positive_interval_names_the_key(interval_s: float) -> None:
     with pytest.raises(ConfigError, match=r"cpu_stats\.interval_s"):
-        CPUTask(Cfg(cpu_stats=CPUStatsOptions(interval_s=interval_s)))
+        CPUTask(Cfg(cpu_stats=CPUStatsOptions(interval_s=interval_s))).validate_config()

@@ -145,4 +145,4 @@ def test_disabled_does_not_touch_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_non_positive_interval_names_the_key() -> None:
     with pytest.raises(ConfigError, match=r"gpu_stats\.interval_s"):
-        GPUTask(Cfg(gpu_stats=GPUStatsOptions(interval_s=0.0)))
+        GPUTask(Cfg(gpu_stats=GPUStatsOptions(interval_s=0.0))).validate_config()

@@ -1,35 +1,58 @@
-"""What every launcher does: set up devices and a mesh, then run the task on them."""
+"""What every launcher does: set up the devices, hand them to the task, and run it."""
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import jax
-import numpy as np
-from jax.sharding import Mesh
 
 from xax.core.state import State
 
-if TYPE_CHECKING:
-    from xax.task.mixins.runnable import RunnableMixin
+
+@dataclass(frozen=True)
+class Placement:
+    """What a launcher hands the task: the devices it runs on and the facts about its processes.
+
+    The task builds its one ``(data, fsdp, tensor)`` mesh over ``devices`` (``ShardingMixin``).
+
+    Attributes:
+        devices: Every device of the run, in mesh order (grouped by process, so each process's rows
+            of a batch are one block).
+        lockstep: Whether several processes run the same program, so that every decision bearing a
+            collective (stop, save, validate) must fall at the same step in each of them.
+    """
+
+    devices: tuple[jax.Device, ...]
+    lockstep: bool = False
 
 
-DATA_AXIS = "data"
+@runtime_checkable
+class LaunchedTask(Protocol):
+    """What a launcher needs of the task it builds."""
+
+    placement: Placement | None
+
+    def execute(self) -> State: ...
+
+
+@runtime_checkable
+class TaskClass(Protocol):
+    """A task class as launchers use it: built from its config, and named (for a job or its run folder)."""
+
+    def __call__(self, config: Any) -> LaunchedTask: ...
+
+    def task_name(self) -> str: ...
 
 
 class Launcher(ABC):
-    """Prepares the devices, builds the task with its mesh, and runs it."""
+    """Prepares the devices, builds the task, hands it its placement, and runs it."""
 
     @abstractmethod
-    def make_mesh(self) -> Mesh:
-        """The device mesh the task trains on (after any device set-up)."""
+    def place(self) -> Placement:
+        """Sets up the devices (simulated CPU devices, ``jax.distributed``) and returns them."""
 
-    def launch(self, task_class: "type[RunnableMixin]", config: object) -> State:
-        mesh = self.make_mesh()
+    def launch(self, task_class: TaskClass, config: object) -> State:
+        placement = self.place()
         task = task_class(config)
-        task.mesh = mesh
+        task.placement = placement
         return task.execute()
-
-
-def data_mesh(devices: list[jax.Device]) -> Mesh:
-    """A one-axis mesh over ``devices`` for data parallelism."""
-    return Mesh(np.array(devices), (DATA_AXIS,))

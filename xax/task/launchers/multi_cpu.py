@@ -2,11 +2,10 @@
 
 import jax
 from jax._src import xla_bridge
-from jax.sharding import Mesh
 from typing_extensions import override
 
 from xax.core.errors import LaunchError
-from xax.task.launchers.base import data_mesh
+from xax.task.launchers.base import Placement
 from xax.task.launchers.multi_device import MultiDeviceLauncher
 
 
@@ -18,7 +17,7 @@ class MultiCpuLauncher(MultiDeviceLauncher):
         self.num_cpu_devices = num_cpu_devices
 
     @override
-    def make_mesh(self) -> Mesh:
+    def place(self) -> Placement:
         if xla_bridge.backends_are_initialized():
             available = len(jax.devices("cpu"))
             if available < self.num_cpu_devices:
@@ -29,4 +28,4 @@ class MultiCpuLauncher(MultiDeviceLauncher):
         else:
             jax.config.update("jax_platforms", "cpu")
             jax.config.update("jax_num_cpu_devices", self.num_cpu_devices)
-        return data_mesh(jax.devices("cpu")[: self.num_cpu_devices])
+        return Placement(tuple(jax.devices("cpu")[: self.num_cpu_devices]))

@@ -1,15 +1,14 @@
 """Data parallelism over the local devices of one host."""
 
 import jax
-from jax.sharding import Mesh
 from typing_extensions import override
 
 from xax.core.errors import LaunchError
-from xax.task.launchers.base import Launcher, data_mesh
+from xax.task.launchers.base import Launcher, Placement
 
 
 class MultiDeviceLauncher(Launcher):
-    """Replicates the model on every local device and shards each batch over them.
+    """Runs the task over the local devices of this host.
 
     Args:
         num_devices: How many local devices to use; None uses all of them.
@@ -19,7 +18,7 @@ class MultiDeviceLauncher(Launcher):
         self.num_devices = num_devices
 
     @override
-    def make_mesh(self) -> Mesh:
+    def place(self) -> Placement:
         devices = jax.local_devices()
         if self.num_devices is not None:
             if not 1 <= self.num_devices <= len(devices):
@@ -28,4 +27,4 @@ class MultiDeviceLauncher(Launcher):
                     f"{devices[0].platform} devices; use a number from 1 to {len(devices)}"
                 )
             devices = devices[: self.num_devices]
-        return data_mesh(devices)
+        return Placement(tuple(devices))

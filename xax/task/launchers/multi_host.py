@@ -14,22 +14,17 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import jax
 from jax._src import xla_bridge
-from jax.sharding import Mesh
 from typing_extensions import override
 
 from xax.core.config import field
 from xax.core.errors import LaunchError
 from xax.core.state import State
-from xax.task.launchers.base import Launcher, data_mesh
+from xax.task.launchers.base import Launcher, Placement, TaskClass
 from xax.task.mixins.logger import LoggerConfig
 from xax.utils.env import SlurmStep, slurm_job_id, slurm_step
-
-if TYPE_CHECKING:
-    from xax.task.mixins.runnable import RunnableMixin
 
 logger = logging.getLogger(__name__)
 
@@ -363,11 +358,11 @@ class MultiHostLauncher(Launcher):
         self.options = options
 
     @override
-    def launch(self, task_class: "type[RunnableMixin]", config: object) -> State:
+    def launch(self, task_class: TaskClass, config: object) -> State:
         return super().launch(task_class, step_based(config))
 
     @override
-    def make_mesh(self) -> Mesh:
+    def place(self) -> Placement:
         settings = resolve_settings(self.options, slurm_step())
         initialize(settings, self.options.init_timeout_s)
         devices = global_devices()
@@ -379,4 +374,4 @@ class MultiHostLauncher(Launcher):
             len(jax.local_devices()),
             len(devices),
         )
-        return data_mesh(devices)
+        return Placement(tuple(devices), lockstep=True)

@@ -13,21 +13,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from jax.sharding import Mesh
 from typing_extensions import override
 
 from xax.core.config import field
 from xax.core.config_io import config_to_yaml
 from xax.core.errors import LaunchError
 from xax.core.state import State
-from xax.task.launchers.base import Launcher
-from xax.task.mixins.artifacts import ArtifactsConfig, next_run_dir
+from xax.task.launchers.base import Launcher, Placement, TaskClass
+from xax.task.mixins.artifacts import ArtifactsConfig, make_run_dir
 from xax.utils.env import find_executable
-
-if TYPE_CHECKING:
-    from xax.task.mixins.runnable import RunnableMixin
 
 SCRIPT_NAME = "job.sbatch"
 CONFIG_NAME = "slurm_config.yaml"
@@ -159,12 +154,12 @@ class SlurmLauncher(Launcher):
         self.program = list(program) if program is not None else None
 
     @override
-    def make_mesh(self) -> Mesh:
+    def place(self) -> Placement:
         raise LaunchError(
             "launcher.kind=slurm places nothing on devices here; the job it submits runs launcher.kind=multi_host"
         )
 
-    def folders(self, task_class: "type[RunnableMixin]", config: object) -> tuple[Path, Path]:
+    def folders(self, task_class: TaskClass, config: object) -> tuple[Path, Path]:
         """The run directory the job writes into and the folder for the script (made if missing).
 
         The run directory is ``artifacts.run_dir``, else the next numbered one, made now so that the
@@ -176,18 +171,13 @@ class SlurmLauncher(Launcher):
                 raise LaunchError("this task has no run directory; set launcher.slurm.script_dir=<folder>")
             script_dir.mkdir(parents=True, exist_ok=True)
             return script_dir, script_dir
-        options = config.artifacts
-        if options.run_dir is not None:
-            run_dir = Path(options.run_dir).expanduser().absolute()
-            run_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            run_dir = next_run_dir(Path(options.runs_root).expanduser().absolute() / task_class.task_name())
+        run_dir = make_run_dir(config.artifacts, task_class.task_name())
         if script_dir is not None:
             script_dir.mkdir(parents=True, exist_ok=True)
         return run_dir, script_dir or run_dir
 
     @override
-    def launch(self, task_class: "type[RunnableMixin]", config: object) -> State:
+    def launch(self, task_class: TaskClass, config: object) -> State:
         """Writes the script (and submits it unless ``dry_run``); returns the untouched State."""
         check_options(self.options)
         program = self.program if self.program is not None else current_program()

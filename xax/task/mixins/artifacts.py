@@ -154,6 +154,24 @@ def next_run_dir(parent: Path) -> Path:
     )
 
 
+def make_run_dir(options: ArtifactsOptions, task_name: str) -> Path:
+    """Creates and returns a run's folder: ``artifacts.run_dir`` when set (made if missing, reused if
+    not), else the next numbered ``<artifacts.runs_root>/<task_name>/run_<NNN>``.
+
+    Args:
+        options: ``artifacts``.
+        task_name: The task's name (``task_name()``), the folder holding its numbered runs.
+
+    Returns:
+        The absolute path of the folder.
+    """
+    if options.run_dir is not None:
+        run_dir = Path(options.run_dir).expanduser().absolute()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    return next_run_dir(Path(options.runs_root).expanduser().absolute() / task_name)
+
+
 def check_writable_dir(path: Path, key: str) -> None:
     """Raises ``ConfigError`` naming ``key`` unless ``path`` is a folder this process can write, or
     can be created as one."""
@@ -218,11 +236,6 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        options = self.config.artifacts
-        if options.run_dir is None and not options.runs_root:
-            raise ConfigError(
-                "artifacts.runs_root is empty; set artifacts.runs_root=runs or artifacts.run_dir=<folder>"
-            )
         self._run_dir: Path | None = None
         self._run_dir_lock: RunDirLock | None = None
 
@@ -230,6 +243,10 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
     def validate_config(self) -> None:
         super().validate_config()
         options = self.config.artifacts
+        if options.run_dir is None and not options.runs_root:
+            raise ConfigError(
+                "artifacts.runs_root is empty; set artifacts.runs_root=runs or artifacts.run_dir=<folder>"
+            )
         if options.run_dir is not None:
             check_writable_dir(Path(options.run_dir).expanduser().absolute(), "artifacts.run_dir")
         else:
@@ -269,11 +286,9 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
         is_writer = jax.process_index() == 0
         if options.run_dir is not None:
             run_dir = Path(options.run_dir).expanduser().absolute()
-            if is_writer:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            return run_dir
+            return make_run_dir(options, type(self).task_name()) if is_writer else run_dir
         parent = Path(options.runs_root).expanduser().absolute() / type(self).task_name()
-        number = int(next_run_dir(parent).name.removeprefix("run_")) if is_writer else 0
+        number = int(make_run_dir(options, type(self).task_name()).name.removeprefix("run_")) if is_writer else 0
         if jax.process_count() > 1:
             # Every process must name the folder process 0 made, e.g. for a shared checkpoint.
             number = int(multihost_utils.broadcast_one_to_all(np.int32(number)))

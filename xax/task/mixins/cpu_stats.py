@@ -158,8 +158,12 @@ class CPUStatsMixin(BaseTask[Config], Generic[Config]):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        validate_interval(self.config.cpu_stats.interval_s, "cpu_stats.interval_s")
         self._cpu_stats_sampler: PeriodicSampler | None = None
+
+    @override
+    def validate_config(self) -> None:
+        super().validate_config()
+        validate_interval(self.config.cpu_stats.interval_s, "cpu_stats.interval_s")
 
     @override
     def on_run_start(self) -> None:

@@ -94,8 +94,12 @@ class GPUStatsMixin(BaseTask[Config], Generic[Config]):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        validate_interval(self.config.gpu_stats.interval_s, "gpu_stats.interval_s")
         self._gpu_stats_sampler: PeriodicSampler | None = None
+
+    @override
+    def validate_config(self) -> None:
+        super().validate_config()
+        validate_interval(self.config.gpu_stats.interval_s, "gpu_stats.interval_s")
 
     @override
     def on_run_start(self) -> None:

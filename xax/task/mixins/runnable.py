@@ -7,15 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from jax.sharding import Mesh
-
 from xax.core.config import field
 from xax.core.config_io import parse_cli
 from xax.core.errors import CheckpointWriteError, TrainingStopped, XaxError
 from xax.core.state import State
 from xax.task.base import BaseConfig, BaseTask
-from xax.task.launchers.multi_host import DistributedOptions
-from xax.task.launchers.slurm import SlurmOptions
+from xax.task.launchers import LauncherOptions, Placement, get_launcher
+from xax.task.mixins.process import SignalRequests
 
 logger = logging.getLogger(__name__)
 
@@ -23,22 +21,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_SAVE_FAILED = 3
 EXIT_INTERRUPTED = 130
-
-
-@dataclass
-class LauncherOptions:
-    kind: str = field(
-        "auto",
-        help="single_device, multi_device, multi_cpu, multi_host (jax.distributed), slurm (submit an sbatch job), "
-        "or auto (multi_host under srun with several tasks or with distributed.num_processes > 1, else "
-        "multi_device when several devices exist)",
-    )
-    num_devices: int | None = field(None, help="multi_device: how many local devices to use (None: all)")
-    num_cpu_devices: int = field(4, help="multi_cpu: how many CPU devices to simulate")
-    distributed: DistributedOptions = field(
-        DistributedOptions(), help="multi_host: how the processes find each other (unset values: from SLURM)"
-    )
-    slurm: SlurmOptions = field(SlurmOptions(), help="slurm: the job to submit")
 
 
 @dataclass
@@ -52,7 +34,8 @@ Config = TypeVar("Config", bound=RunnableConfig)
 class RunnableMixin(BaseTask[Config], Generic[Config]):
     """Adds ``launch`` (parse the command line, pick a launcher, run) and the run lifecycle."""
 
-    mesh: Mesh | None = None
+    # Set by the launcher before ``execute``: the devices to build the mesh over, and the processes.
+    placement: Placement | None = None
 
     @abstractmethod
     def run(self) -> State:
@@ -75,9 +58,6 @@ class RunnableMixin(BaseTask[Config], Generic[Config]):
         A mistake in the config or launch settings ends the program with exit code 2 and one line
         naming the key; Ctrl-C ends it with 130 after the background workers have stopped.
         """
-        from xax.task.launchers import get_launcher
-        from xax.task.mixins.process import SignalRequests
-
         # Before anything slow: a SIGUSR1 or SIGTERM while JAX starts or the step compiles would
         # otherwise kill the process; the task takes these requests over when its run starts.
         early_signals = SignalRequests()

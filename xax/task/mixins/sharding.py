@@ -23,6 +23,7 @@ from xax.parallel import (
     plan_axis_sizes,
 )
 from xax.task.base import BaseConfig, BaseTask
+from xax.task.launchers.base import Placement
 from xax.task.mixins.train_step import TrainState
 from xax.task.process_batches import place_global_batch
 
@@ -38,14 +39,22 @@ Config = TypeVar("Config", bound=ShardingConfig)
 class ShardingMixin(BaseTask[Config], Generic[Config]):
     """The ``(data, fsdp, tensor)`` mesh of ``parallel`` and the layouts of the train state and batches."""
 
+    # The launcher's devices (set before ``execute``); the mesh is built over them on first use.
+    placement: Placement | None = None
     mesh: Mesh | None = None
 
     def get_mesh(self) -> Mesh:
-        """The ``(data, fsdp, tensor)`` mesh of ``parallel`` over the launcher's devices (the devices
-        of ``self.mesh``, in their order), or over the first device when no launcher set one."""
+        """The run's one ``(data, fsdp, tensor)`` mesh: the axis sizes of ``parallel`` over the devices
+        the launcher placed the task on, in their order (over the devices of ``self.mesh`` when one was
+        set by hand, or the first device when the task was not launched)."""
         mesh = self.mesh
         if mesh is None or tuple(mesh.axis_names) != AXES:
-            devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+            if mesh is not None:
+                devices = list(mesh.devices.flat)
+            elif self.placement is not None:
+                devices = list(self.placement.devices)
+            else:
+                devices = jax.devices()[:1]
             mesh = self.mesh = make_mesh(devices, **plan_axis_sizes(self.plan, self.config.parallel))
         return mesh
 
