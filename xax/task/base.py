@@ -5,6 +5,9 @@ import typing
 from dataclasses import dataclass, is_dataclass
 from typing import Generic, TypeVar
 
+from xax.core.health import Health
+from xax.core.state import State
+
 
 @dataclass
 class BaseConfig:
@@ -79,3 +82,18 @@ class BaseTask(Generic[Config]):
     def host_metrics(self) -> dict[str, float]:
         """Metrics sampled on the host (CPU, GPU, timers) to log with each training record."""
         return {}
+
+    def expected_total_steps(self) -> int | None:
+        """Total training steps if known in advance (for the progress bar's ETA)."""
+        return None
+
+    def resume_cadences(self, step: int) -> None:
+        """After a restore (a resume or a rewind): count every step cadence from ``step``."""
+
+    def restart_cadence_clocks(self) -> None:
+        """After the first step: time-based cadences count from the end of start-up and compilation,
+        so a slow start does not make them fire at step 1."""
+
+    def on_health(self, state: State, health: Health) -> None:
+        """Called on the logging thread with each training window's ``Health``, read on the host;
+        ``state`` is where training stood at the end of the window."""

@@ -15,8 +15,9 @@ import pytest
 
 import xax
 from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl, regression_dataset
-from xax.task.mixins.checkpointing import checkpoint_steps, load_arrays_anywhere
-from xax.task.mixins.data_loader import shuffle_order
+from xax.checkpoint import checkpoint_steps, load_arrays_anywhere
+from xax.core.health import Health, NonfiniteCause
+from xax.data import shuffle_order
 
 POISONED_ROW = 100
 # The step (1-based) whose batch holds the poisoned row in epoch 0 (batch 32, 512 rows, seed 0).
@@ -45,8 +46,8 @@ class Poisoned(Regression):
 class LateAlert(Poisoned):
     """The host learns of the non-finite step seconds late, after later checkpoints are saved."""
 
-    def on_health(self, state: xax.State, health: dict[str, float]) -> None:
-        if health.get("_nonfinite_steps", 0.0) > 0:
+    def on_health(self, state: xax.State, health: Health) -> None:
+        if not health.ok:
             time.sleep(5.0)
         super().on_health(state, health)
 
@@ -255,23 +256,11 @@ def test_nan_learning_rate_never_reaches_the_weights(tmp_path: Path, capsys: pyt
 
 def test_a_pending_alert_is_merged_not_replaced() -> None:
     task = Regression(RegressionConfig(batch_size=32))
-    first = {
-        "_nonfinite_steps": 1.0,
-        "_first_nonfinite_step": 2.0,
-        "_first_nonfinite_cause": 1.0,
-        "_first_nonfinite_leaf": 0.0,
-        "_max_nonfinite_streak": 1.0,
-    }
-    second = {
-        "_nonfinite_steps": 1.0,
-        "_first_nonfinite_step": 3.0,
-        "_first_nonfinite_cause": 1.0,
-        "_first_nonfinite_leaf": 0.0,
-        "_max_nonfinite_streak": 2.0,
-    }
+    first = Health(nonfinite_steps=1, first_step=2, first_cause=NonfiniteCause.LOSS, first_leaf=0, max_streak=1)
+    second = Health(nonfinite_steps=1, first_step=3, first_cause=NonfiniteCause.LOSS, first_leaf=0, max_streak=2)
     task.on_health(xax.State(num_steps=2), first)
     task.on_health(xax.State(num_steps=3), second)
     alert = task._take_alert()
     assert alert is not None
-    assert (alert["_first_nonfinite_step"], alert["_nonfinite_steps"], alert["_max_nonfinite_streak"]) == (2, 2, 2)
+    assert (alert.first_step, alert.nonfinite_steps, alert.max_streak) == (2, 2, 2)
     assert task._take_alert() is None

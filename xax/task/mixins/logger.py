@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Generic, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import jax
 from typing_extensions import override
@@ -15,14 +16,15 @@ from typing_extensions import override
 from xax.core.config import check_range, field
 from xax.core.config_io import config_to_dict, config_to_yaml
 from xax.core.errors import ConfigError
+from xax.core.health import Health
 from xax.core.metric import Metric
 from xax.core.state import Phase, State
+from xax.task.base import BaseConfig, BaseTask
 from xax.task.loggers.base import LogEvent, Logger, LogRecord
 from xax.task.loggers.jsonl import JsonlLogger
 from xax.task.loggers.stdout import StdoutLogger
 from xax.task.loggers.tensorboard import TensorBoardLogger
-from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
-from xax.task.mixins.process import ProcessConfig, ProcessMixin
+from xax.task.mixins.process import Closeable
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class LogOptions:
 
 
 @dataclass
-class LoggerConfig(ArtifactsConfig, ProcessConfig):
+class LoggerConfig(BaseConfig):
     log: LogOptions = field(LogOptions(), help="Logging options")
 
 
@@ -54,20 +56,29 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 @dataclass(frozen=True)
 class LogItem:
-    """What the training thread hands over: device values are read on the logging thread."""
+    """What the training thread hands over: device values are read on the logging thread.
+
+    Attributes:
+        state: Where training stood at the end of the window.
+        phase: The phase the values belong to.
+        sums: Metric sums over the window (device arrays), with the step count under ``count``.
+        health: The window's ``Health`` (training windows), handed to ``on_health`` once read.
+        host_scalars: Values already on the host, logged as they are.
+        media: Media to log (images, text).
+    """
 
     state: State
     phase: Phase
     sums: dict[str, jax.Array] = dataclass_field(default_factory=dict)
+    health: Health | None = None
     host_scalars: dict[str, float] = dataclass_field(default_factory=dict)
     media: dict[str, Metric] = dataclass_field(default_factory=dict)
 
 
-def _to_record(item: LogItem) -> tuple[LogRecord, dict[str, float]]:
+def _to_record(item: LogItem) -> tuple[LogRecord, Health | None]:
     """Reads device values (this is where the logging thread waits on the device) and averages;
-    also returns the step's health values (keys starting with '_', which are not averaged)."""
-    sums = jax.device_get(item.sums)
-    health = {name: float(sums.pop(name)) for name in [k for k in sums if k.startswith("_")]}
+    also returns the window's health, read on the host."""
+    sums, health = jax.device_get((item.sums, item.health))
     count = float(sums.pop("count", 1.0))
     scalars = {name: float(value) / max(count, 1.0) for name, value in sums.items()}
     scalars.update(item.host_scalars)
@@ -80,13 +91,13 @@ def _to_record(item: LogItem) -> tuple[LogRecord, dict[str, float]]:
         phase=item.phase,
         scalars=scalars,
     )
-    return record, health
+    return record, None if health is None else health.on_host()
 
 
 class LogWorker:
     """A thread that turns LogItems into records and writes them to every logger, in order."""
 
-    def __init__(self, loggers: list[Logger], on_health: Callable[[State, dict[str, float]], None]) -> None:
+    def __init__(self, loggers: list[Logger], on_health: Callable[[State, Health], None]) -> None:
         self._loggers = loggers
         self._on_health = on_health
         self._queue: queue.Queue[LogItem | LogEvent | None] = queue.Queue()
@@ -130,7 +141,7 @@ class LogWorker:
                         sink.write_event(item)
                 else:
                     record, health = _to_record(item)
-                    if health:
+                    if health is not None:
                         self._on_health(item.state, health)
                     for sink in self._loggers:
                         sink.write(record)
@@ -140,7 +151,7 @@ class LogWorker:
                 self._queue.task_done()
 
 
-class _Cadence:
+class Cadence:
     """Decides when something is due, by steps or by seconds, whichever comes first."""
 
     def __init__(self, every_n_steps: int | None, every_n_seconds: float | None) -> None:
@@ -163,18 +174,51 @@ class _Cadence:
         self.last_time = time.monotonic()
 
 
-class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config]):
+class RateWindow:
+    """Host-side rates over one logging window (no device reads)."""
+
+    def __init__(self, start: float, wait_time_s: float) -> None:
+        self.start = start
+        self.wait_time_s = wait_time_s
+        self.steps = 0
+        self.first_step_s: float | None = None
+
+    def close(self, wait_time_s: float, batch_size: int) -> dict[str, float]:
+        """The window's step and sample rates and the fraction of it spent waiting for data.
+
+        Args:
+            wait_time_s: The feed's total wait for data so far (the window's start value is kept).
+            batch_size: Samples per step.
+        """
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        scalars = {
+            "steps_per_second": self.steps / seconds,
+            "samples_per_second": self.steps * batch_size / seconds,
+            "data_wait_fraction": (wait_time_s - self.wait_time_s) / seconds,
+        }
+        if self.first_step_s is not None:
+            scalars["time_to_first_step_s"] = self.first_step_s
+        return scalars
+
+
+class LoggerMixin(BaseTask[Config], Generic[Config]):
     """Sends metrics to stdout, JSONL, TensorBoard and W&B without stalling the training loop.
 
     The training thread only hands over device arrays; the logging thread reads them (waiting on
     the device there, not in the loop), averages them over the window and writes the record.
     """
 
+    if TYPE_CHECKING:  # from ArtifactsMixin and ProcessMixin, composed beside this one (xax/task/task.py)
+        run_dir: Path
+
+        def write_run_metadata(self, config_yaml: str) -> None: ...
+        def add_worker(self, worker: Closeable) -> None: ...
+
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._log_worker: LogWorker | None = None
-        self._light_cadence = _Cadence(config.log.every_n_steps, config.log.every_n_seconds)
-        self._heavy_cadence = _Cadence(config.log.heavy_every_n_steps, config.log.heavy_every_n_seconds)
+        self._light_cadence = Cadence(config.log.every_n_steps, config.log.every_n_seconds)
+        self._heavy_cadence = Cadence(config.log.heavy_every_n_steps, config.log.heavy_every_n_seconds)
 
     @override
     def validate_config(self) -> None:
@@ -214,13 +258,6 @@ class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config])
             )
         return sinks
 
-    def on_health(self, state: State, health: dict[str, float]) -> None:
-        """Called on the logging thread with each training window's health values."""
-
-    def expected_total_steps(self) -> int | None:
-        """Total training steps if known in advance (for the progress bar's ETA)."""
-        return None
-
     @override
     def on_run_start(self) -> None:
         super().on_run_start()
@@ -229,14 +266,15 @@ class LoggerMixin(ArtifactsMixin[Config], ProcessMixin[Config], Generic[Config])
         self._log_worker = LogWorker(self.make_loggers(), self.on_health)
         self.add_worker(self._log_worker)
 
+    @override
     def resume_cadences(self, step: int) -> None:
-        """After a restore: count the logging cadences from the restored step."""
+        super().resume_cadences(step)
         self._light_cadence.mark(step)
         self._heavy_cadence.mark(step)
 
+    @override
     def restart_cadence_clocks(self) -> None:
-        """After the first step: time-based cadences count from the end of start-up and compilation,
-        so a slow start does not make them fire at step 1."""
+        super().restart_cadence_clocks()
         self._light_cadence.restart_clock()
         self._heavy_cadence.restart_clock()
 

@@ -3,7 +3,8 @@
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from typing_extensions import override
 
 from xax.core.config import field
 from xax.core.errors import ConfigError
-from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
+from xax.task.base import BaseConfig, BaseTask
 from xax.utils.flops import step_flops
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class PerfOptions:
 
 
 @dataclass
-class PerfConfig(ArtifactsConfig):
+class PerfConfig(BaseConfig):
     perf: PerfOptions = field(PerfOptions(), help="Performance measurement: FLOPs, MFU, memory, profiler traces")
 
 
@@ -106,7 +107,7 @@ def _profile_range(options: PerfOptions) -> tuple[int, int] | None:
     return int(steps[0]), int(steps[1])
 
 
-class PerfMixin(ArtifactsMixin[Config], Generic[Config]):
+class PerfMixin(BaseTask[Config], Generic[Config]):
     """Measures the training step: the loop calls ``analyze_train_step`` before its first step,
     ``perf_after_step`` after each, and adds ``perf_metrics`` to each light log.
 
@@ -114,6 +115,9 @@ class PerfMixin(ArtifactsMixin[Config], Generic[Config]):
     with remat on it is the hardware rather than the model FLOP utilization) by the peak of the
     devices the step runs on.
     """
+
+    if TYPE_CHECKING:  # from ArtifactsMixin, composed beside this one (xax/task/task.py)
+        run_dir: Path
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)

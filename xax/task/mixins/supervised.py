@@ -9,25 +9,28 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
-from typing_extensions import override
 
 from xax.core.metric import Metric
 from xax.core.state import State
-from xax.task.mixins.train import TrainConfig, TrainMixin
+from xax.task.base import BaseConfig, BaseTask
+from xax.task.mixins.train import TrainConfig
 from xax.utils.pytree import cast_floating
 
 
 @dataclass
-class SupervisedConfig(TrainConfig):
+class SupervisedConfig(BaseConfig):
     pass
 
 
-Config = TypeVar("Config", bound=SupervisedConfig)
+# The media pass draws its key from ``TrainConfig.seed``.
+Config = TypeVar("Config", bound=TrainConfig)
 
 
-class SupervisedMixin(TrainMixin[Config], Generic[Config]):
+class SupervisedMixin(BaseTask[Config], Generic[Config]):
     """Splits the loss into ``get_output`` and ``compute_loss``, so metrics reuse the output.
 
+    It implements the training loop's ``compute_loss_and_metrics`` (``TrainMixin``) and the media
+    hooks (``ValidationMixin``), which it comes before in the composition (xax/task/task.py).
     The output is cast to float32 before the loss, so with a bfloat16 compute dtype the loss and
     its reductions still run in float32.
     """
@@ -54,22 +57,22 @@ class SupervisedMixin(TrainMixin[Config], Generic[Config]):
         """Images, text or histograms for one validation batch, logged at the heavy cadence."""
         return {}
 
-    @override
     def compute_loss_and_metrics(
         self, model: PyTree, batch: PyTree, state: State, key: PRNGKeyArray
     ) -> tuple[Array, dict[str, Metric]]:
+        """The training loop's loss: ``get_output``, then ``compute_loss`` and ``compute_metrics`` on it."""
         output_key, loss_key = jax.random.split(key)
         output = cast_floating(self.get_output(model, batch, state, output_key), jnp.dtype(jnp.float32))
         loss = self.compute_loss(model, batch, output, state, loss_key)
         return loss, self.compute_metrics(model, batch, output, loss, state)
 
-    @override
     def has_media(self) -> bool:
+        """Whether the task overrides ``compute_media`` or ``log_media``."""
         cls = type(self)
         return cls.compute_media is not SupervisedMixin.compute_media or cls.log_media is not SupervisedMixin.log_media
 
-    @override
     def log_media(self, model: PyTree, batch: PyTree, state: State) -> dict[str, Metric]:
+        """``compute_media`` on the jitted ``get_output`` of one validation batch."""
         if self._jit_output is None:
             # The counters enter as one array: as Python numbers they would be static, and every
             # media pass would trace and compile get_output anew (and keep the compiled copy).

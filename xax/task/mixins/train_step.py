@@ -9,14 +9,10 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, UInt32
 
+from xax.core.health import Health, NonfiniteCause
 from xax.core.metric import Scalar
 from xax.core.state import State
 from xax.utils.pytree import cast_floating
-
-# What made a step non-finite (``_first_nonfinite_cause``): its update is never applied.
-NONFINITE_LOSS = 1
-NONFINITE_GRADIENT = 2
-NONFINITE_UPDATE = 3
 
 # (model, batch, state, key) -> (loss, metrics); the model is already cast to the compute dtype.
 LossFn = Callable[[Any, Any, State, PRNGKeyArray], tuple[Array, dict[str, Any]]]
@@ -92,11 +88,14 @@ def make_train_step(
     ema_decay: float | None,
     grad_shardings: PyTree | None = None,
     compute_shardings: PyTree | None = None,
-) -> Callable[[TrainState, dict[str, Array], PyTree, State], tuple[TrainState, dict[str, Array], Array]]:
+) -> Callable[
+    [TrainState, dict[str, Array], Health, PyTree, State], tuple[TrainState, dict[str, Array], Health, Array]
+]:
     """Builds the (unjitted) training step.
 
-    The step returns the new train state, the metric sums with this step added, and the step's loss
-    (a small output the host can wait on to bound how far it runs ahead of the device).
+    The step returns the new train state, the metric sums and the ``Health`` with this step added,
+    and the step's loss (a small output the host can wait on to bound how far it runs ahead of the
+    device).
     ``grad_shardings`` (the parameters' shardings) lays the gradients out like the parameters, so
     that a sharded plan reduce-scatters them instead of all-reducing whole copies;
     ``compute_shardings`` is the layout the cast parameters are used in (FSDP gathers them there).
@@ -113,8 +112,8 @@ def make_train_step(
     grad_fn = jax.value_and_grad(forward, has_aux=True)
 
     def step(
-        ts: TrainState, sums: dict[str, Array], batch: PyTree, state: State
-    ) -> tuple[TrainState, dict[str, Array], Array]:
+        ts: TrainState, sums: dict[str, Array], health: Health, batch: PyTree, state: State
+    ) -> tuple[TrainState, dict[str, Array], Health, Array]:
         key, step_key = jax.random.split(jax.random.wrap_key_data(ts.key))
         if grad_accum_steps == 1:
             (loss, metrics), grads = grad_fn(ts.params, ts.frozen, batch, state, step_key)
@@ -169,24 +168,22 @@ def make_train_step(
         # What went wrong first in this step: the loss, then a gradient leaf, then the update of a
         # parameter leaf (leaf numbers count from 1 in the parameters' flattening order).
         grads_ok = jnp.isfinite(squares)
+        loss_code, grad_code, update_code = (
+            int(NonfiniteCause.LOSS),
+            int(NonfiniteCause.GRADIENT),
+            int(NonfiniteCause.UPDATE),
+        )
         cause = jnp.where(
             ~jnp.isfinite(loss),
-            NONFINITE_LOSS,
-            jnp.where(~jnp.all(grads_ok), NONFINITE_GRADIENT, jnp.where(applied, 0, NONFINITE_UPDATE)),
+            loss_code,
+            jnp.where(~jnp.all(grads_ok), grad_code, jnp.where(applied, 0, update_code)),
         )
         bad_leaf = jnp.where(
-            cause == NONFINITE_GRADIENT,
+            cause == grad_code,
             jnp.argmin(grads_ok) + 1,
-            jnp.where(cause == NONFINITE_UPDATE, jnp.argmin(params_ok) + 1, 0),
+            jnp.where(cause == update_code, jnp.argmin(params_ok) + 1, 0),
         )
-        first_seen = sums["_first_nonfinite_step"] == 0
-        health = {
-            "_nonfinite_steps": sums["_nonfinite_steps"] + (~applied).astype(jnp.int32),
-            "_first_nonfinite_step": jnp.where(~applied & first_seen, step_number, sums["_first_nonfinite_step"]),
-            "_first_nonfinite_cause": jnp.where(~applied & first_seen, cause, sums["_first_nonfinite_cause"]),
-            "_first_nonfinite_leaf": jnp.where(~applied & first_seen, bad_leaf, sums["_first_nonfinite_leaf"]),
-            "_max_nonfinite_streak": jnp.maximum(sums["_max_nonfinite_streak"], streak),
-        }
+        health = health.record(step=step_number, applied=applied, cause=cause, leaf=bad_leaf, streak=streak)
 
         values = {"loss": loss, "grad_norm": grad_norm, **metrics}
         learning_rate = find_learning_rate(opt_state)
@@ -194,9 +191,8 @@ def make_train_step(
             values["learning_rate"] = learning_rate
         new_sums = {name: sums.get(name, jnp.zeros((), jnp.float32)) + value for name, value in values.items()}
         new_sums["count"] = sums["count"] + 1.0
-        new_sums.update({name: value.astype(jnp.int32) for name, value in health.items()})
         new_state = TrainState(params, ts.frozen, opt_state, ema, jax.random.key_data(key), streak)
-        return new_state, new_sums, loss
+        return new_state, new_sums, health, loss
 
     return step
 
@@ -224,15 +220,19 @@ def make_eval_step(
     return step
 
 
-HEALTH_KEYS = (
-    "_nonfinite_steps",
-    "_first_nonfinite_step",
-    "_first_nonfinite_cause",
-    "_first_nonfinite_leaf",
-    "_max_nonfinite_streak",
-)
-
-
 def empty_sums() -> dict[str, Array]:
     """The smallest sums a step accepts; the step's output gives the full set of keys."""
-    return {"count": jnp.zeros((), jnp.float32), **{name: jnp.zeros((), jnp.int32) for name in HEALTH_KEYS}}
+    return {"count": jnp.zeros((), jnp.float32)}
+
+
+def zero_sums_fn(
+    sharding: jax.sharding.Sharding, step: Callable[..., Any], *args: Any
+) -> Callable[[], dict[str, Array]]:
+    """Returns a jitted function making fresh zero metric sums with the full set of keys ``step``
+    returns (a fixed structure, so the step compiles once), placed with ``sharding``.
+
+    The sums are the second output of ``step(*args)`` (training) or its only output (validation).
+    """
+    out = jax.eval_shape(step, *args)
+    shapes = out if isinstance(out, dict) else out[1]
+    return jax.jit(lambda: {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}, out_shardings=sharding)
