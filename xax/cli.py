@@ -386,10 +386,10 @@ def load_task_class(spec: str) -> type:
 def _plan_command(args: argparse.Namespace) -> int:
     from xax.core.config_io import parse_cli
     from xax.task.launchers import get_launcher
-    from xax.task.mixins.train import TrainMixin
+    from xax.task.task import Task
 
     task_class = load_task_class(args.task)
-    if not issubclass(task_class, TrainMixin):
+    if not issubclass(task_class, Task):
         raise ConfigError(f"task {args.task!r} is not a training task (an xax.Task subclass)")
     config = parse_cli(task_class.get_config_class(), None, list(args.overrides))
     placement = get_launcher(config.launcher).place()

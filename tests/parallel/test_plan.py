@@ -234,7 +234,7 @@ def test_fsdp_step_moves_weights_not_activations(monkeypatch: pytest.MonkeyPatch
     import numpy as np
     from jax.sharding import Mesh
 
-    import xax.task.mixins.train as train_module
+    import xax.task.mixins.train_setup as train_module
     from xax.core.config_io import load_config
     from xax.testing.plan_parity import TinyLM, TinyLMConfig
 
