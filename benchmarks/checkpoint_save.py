@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,19 @@ import optax
 import xax
 from benchmarks.common import write_results
 from xax.arch.transformer import Transformer, TransformerConfig
+from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
 from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin, array_checksums
 from xax.task.mixins.data_loader import Cursor
 
 NUM_ARRAYS = 8
 
 
-class SaveOnly(CheckpointingMixin[CheckpointingConfig]):
+@dataclass
+class SaveOnlyConfig(CheckpointingConfig, ArtifactsConfig):
+    pass
+
+
+class SaveOnly(CheckpointingMixin[SaveOnlyConfig], ArtifactsMixin[SaveOnlyConfig]):
     """The checkpointing mixin on its own, as the training loop uses it."""
 
 
@@ -141,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         tasks = {}
         for checksums in settings:
-            config = CheckpointingConfig()
+            config = SaveOnlyConfig()
             config.artifacts.run_dir = str(Path(run_dir) / ("with" if checksums else "without"))
             config.checkpoint.checksums = checksums
             tasks[checksums] = SaveOnly(config)

@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ from xax.cli import (
     open_checkpoint,
     read_arrays,
 )
+from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
 from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin, named_leaves
 from xax.task.mixins.data_loader import Cursor
 
@@ -240,12 +242,17 @@ def test_closed_loop_reports_are_dropped_and_others_passed_on() -> None:
     assert passed_on == [other]
 
 
-class _SaveOnly(CheckpointingMixin[CheckpointingConfig]):
+@dataclass
+class _SaveOnlyConfig(CheckpointingConfig, ArtifactsConfig):
+    pass
+
+
+class _SaveOnly(CheckpointingMixin[_SaveOnlyConfig], ArtifactsMixin[_SaveOnlyConfig]):
     """The checkpointing mixin alone, as the training loop drives it."""
 
 
 def test_inspect_prints_the_validation_metrics_of_the_checkpoints_own_step(tmp_path: Path, capsys) -> None:
-    config = CheckpointingConfig()
+    config = _SaveOnlyConfig()
     config.artifacts.run_dir = str(tmp_path)
     saver = _SaveOnly(config)
     tree = {"params": {"w": jnp.arange(3.0)}}
@@ -264,7 +271,7 @@ def test_inspect_prints_the_validation_metrics_of_the_checkpoints_own_step(tmp_p
 
 
 def test_verify_names_the_array_whose_bytes_changed(tmp_path: Path, capsys) -> None:
-    config = CheckpointingConfig()
+    config = _SaveOnlyConfig()
     config.artifacts.run_dir = str(tmp_path)
     saver = _SaveOnly(config)
     # Large enough to be stored in a data file of its own (small arrays sit in the checksummed index).

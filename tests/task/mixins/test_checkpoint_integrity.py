@@ -6,6 +6,7 @@ import re
 import resource
 import signal
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 import xax
 from tests.task.toy import Regression, RegressionConfig, final_params, start_toy
 from xax.cli import main as xax_main
+from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
 from xax.task.mixins.checkpointing import (
     CheckpointingConfig,
     CheckpointingMixin,
@@ -326,12 +328,17 @@ def test_resume_says_one_line_and_fallback_is_one_short_line(tmp_path: Path) -> 
 # --- F: keep_best -----------------------------------------------------------------------------
 
 
-class _SaveOnly(CheckpointingMixin[CheckpointingConfig]):
+@dataclass
+class _SaveOnlyConfig(CheckpointingConfig, ArtifactsConfig):
+    pass
+
+
+class _SaveOnly(CheckpointingMixin[_SaveOnlyConfig], ArtifactsMixin[_SaveOnlyConfig]):
     """The checkpointing mixin alone, as the training loop drives it."""
 
 
 def _saver(run_dir: Path) -> _SaveOnly:
-    config = CheckpointingConfig()
+    config = _SaveOnlyConfig()
     config.artifacts.run_dir = str(run_dir)
     config.checkpoint.keep_last = 1
     config.checkpoint.keep_best = 2

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import equinox as eqx
 import jax
@@ -33,7 +33,8 @@ from xax.core.config import field
 from xax.core.config_io import config_to_dict
 from xax.core.errors import CheckpointError, CheckpointWriteError, ConfigError
 from xax.core.state import State
-from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin, read_git_state
+from xax.task.base import BaseConfig, BaseTask
+from xax.task.mixins.artifacts import read_git_state
 from xax.task.mixins.data_loader import Cursor
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class CheckpointOptions:
 
 
 @dataclass
-class CheckpointingConfig(ArtifactsConfig):
+class CheckpointingConfig(BaseConfig):
     checkpoint: CheckpointOptions = field(CheckpointOptions(), help="Checkpoint options")
     resume: str | None = field(
         None, help="'auto': continue the newest complete checkpoint of the run directory; or a checkpoint path"
@@ -607,9 +608,12 @@ def _write_failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {one_line(error)[:200]}"
 
 
-class CheckpointingMixin(ArtifactsMixin[Config], Generic[Config]):
+class CheckpointingMixin(BaseTask[Config], Generic[Config]):
     """Saves and restores the training state: every array of the model, optimizer state, EMA,
     PRNG key, State, data cursor, the resolved config, library version, git commit and mesh."""
+
+    if TYPE_CHECKING:  # from ArtifactsMixin, composed beside this one (xax/task/task.py)
+        run_dir: Path
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
