@@ -34,8 +34,9 @@ import optax
 import xax
 from benchmarks.common import write_results
 from xax.arch.transformer import Transformer, TransformerConfig
+from xax.checkpoint import array_checksums
 from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
-from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin, array_checksums
+from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
 from xax.task.mixins.data_loader import Cursor
 
 NUM_ARRAYS = 8

@@ -44,8 +44,8 @@ from examples.mnist_diffusion import (
     load_trained,
     noise_schedule,
 )
+from xax.checkpoint import resolve_checkpoint, restore_weights
 from xax.nn.precision import COMPUTE_DTYPES
-from xax.task.mixins.checkpointing import resolve_checkpoint, restore_weights
 
 # The configuration `python -m examples.mnist` runs: 4 epochs at batch 128.
 CLASSIFIER_CONFIG = ClassifierConfig(batch_size=128, max_steps=1875, valid_every_n_steps=625)

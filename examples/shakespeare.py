@@ -42,9 +42,9 @@ import xax
 from xax.arch.generate import SamplingConfig, generate, sample_token
 from xax.arch.ssm import SSMConfig, SSMLanguageModel
 from xax.arch.transformer import Transformer, TransformerConfig
+from xax.checkpoint import read_metadata, resolve_checkpoint, restore_weights
 from xax.nn.losses import cross_entropy
 from xax.nn.metrics import bits_per_token, token_accuracy
-from xax.task.mixins.checkpointing import read_metadata, resolve_checkpoint, restore_weights
 from xax.task.mixins.logger import LogOptions
 from xax.task.mixins.train import PrecisionOptions
 

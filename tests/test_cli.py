@@ -15,6 +15,7 @@ import yaml
 
 import xax
 from tests.task.toy import Regression, RegressionConfig, final_params
+from xax.checkpoint import named_leaves
 from xax.cli import (
     Checkpoint,
     Leaf,
@@ -27,7 +28,7 @@ from xax.cli import (
     read_arrays,
 )
 from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
-from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin, named_leaves
+from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
 from xax.task.mixins.data_loader import Cursor
 
 REPO_ROOT = Path(xax.__file__).resolve().parents[1]

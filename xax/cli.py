@@ -23,12 +23,10 @@ from etils import epath
 from jaxtyping import Shaped
 from orbax.checkpoint import metadata as ocp_metadata
 
-from xax.core.errors import CheckpointError, ConfigError, XaxError
-from xax.task.mixins.checkpointing import (
+from xax.checkpoint import (
     ClosedLoopFilter,
     disk_size,
     flatten_dict,
-    human_bytes,
     load_arrays_anywhere,
     named_leaves,
     one_line,
@@ -36,6 +34,8 @@ from xax.task.mixins.checkpointing import (
     read_checksums,
     resolve_checkpoint,
 )
+from xax.core.errors import CheckpointError, ConfigError, XaxError
+from xax.utils.text import human_bytes
 
 # Kept under the names this module has always used.
 _ClosedLoopFilter = ClosedLoopFilter

@@ -11,8 +11,8 @@ import jax
 import pytest
 
 from tests.checkpoint.make_fixture import FIXTURES, FixtureTask, TinyMLP, array_sums, fixture_argv, fixture_config
+from xax.checkpoint import restore_weights
 from xax.cli import main
-from xax.task.mixins.checkpointing import restore_weights
 
 FIXTURE_NAMES = sorted(path.name for path in FIXTURES.iterdir() if (path / "fixture.json").is_file())
 

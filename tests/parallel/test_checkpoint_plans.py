@@ -8,7 +8,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from tests.parallel.eight_devices import start
-from xax.task.mixins.checkpointing import load_arrays_anywhere, named_leaves
+from xax.checkpoint import load_arrays_anywhere, named_leaves
 from xax.testing.plan_parity import TinyLM, TinyLMConfig
 from xax.utils.pytree import path_name
 

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xax.task.mixins.checkpointing import checkpoint_steps, load_arrays_anywhere
+from xax.checkpoint import checkpoint_steps, load_arrays_anywhere
 
 ROOT = Path(__file__).resolve().parents[2]
 # The console command a user runs (installed next to the interpreter).

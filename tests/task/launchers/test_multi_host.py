@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.task.toy import ROOT, Regression, RegressionConfig, read_jsonl
+from xax.checkpoint import checkpoint_steps
 from xax.core.errors import LaunchError
 from xax.task.launchers import LauncherOptions, MultiHostLauncher, get_launcher
 from xax.task.launchers.multi_host import (
@@ -29,7 +30,6 @@ from xax.task.launchers.multi_host import (
     wait_for_coordinator,
     wants_multi_host,
 )
-from xax.task.mixins.checkpointing import checkpoint_steps
 from xax.utils.env import SlurmStep, slurm_step
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")

@@ -19,15 +19,10 @@ import pytest
 
 import xax
 from tests.task.toy import Regression, RegressionConfig, final_params, start_toy
+from xax.checkpoint import checkpoint_steps, load_checkpoint, read_metadata
 from xax.cli import main as xax_main
 from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
-from xax.task.mixins.checkpointing import (
-    CheckpointingConfig,
-    CheckpointingMixin,
-    checkpoint_steps,
-    load_checkpoint,
-    read_metadata,
-)
+from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
 from xax.task.mixins.data_loader import Cursor
 
 # A model whose weights fill a data file of their own (small values are stored inline in the index).

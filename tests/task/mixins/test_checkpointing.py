@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.task.toy import Digits, DigitsConfig, Regression, RegressionConfig, final_params, read_jsonl
-from xax.task.mixins.checkpointing import checkpoint_steps
+from xax.checkpoint import checkpoint_steps
 
 
 def launch_digits(run_dir: Path, *overrides: str, max_steps: int = 20) -> Digits:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.task.toy import read_jsonl, start_toy
-from xax.task.mixins.checkpointing import checkpoint_steps, load_checkpoint
+from xax.checkpoint import checkpoint_steps, load_checkpoint
 
 
 def start(run_dir: Path, *overrides: str, **popen: Any) -> subprocess.Popen[str]:

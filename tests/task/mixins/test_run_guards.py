@@ -17,7 +17,7 @@ from jaxtyping import Array
 
 import xax
 from tests.task.toy import ROOT, Regression, RegressionConfig, regression_arrays, start_toy
-from xax.task.mixins.checkpointing import checkpoint_steps
+from xax.checkpoint import checkpoint_steps
 
 QUIET = ["log.stdout=false", "log.tensorboard=false", "compile.cache=false", "log.every_n_seconds=null"]
 

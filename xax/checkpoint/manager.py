@@ -1,0 +1,328 @@
+"""Writing checkpoints: orbax's manager with retention (the newest K, and the best K by a metric),
+asynchronous atomic saves with their checksums, and one line when a write fails."""
+
+import concurrent.futures
+import contextlib
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jax
+import orbax.checkpoint as ocp
+from jaxtyping import Array, PyTree
+from orbax.checkpoint import checkpoint_managers
+
+from xax.checkpoint.checksums import ChecksumHandler, ChecksumSave, array_checksums
+from xax.checkpoint.quiet import OrbaxWriteErrors, drop_abandoned_io_reports, one_line, quiet_orbax
+from xax.core.config import field
+from xax.core.errors import CheckpointWriteError, ConfigError
+from xax.utils.text import human_bytes
+
+BEST_MODES = ("min", "max")
+ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+@dataclass
+class CheckpointOptions:
+    every_n_steps: int | None = field(1000, help="Save every N steps (None: only by time, at the end and on signals)")
+    every_n_seconds: float | None = field(None, help="Save every N seconds")
+    keep_last: int = field(3, help="Keep the newest K checkpoints")
+    keep_best: int = field(
+        0,
+        help="Also keep the best K checkpoints by `checkpoint.best_metric`, as measured by the validation of their "
+        "own step (a checkpoint saved at a step without validation is kept only by keep_last)",
+    )
+    best_metric: str = field("loss", help="Validation metric that ranks checkpoints for keep_best")
+    best_mode: str = field("min", help="'min' or 'max': which end of best_metric is best")
+    async_save: bool = field(True, help="Write in the background while training goes on")
+    checksums: bool = field(
+        True,
+        help="Record a checksum of every array (computed on the device, off the training thread); verified on restore",
+    )
+
+
+def check_options(options: CheckpointOptions, key: str = "checkpoint") -> None:
+    """Raises ``ConfigError`` naming ``key``'s field when the retention options are not usable."""
+    if options.best_mode not in BEST_MODES:
+        raise ConfigError(f"{key}.best_mode={options.best_mode!r} is not one of {BEST_MODES}")
+    if options.keep_last < 1:
+        raise ConfigError(f"{key}.keep_last={options.keep_last} must be at least 1")
+
+
+def open_orbax_manager(
+    directory: Path, options: CheckpointOptions, *, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """An orbax manager of ``directory`` with xax's items (``state``, ``meta``, ``checksums``) and
+    ``options``' retention."""
+    policies: list[Any] = [checkpoint_managers.LatestN(n=options.keep_last)]
+    best_fn = None
+    if options.keep_best > 0:
+        metric, descending = options.best_metric, options.best_mode == "min"
+
+        def best_fn(metrics: dict[str, float]) -> float:
+            return metrics[metric]
+
+        policies.append(
+            checkpoint_managers.BestN(
+                get_metric_fn=best_fn,
+                reverse=descending,  # BestN keeps the last n after sorting: the smallest when descending
+                n=options.keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    manager_options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        # With a best_fn, orbax also writes each step's metrics next to it and reads them back when
+        # a manager opens the directory: the rankings survive a resume.
+        best_fn=best_fn,
+        best_mode=options.best_mode,
+        enable_async_checkpointing=options.async_save,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        create=not read_only,
+    )
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state, meta, checksums = (
+        ocp.handlers.StandardCheckpointHandler(),
+        ocp.handlers.JsonCheckpointHandler(),
+        ChecksumHandler(),
+    )
+    for item, args_type, handler in (
+        ("state", ocp.args.StandardSave, state),
+        ("state", ocp.args.StandardRestore, state),
+        ("meta", ocp.args.JsonSave, meta),
+        ("meta", ocp.args.JsonRestore, meta),
+        ("checksums", ChecksumSave, checksums),
+        ("checksums", ocp.args.JsonRestore, checksums),
+    ):
+        registry.add(item, args_type, handler)
+    with quiet_orbax():
+        return ocp.CheckpointManager(directory, options=manager_options, handler_registry=registry)
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``directory``, in numeric order (never by string)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(path.name) for path in directory.iterdir() if path.is_dir() and path.name.isdigit() and is_complete(path)
+    )
+
+
+def is_complete(step_dir: Path) -> bool:
+    """Whether ``step_dir`` holds a finished checkpoint (orbax renames one from a temporary name
+    into place; both items exist then)."""
+    return (step_dir / "state").is_dir() and (step_dir / "meta").is_dir()
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of all files under ``path`` (symbolic links not followed)."""
+    return sum(file.lstat().st_size for file in path.rglob("*") if file.is_file() and not file.is_symlink())
+
+
+def write_failure_reason(error: BaseException) -> str:
+    """The operating system's reason for a failed write (``No space left on device``), when known."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        code = re.search(r"os_error_code='?(\d+)", str(seen))
+        if code:
+            return os.strerror(int(code.group(1)))
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(error).__name__}: {one_line(error)[:200]}"
+
+
+class CheckpointManager:
+    """Writes checkpoints of a pytree of arrays into ``directory/STEP``, keeping the newest
+    ``options.keep_last`` and the best ``options.keep_best`` by a validation metric.
+
+    Each checkpoint holds the arrays (``state``), a JSON dictionary (``meta``) and, with
+    ``options.checksums``, a checksum of every array (``checksums``). Writes are atomic: a reader
+    never sees a partial checkpoint. Every process of a multi-process job must make the same calls.
+
+    Args:
+        directory: The checkpoints directory (created on the first save).
+        options: Retention, asynchrony and checksums.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import jax.numpy as jnp
+        >>> from xax.checkpoint import CheckpointManager, CheckpointOptions, load_checkpoint
+        >>> directory = Path(tempfile.mkdtemp()) / "checkpoints"
+        >>> manager = CheckpointManager(directory, CheckpointOptions(keep_last=1, async_save=False))
+        >>> for step in (1, 2):
+        ...     _ = manager.save(step, {"w": jnp.full(3, float(step))}, {"note": "example"})
+        >>> manager.close()
+        >>> manager.steps()
+        [2]
+        >>> tree, meta = load_checkpoint(directory, 2, None)
+        >>> tree["w"].tolist(), meta
+        ([2.0, 2.0, 2.0], {'note': 'example'})
+    """
+
+    def __init__(self, directory: Path, options: CheckpointOptions | None = None) -> None:
+        self.directory = Path(directory)
+        self.options = options if options is not None else CheckpointOptions()
+        check_options(self.options)
+        self._orbax: ocp.CheckpointManager | None = None
+        self._write_error_filter: logging.Filter | None = None
+        self._writing: int | None = None  # the step whose write may still be running
+
+    def orbax_manager(self) -> ocp.CheckpointManager:
+        """The orbax manager, opened on first use (and again after a failed write closed it)."""
+        if self._orbax is None:
+            drop_abandoned_io_reports()
+            self._orbax = open_orbax_manager(self.directory, self.options)
+            if self._write_error_filter is None:
+                self._write_error_filter = OrbaxWriteErrors()
+                logging.getLogger("absl").addFilter(self._write_error_filter)
+        return self._orbax
+
+    def close(self) -> None:
+        """Closes the orbax manager (without waiting for a write: see ``wait``); a later save reopens it."""
+        manager, self._orbax = self._orbax, None
+        try:
+            if manager is not None:
+                with contextlib.suppress(Exception):
+                    manager.close()
+        finally:
+            if self._write_error_filter is not None:
+                logging.getLogger("absl").removeFilter(self._write_error_filter)
+                self._write_error_filter = None
+
+    def reload(self) -> None:
+        """Rereads the directory, after checkpoints were moved out of it."""
+        if self._orbax is not None:
+            self._orbax.reload()
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, in numeric order."""
+        return checkpoint_steps(self.directory)
+
+    def latest(self, before_step: int | None = None) -> Path | None:
+        """The newest complete checkpoint (of a step below ``before_step``, if given), or None."""
+        steps = [step for step in self.steps() if before_step is None or step < before_step]
+        return self.directory / str(steps[-1]) if steps else None
+
+    def save(
+        self,
+        step: int,
+        tree: PyTree,
+        metadata: dict[str, Any] | Callable[[], dict[str, Any]],
+        *,
+        metrics: dict[str, float] | None = None,
+        wait: bool = False,
+    ) -> Path:
+        """Starts writing a checkpoint of ``tree`` at ``step`` (returns once the arrays are copied
+        off the devices; ``wait`` also waits for the write). A step already saved is kept as it is.
+
+        Args:
+            step: The step, the checkpoint's directory name.
+            tree: The arrays to save (any pytree of arrays).
+            metadata: JSON-serializable values saved beside them, or a function making them
+                (called only when the step is written).
+            metrics: The validation metrics measured at this very step, which rank the checkpoint
+                for ``keep_best`` (a checkpoint without ``best_metric`` is kept by ``keep_last`` only).
+            wait: Block until the checkpoint is complete.
+
+        Returns:
+            The checkpoint's directory.
+
+        Raises:
+            CheckpointWriteError: When this write, or the previous one still running in the
+                background, failed (a full disk); the older checkpoints are kept.
+        """
+        manager = self.orbax_manager()
+        self.wait()  # surfaces a failed background write (orbax's save waits anyway)
+        best = self.options.best_metric
+        metrics = metrics or {}
+        rank = metrics if best in metrics and math.isfinite(metrics[best]) else None
+        if step not in manager.all_steps():
+            items: dict[str, ocp.args.CheckpointArgs] = {
+                "state": ocp.args.StandardSave(tree),
+                "meta": ocp.args.JsonSave(metadata if isinstance(metadata, dict) else metadata()),
+            }
+            # The checksums are dispatched once orbax has copied the arrays to the host (before
+            # the next step donates them), so that the device computes them while training goes
+            # on; a synchronous save waits for them inside ``save``, so they go first there.
+            checksums: concurrent.futures.Future[tuple[list[str], Array]] = concurrent.futures.Future()
+            if self.options.checksums:
+                items["checksums"] = ChecksumSave(checksums)
+                if not self.options.async_save:
+                    checksums.set_result(array_checksums(tree))
+            try:
+                with quiet_orbax():  # orbax warns of a save without metrics when ranking by them
+                    manager.save(step, args=ocp.args.Composite(**items), metrics=rank, force=True)
+                if not checksums.done():
+                    checksums.set_result(array_checksums(tree))
+            except BaseException as error:
+                if not checksums.done():
+                    checksums.set_exception(error)  # lets the background writer end
+                if isinstance(error, Exception):
+                    self._write_failed(step, error)
+                raise
+            self._writing = step
+        if wait:
+            self.wait()
+        return self.directory / str(step)
+
+    def wait(self) -> None:
+        """Blocks until any checkpoint being written is complete.
+
+        Raises:
+            CheckpointWriteError: When the write failed; the older checkpoints are kept.
+        """
+        if self._orbax is None:
+            return
+        try:
+            self._orbax.wait_until_finished()
+            self._orbax.check_for_errors()
+        except Exception as error:
+            self._write_failed(self._writing, error)
+        self._writing = None
+
+    def discard_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints of steps after ``step`` (those of a trajectory training left, as
+        on a rewind, which would otherwise stand in for the new one's); returns their steps."""
+        self.wait()
+        manager = self.orbax_manager()
+        later = sorted(saved for saved in manager.all_steps() if saved > step)
+        for saved in later:
+            manager.delete(saved)  # every process calls it: orbax waits for all of them
+        return later
+
+    def _write_failed(self, step: int | None, error: BaseException) -> NoReturn:
+        """Drops the failed write's leftovers and raises one line saying what failed, where and
+        how much space is left."""
+        self.close()
+        self._writing = None
+        directory = self.directory
+        if jax.process_index() == 0 and step is not None:
+            # The space the partial write took (what orbax's writers still running may add is
+            # removed when the next run opens the directory).
+            for leftover in directory.glob(f"{step}{ORBAX_TMP_SUFFIX}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        kept = checkpoint_steps(directory)
+        try:
+            free = f"{human_bytes(shutil.disk_usage(directory).free)} free there"
+        except OSError:
+            free = "free space unknown"
+        if kept:
+            free += f", the last checkpoint took {human_bytes(disk_size(directory / str(kept[-1])))}"
+        target = directory / str(step) if step is not None else directory
+        intact = (
+            f"the previous checkpoints are intact (steps {', '.join(map(str, kept))})"
+            if kept
+            else "no older checkpoint exists"
+        )
+        raise CheckpointWriteError(
+            f"writing a checkpoint to {target} failed: {write_failure_reason(error)} ({free}); {intact}"
+        ) from error
