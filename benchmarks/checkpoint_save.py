@@ -35,9 +35,9 @@ import xax
 from benchmarks.common import write_results
 from xax.arch.transformer import Transformer, TransformerConfig
 from xax.checkpoint import array_checksums
+from xax.data import Cursor
 from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
 from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
-from xax.task.mixins.data_loader import Cursor
 
 NUM_ARRAYS = 8
 

@@ -27,9 +27,9 @@ from xax.cli import (
     open_checkpoint,
     read_arrays,
 )
+from xax.data import Cursor
 from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
 from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
-from xax.task.mixins.data_loader import Cursor
 
 REPO_ROOT = Path(xax.__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 
 from examples.mnist_data import from_image_dataset, load_mnist
 from xax.core.errors import DataError
-from xax.task.mixins.data_loader import MapBatchSource
+from xax.data import MapBatchSource
 
 CLASS_COUNTS = {
     "train": [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],

@@ -22,7 +22,7 @@ from examples.shakespeare import (
 from tests.task.loggers.test_tensorboard import read_events, tag_values
 from tests.task.toy import read_jsonl
 from xax.arch.transformer import Transformer
-from xax.task.mixins.data_loader import table_to_batch
+from xax.data import table_to_batch
 
 # Small enough to learn something in 50 CPU steps.
 TINY = (

@@ -19,7 +19,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 import xax
 from tests.task.toy import RegressionConfig, regression_arrays, regression_dataset
-from xax.task.mixins.data_loader import shuffle_order
+from xax.data import shuffle_order
 
 
 @dataclass

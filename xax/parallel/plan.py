@@ -232,9 +232,21 @@ def gathered_shardings(shardings: PyTree) -> PyTree:
     return jax.tree.map(lambda sh: NamedSharding(sh.mesh, gathered_spec(sh.spec)), shardings)
 
 
-def batch_spec() -> PartitionSpec:
-    """The batch's leading axis split over every batch axis (data and fsdp)."""
-    return PartitionSpec(BATCH_AXES)
+def batch_spec(mesh: Mesh | None = None) -> PartitionSpec:
+    """The layout of every batch: its leading axis split over the batch axes (data and fsdp).
+
+    The one place the batch layout is decided; the step's input shardings, the sharding
+    constraints inside it and the placement of host batches (``xax.data.placement``) all use it.
+
+    Args:
+        mesh: The mesh the batch goes on; only the batch axes it has are used. None gives every
+            batch axis (the ``(data, fsdp, tensor)`` mesh of ``make_mesh``).
+
+    Returns:
+        The PartitionSpec of a batch leaf (its other axes unsplit).
+    """
+    axes = BATCH_AXES if mesh is None else tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    return PartitionSpec(axes)
 
 
 def check_batch_size(batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:

@@ -21,9 +21,9 @@ import xax
 from tests.task.toy import Regression, RegressionConfig, final_params, start_toy
 from xax.checkpoint import checkpoint_steps, load_checkpoint, read_metadata
 from xax.cli import main as xax_main
+from xax.data import Cursor
 from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
 from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
-from xax.task.mixins.data_loader import Cursor
 
 # A model whose weights fill a data file of their own (small values are stored inline in the index).
 WIDE = ("num_features=4096", "learning_rate=0.001")

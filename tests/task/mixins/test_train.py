@@ -11,7 +11,7 @@ import pytest
 
 import xax
 from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl, regression_dataset
-from xax.task.feeds import PrefetchFeed, ResidentFeed
+from xax.data import PrefetchFeed, ResidentFeed
 
 
 def run(tmp_path: Path, *overrides: str, config: RegressionConfig | None = None) -> tuple[Regression, xax.State]:

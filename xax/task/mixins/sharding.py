@@ -9,13 +9,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, PyTree
 
 from xax.core.config import field
+from xax.data.placement import batch_sharding, place_global_batch
 from xax.parallel import (
     AXES,
     ParallelOptions,
     Plan,
     axis_sizes,
     batch_axis_size,
-    batch_spec,
     make_mesh,
     mirror_specs,
     named,
@@ -25,7 +25,6 @@ from xax.parallel import (
 from xax.task.base import BaseConfig, BaseTask
 from xax.task.launchers.base import Placement
 from xax.task.mixins.train_step import TrainState
-from xax.task.process_batches import place_global_batch
 
 
 @dataclass
@@ -82,8 +81,9 @@ class ShardingMixin(BaseTask[Config], Generic[Config]):
         return NamedSharding(self.get_mesh(), PartitionSpec())
 
     def batch_sharding(self) -> NamedSharding:
-        """A batch's leading axis split over every batch axis of the mesh (data and fsdp)."""
-        return NamedSharding(self.get_mesh(), batch_spec())
+        """A batch's leading axis split over every batch axis of the mesh (data and fsdp), as
+        ``xax.parallel.batch_spec`` lays out every batch."""
+        return batch_sharding(self.get_mesh())
 
     def constrain_batch(self, batch: PyTree) -> PyTree:
         """Inside a jitted step: lays each batch leaf out along the batch axes, wherever it came from

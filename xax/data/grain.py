@@ -6,7 +6,9 @@ from typing import Any
 import numpy as np
 
 from xax.core.errors import DataError
-from xax.task.mixins.data_loader import Batch, Cursor, MapBatchSource, _check_batching
+from xax.data.columns import Batch
+from xax.data.cursor import Cursor
+from xax.data.sources import MapBatchSource, check_batching
 
 
 def is_grain_map_dataset(dataset: object) -> bool:
@@ -38,7 +40,7 @@ class GrainBatchSource(MapBatchSource):
         drop_last: bool = True,
         repeat: bool = True,
     ) -> None:
-        _check_batching(batch_size, seed)
+        check_batching(batch_size, seed)
         self.num_samples = len(dataset)
         if self.num_samples == 0 or (drop_last and self.num_samples < batch_size):
             raise DataError(

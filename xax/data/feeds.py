@@ -9,8 +9,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array
 
-from xax.task.mixins.data_loader import Batch, Cursor, DevicePrefetcher, MapBatchSource
-from xax.task.process_batches import place_rows
+from xax.data.columns import Batch
+from xax.data.cursor import Cursor
+from xax.data.placement import place_rows
+from xax.data.prefetch import DevicePrefetcher
+from xax.data.sources import MapBatchSource
 
 
 class Feed:

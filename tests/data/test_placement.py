@@ -5,10 +5,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tests.task.toy import regression_dataset
+from xax.data import (
+    Cursor,
+    IterableBatchSource,
+    MapBatchSource,
+    ProcessRows,
+    batch_sharding,
+    place_global_batch,
+    process_rows,
+)
 from xax.parallel.mesh import make_mesh
 from xax.parallel.plan import batch_spec
-from xax.task.mixins.data_loader import Cursor, IterableBatchSource, MapBatchSource
-from xax.task.process_batches import ProcessRows, batch_partition, place_global_batch, process_rows
 
 
 def second_quarter(size: int) -> slice:
@@ -53,8 +60,8 @@ def iter_n(source: MapBatchSource | IterableBatchSource, count: int) -> list[dic
 
 def test_batch_partition_is_the_step_batch_spec() -> None:
     mesh = make_mesh(jax.devices()[:4], data=2, fsdp=2, tensor=1)
-    assert batch_partition(mesh) == batch_spec()
-    assert batch_partition(Mesh(np.array(jax.devices()[:2]), ("data",))) == PartitionSpec("data")
+    assert batch_sharding(mesh).spec == batch_spec(mesh) == batch_spec()
+    assert batch_sharding(Mesh(np.array(jax.devices()[:2]), ("data",))).spec == PartitionSpec("data")
 
 
 def test_one_process_places_whole_batches() -> None:

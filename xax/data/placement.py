@@ -1,8 +1,9 @@
-"""Global batches split between processes: each process reads, and places, only its own rows.
+"""Global batches on the mesh: how a batch is laid out, and which rows each process reads and places.
 
-In a run of several processes (``launcher.kind=multi_host``) a batch is one global array whose
-rows lie on the devices of every process. Each process holds the rows that its devices hold under
-the batch sharding, so it only needs to load those rows; the global array is then assembled with
+A batch's leading axis is split over the mesh's batch axes (``xax.parallel.batch_spec``). In a run
+of several processes (``launcher.kind=multi_host``) a batch is one global array whose rows lie on
+the devices of every process. Each process holds the rows that its devices hold under the batch
+sharding, so it only needs to load those rows; the global array is then assembled with
 ``jax.make_array_from_process_local_data``. In a run of one process this is ``jax.device_put``.
 """
 
@@ -11,9 +12,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
-from xax.parallel.mesh import BATCH_AXES
-
-Batch = dict[str, np.ndarray]
+from xax.data.columns import Batch
+from xax.parallel.mesh import batch_axis_size
+from xax.parallel.plan import batch_spec
 
 
 class ProcessRows(dict[str, np.ndarray]):
@@ -27,22 +28,13 @@ class ProcessRows(dict[str, np.ndarray]):
         self.global_size = global_size
 
 
-def batch_partition(mesh: Mesh) -> PartitionSpec:
-    """The batch's leading axis split over the mesh's batch axes (``data``, and ``fsdp`` where present)."""
-    return PartitionSpec(tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names))
-
-
-def batch_shards(mesh: Mesh) -> int:
-    """How many shards a batch is split into on ``mesh``."""
-    return int(np.prod([mesh.shape[axis] for axis in batch_partition(mesh)[0]]))
-
-
-def batch_sharding(mesh: Mesh, size: int) -> NamedSharding:
-    """How a batch of ``size`` rows is placed: split over the batch axes, or replicated when they
-    cannot split it evenly (a last, short validation batch), so no sample is dropped."""
-    if size % batch_shards(mesh) == 0:
-        return NamedSharding(mesh, batch_partition(mesh))
-    return NamedSharding(mesh, PartitionSpec())
+def batch_sharding(mesh: Mesh, size: int | None = None) -> NamedSharding:
+    """How a batch of ``size`` rows is placed: split over the batch axes (``batch_spec``), or
+    replicated when they cannot split it evenly (a last, short validation batch), so no sample is
+    dropped. Without a size, the split layout."""
+    if size is not None and size % batch_axis_size(mesh) != 0:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, batch_spec(mesh))
 
 
 def process_rows(mesh: Mesh, size: int) -> slice:
