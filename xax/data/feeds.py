@@ -1,6 +1,7 @@
 """What the training loop pulls each step: a batch on the devices, or only its indices."""
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ from xax.data.prefetch import DevicePrefetcher
 from xax.data.sources import MapBatchSource
 
 
-class Feed:
+class Feed(ABC):
     """One step's input for the jitted step, plus the data it gathers from (if any).
 
     Attributes:
@@ -25,18 +26,21 @@ class Feed:
 
     data: dict[str, Array] | None = None
 
+    @abstractmethod
     def __next__(self) -> Any:
-        raise NotImplementedError
+        """The next step's input: a batch on the devices, or the batch's sample indices."""
 
     @property
+    @abstractmethod
     def cursor(self) -> Cursor:
-        raise NotImplementedError
+        """Source position of the next input this feed returns."""
 
     @property
+    @abstractmethod
     def wait_time_s(self) -> float:
         """Seconds the loop has waited for inputs so far."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Stops any background work."""
 
@@ -113,6 +117,9 @@ class ResidentFeed(Feed):
     def wait_time_s(self) -> float:
         return self._wait_time_s
 
+    def close(self) -> None:
+        """Nothing to stop: the indices are made on the loop's thread."""
+
 
 def gather_batch(indices: Array, data: Batch | dict[str, Array]) -> dict[str, Array]:
     """The batch of the given sample indices, gathered on the device (inside the jitted step)."""
@@ -120,5 +127,6 @@ def gather_batch(indices: Array, data: Batch | dict[str, Array]) -> dict[str, Ar
 
 
 def resident_bytes(source: MapBatchSource) -> int:
+    """Bytes a ``ResidentFeed`` of ``source`` keeps on each device (0 when it is not in memory)."""
     arrays = source.arrays
     return 0 if arrays is None else sum(values.nbytes for values in arrays.values())
