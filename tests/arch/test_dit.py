@@ -14,11 +14,17 @@ import pytest
 
 from tests.jaxprs import dot_operand_dtypes
 from xax.arch.diffusion.embeddings import sincos_2d
-from xax.arch.diffusion.layers import attention
 from xax.arch.dit import DiT, DiTBlock, DiTConfig, MMDiTBlock, dit_config, layer_norm, patchify, unpatchify
 from xax.arch.unet import count_params
+from xax.nn.attention import dot_product_attention
 
 M = TypeVar("M")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, impl: str | None) -> jax.Array:
+    """Multi-head attention of (T, D) queries over (S, D) keys and values, through the one entry point."""
+    heads = lambda a: a.reshape(1, a.shape[0], num_heads, a.shape[1] // num_heads)  # noqa: E731  (1, T, N, D/N)
+    return dot_product_attention(heads(q), heads(k), heads(v), causal=False, implementation=impl).reshape(q.shape)
 
 
 def randomized(model: M, seed: int, scale: float = 0.2) -> M:
@@ -140,9 +146,9 @@ def _stream_by_hand(stream, x: np.ndarray, attended: np.ndarray, vec: np.ndarray
     _, _, g1, s2, c2, g2 = np.split(lin(stream.modulation, silu), 6)
     x = x + g1 * lin(stream.proj, attended)
     h = np.asarray(layer_norm(jnp.asarray(x, jnp.float32)), np.float64) * (1 + c2) + s2
-    hidden = lin(stream.mlp.fc1, h)
+    hidden = lin(stream.mlp.up_proj, h)
     gelu = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden**3)))
-    return x + g2 * lin(stream.mlp.fc2, gelu)
+    return x + g2 * lin(stream.mlp.down_proj, gelu)
 
 
 def _mm_inputs() -> tuple[MMDiTBlock, jax.Array, jax.Array, jax.Array]:

@@ -56,7 +56,8 @@ def dit_table(config: DiTConfig) -> list[Rule]:
         Rule("time_embed.{l:linear1|linear2}.{p:weight|bias}", "time_embed.{l}.{p}"),
         Rule("class_embed.weight", "class_embed.weight"),
         Rule("blocks.{i}.{l:modulation|qkv|proj}.{p:weight|bias}", "blocks.{l}.{p}[{i}]"),
-        Rule("blocks.{i}.mlp.{l:fc1|fc2}.{p:weight|bias}", "blocks.mlp.{l}.{p}[{i}]"),
+        Rule("blocks.{i}.mlp.fc1.{p:weight|bias}", "blocks.mlp.up_proj.{p}[{i}]"),
+        Rule("blocks.{i}.mlp.fc2.{p:weight|bias}", "blocks.mlp.down_proj.{p}[{i}]"),
         Rule("final.{l:modulation|linear}.{p:weight|bias}", "final.{l}.{p}"),
     ]
 

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from xax.arch.diffusion.embeddings import TimestepEmbedder, sincos_2d
-from xax.arch.diffusion.layers import attention, zero_init
+from xax.arch.diffusion.layers import zero_init
 from xax.arch.transformer import REMAT_POLICIES
 from xax.core.config import field
+from xax.nn.attention import dot_product_attention
+from xax.nn.mlp import MLP
 
 
 @dataclass
@@ -98,17 +100,9 @@ def modulate(x: Float[Array, "t d"], shift: Float[Array, " d"], scale: Float[Arr
     return x * (1 + scale[None, :]) + shift[None, :]
 
 
-@final
-class Mlp(eqx.Module):
-    fc1: eqx.nn.Linear
-    fc2: eqx.nn.Linear
-
-    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray) -> None:
-        key1, key2 = jax.random.split(key)
-        self.fc1, self.fc2 = eqx.nn.Linear(dim, hidden, key=key1), eqx.nn.Linear(hidden, dim, key=key2)
-
-    def __call__(self, x: Float[Array, "t d"]) -> Float[Array, "t d"]:
-        return jax.vmap(self.fc2)(jax.nn.gelu(jax.vmap(self.fc1)(x), approximate=True))
+def _mlp(dim: int, mlp_ratio: float, key: PRNGKeyArray) -> MLP:
+    """The block's feed-forward layer: tanh-approximated GELU and Equinox's initialization, as in DiT."""
+    return MLP(dim, int(dim * mlp_ratio), activation="gelu_tanh", init_std=None, key=key)
 
 
 @final
@@ -119,7 +113,7 @@ class DiTBlock(eqx.Module):
     modulation: eqx.nn.Linear
     qkv: eqx.nn.Linear
     proj: eqx.nn.Linear
-    mlp: Mlp
+    mlp: MLP
     num_heads: int = eqx.field(static=True)
     impl: str | None = eqx.field(static=True)
 
@@ -128,13 +122,15 @@ class DiTBlock(eqx.Module):
         self.modulation = zero_init(eqx.nn.Linear(dim, 6 * dim, key=keys[0]))
         self.qkv = eqx.nn.Linear(dim, 3 * dim, key=keys[1])
         self.proj = eqx.nn.Linear(dim, dim, key=keys[2])
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), key=keys[3])
+        self.mlp = _mlp(dim, mlp_ratio, keys[3])
         self.num_heads, self.impl = num_heads, impl
 
     def __call__(self, x: Float[Array, "t d"], c: Float[Array, " d"]) -> Float[Array, "t d"]:
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.modulation(jax.nn.silu(c)), 6)
         q, k, v = jnp.split(jax.vmap(self.qkv)(modulate(layer_norm(x), shift1, scale1)), 3, axis=-1)
-        x = x + gate1[None, :] * jax.vmap(self.proj)(attention(q, k, v, self.num_heads, self.impl))
+        heads = lambda a: a.reshape(1, a.shape[0], self.num_heads, -1)  # noqa: E731  (1, T, N, D/N)
+        attended = dot_product_attention(heads(q), heads(k), heads(v), causal=False, implementation=self.impl)
+        x = x + gate1[None, :] * jax.vmap(self.proj)(attended.reshape(q.shape))  # (T, D)
         return x + gate2[None, :] * self.mlp(modulate(layer_norm(x), shift2, scale2))
 
 
@@ -252,14 +248,14 @@ class StreamWeights(eqx.Module):
     modulation: eqx.nn.Linear
     qkv: eqx.nn.Linear
     proj: eqx.nn.Linear
-    mlp: Mlp
+    mlp: MLP
 
     def __init__(self, dim: int, mlp_ratio: float, *, key: PRNGKeyArray) -> None:
         keys = jax.random.split(key, 4)
         self.modulation = zero_init(eqx.nn.Linear(dim, 6 * dim, key=keys[0]))
         self.qkv = eqx.nn.Linear(dim, 3 * dim, key=keys[1])
         self.proj = eqx.nn.Linear(dim, dim, key=keys[2])
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), key=keys[3])
+        self.mlp = _mlp(dim, mlp_ratio, keys[3])
 
     def modulations(self, vec: Float[Array, " d"]) -> tuple[Array, ...]:
         """``(shift1, scale1, gate1, shift2, scale2, gate2)``, zero at initialization."""
@@ -304,7 +300,10 @@ class MMDiTBlock(eqx.Module):
         qx, kx, vx = self.image.qkv_of(x, vec)
         qc, kc, vc = self.context.qkv_of(context, vec)
         cat = lambda a, b: jnp.concatenate([a, b], axis=0)  # noqa: E731  (Tc + Tx, D)
-        attended = attention(cat(qc, qx), cat(kc, kx), cat(vc, vx), self.num_heads, self.impl)
+        heads = lambda a: a.reshape(1, a.shape[0], self.num_heads, -1)  # noqa: E731  (1, Tc + Tx, N, D/N)
+        q, k, v = heads(cat(qc, qx)), heads(cat(kc, kx)), heads(cat(vc, vx))
+        attended = dot_product_attention(q, k, v, causal=False, implementation=self.impl)
+        attended = attended.reshape(q.shape[1], -1)  # (Tc + Tx, D)
         num_context = context.shape[0]
         return (
             self.image.finish(x, attended[num_context:], vec),

@@ -14,7 +14,6 @@ Parameters are float32; ``compute_dtype="bfloat16"`` runs matrix products and ac
 bfloat16 while normalization statistics and the recurrences stay in float32. Logits are float32.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import final
@@ -27,9 +26,11 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from xax.core.config import field, register_config
 from xax.core.errors import ConfigError
 from xax.nn.embeddings import Embedding, check_id_range
+from xax.nn.mlp import MLP
 from xax.nn.norms import RMSNorm
 from xax.nn.precision import COMPUTE_DTYPES
 from xax.nn.ssm import DIAGONAL_INITS, DT_MAX, DT_MIN, DiagonalSSM, SelectiveSSM, SSMLayer
+from xax.utils.pytree import cast_floating
 
 # The compute dtypes this model supports (float16 is not among them).
 _COMPUTE_DTYPES = {name: COMPUTE_DTYPES[name] for name in ("float32", "bfloat16")}
@@ -116,27 +117,9 @@ SSM_LAYERS: dict[str, Callable[[SSMConfig, PRNGKeyArray], SSMLayer]] = {
 SSMCache = tuple[PyTree[Array], ...]
 
 
-@final
-class _MLP(eqx.Module):
-    """``W_2 gelu(W_1 x + b_1) + b_2``, computed in the dtype of ``x``."""
-
-    w1: Float[Array, "hidden d_model"]
-    b1: Float[Array, " hidden"]
-    w2: Float[Array, "d_model hidden"]
-    b2: Float[Array, " d_model"]
-
-    def __init__(self, d_model: int, hidden: int, *, key: PRNGKeyArray) -> None:
-        k1, k2 = jax.random.split(key)
-        self.w1 = jax.random.uniform(k1, (hidden, d_model), jnp.float32, -1, 1) / math.sqrt(d_model)
-        self.b1 = jnp.zeros((hidden,), jnp.float32)
-        self.w2 = jax.random.uniform(k2, (d_model, hidden), jnp.float32, -1, 1) / math.sqrt(hidden)
-        self.b2 = jnp.zeros((d_model,), jnp.float32)
-
-    def __call__(self, x: Float[Array, "*seq d_model"]) -> Float[Array, "*seq d_model"]:
-        h = x @ self.w1.astype(x.dtype).T
-        h = jax.nn.gelu(h + jnp.broadcast_to(self.b1.astype(x.dtype), h.shape))
-        y = h @ self.w2.astype(x.dtype).T
-        return y + jnp.broadcast_to(self.b2.astype(x.dtype), y.shape)
+def _mlp(config: SSMConfig, key: PRNGKeyArray) -> MLP:
+    """The feed-forward layer after an SSM layer: tanh-approximated GELU, Equinox's initialization."""
+    return MLP(config.d_model, config.mlp_ratio * config.d_model, activation="gelu_tanh", init_std=None, key=key)
 
 
 @final
@@ -146,7 +129,7 @@ class _Block(eqx.Module):
     norm: RMSNorm
     ssm: SSMLayer
     mlp_norm: RMSNorm | None
-    mlp: _MLP | None
+    mlp: MLP | None
 
     def __init__(self, config: SSMConfig, *, key: PRNGKeyArray) -> None:
         k_ssm, k_mlp = jax.random.split(key)
@@ -154,21 +137,22 @@ class _Block(eqx.Module):
         self.ssm = SSM_LAYERS[config.layer](config, k_ssm)
         has_mlp = config.mlp_ratio > 0
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps) if has_mlp else None
-        self.mlp = _MLP(config.d_model, config.mlp_ratio * config.d_model, key=k_mlp) if has_mlp else None
+        self.mlp = _mlp(config, k_mlp) if has_mlp else None
 
     def parallel(self, x: Float[Array, "seq d_model"], state: PyTree[Array]) -> tuple[Array, PyTree[Array]]:
         # The norms act on one vector; vmapped over positions.
         y, state = self.ssm.parallel(jax.vmap(self.norm)(x), state)
         x = x + y
         if self.mlp is not None and self.mlp_norm is not None:
-            x = x + self.mlp(jax.vmap(self.mlp_norm)(x))
+            # The float32 weights run in the activations' dtype.
+            x = x + cast_floating(self.mlp, x.dtype)(jax.vmap(self.mlp_norm)(x))
         return x, state
 
     def step(self, x: Float[Array, " d_model"], state: PyTree[Array]) -> tuple[Array, PyTree[Array]]:
         y, state = self.ssm.step(self.norm(x), state)
         x = x + y
         if self.mlp is not None and self.mlp_norm is not None:
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + cast_floating(self.mlp, x.dtype)(self.mlp_norm(x))
         return x, state
 
 

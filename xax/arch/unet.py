@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from xax.arch.diffusion.embeddings import TimestepEmbedder
-from xax.arch.diffusion.layers import attention, zero_init
+from xax.arch.diffusion.layers import zero_init
 from xax.arch.transformer import REMAT_POLICIES
 from xax.core.config import field
+from xax.nn.attention import dot_product_attention
 
 
 @dataclass
@@ -122,7 +123,9 @@ class AttentionBlock(eqx.Module):
         c, height, width = x.shape
         tokens = self.norm(x).reshape(c, height * width).T  # (HW, C)
         q, k, v = jnp.split(jax.vmap(self.qkv)(tokens), 3, axis=-1)  # (HW, C) each
-        out = jax.vmap(self.proj)(attention(q, k, v, self.num_heads, self.impl))  # (HW, C)
+        heads = lambda a: a.reshape(1, height * width, self.num_heads, c // self.num_heads)  # noqa: E731  (1, HW, N, C/N)
+        attended = dot_product_attention(heads(q), heads(k), heads(v), causal=False, implementation=self.impl)
+        out = jax.vmap(self.proj)(attended.reshape(height * width, c))  # (HW, C)
         return x + out.T.reshape(c, height, width)
 
 

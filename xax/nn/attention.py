@@ -6,13 +6,16 @@ expressed over cache *slots* (the order tokens were written): causal (``k_slot <
 sliding window (``q_slot - k_slot < window``, the window includes the token itself, as in Mistral)
 and padding (a boolean per key, False for pad tokens).
 
-Implementations, chosen by name (``IMPLEMENTATIONS``):
+``dot_product_attention`` is the one entry point for every model's attention (the transformer's
+``MultiHeadAttention``, the DiT, mmDiT and UNet blocks); its implementations, chosen by name
+(``IMPLEMENTATIONS``):
 
-- "xla": ``jax.nn.dot_product_attention(implementation="xla")`` with an explicit boolean mask;
-  works everywhere, with any mask and with the cache.
-- "cudnn": cuDNN flash attention; GPU only, bf16/fp16, head_dim a multiple of 8 up to 128,
-  causal/sliding-window masks without padding and without a cache.
-- "auto": "cudnn" when all of the above hold, else "xla".
+- "xla": plain XLA ops (``xla_attention``) with an explicit boolean mask; works everywhere, with
+  any mask and with the cache.
+- "cudnn": cuDNN flash attention through ``jax.nn.dot_product_attention``; GPU only, bf16/fp16,
+  head_dim a multiple of 8 up to 128, no padding and no cache; full attention, causal attention,
+  or a sliding window over causal attention.
+- "auto" (or None): "cudnn" when all of the above hold, else "xla".
 """
 
 import math
@@ -77,22 +80,34 @@ def attention_mask(
 
 
 def select_implementation(
-    requested: str, dtype: DTypeLike, head_dim: int, *, needs_explicit_mask: bool, causal: bool
+    requested: str | None,
+    dtype: DTypeLike,
+    head_dim: int,
+    *,
+    needs_explicit_mask: bool,
+    causal: bool,
+    sliding_window: int | None = None,
 ) -> str:
     """Resolves "auto" to "cudnn" or "xla", or checks that an explicit "cudnn" request can run.
 
     Args:
-        requested: One of ``IMPLEMENTATIONS``.
+        requested: One of ``IMPLEMENTATIONS``, or None for "auto".
         dtype: The query dtype.
         head_dim: The head dimension.
         needs_explicit_mask: True with padding or a cache (masks cuDNN's fused kernel cannot express).
-        causal: Whether the mask is causal (cuDNN's sliding window needs it).
+        causal: Whether the mask is causal.
+        sliding_window: The window, if any (cuDNN's sliding window needs a causal mask).
 
     Returns:
         "cudnn" or "xla".
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> select_implementation("auto", jnp.float32, 64, needs_explicit_mask=False, causal=True)
+        'xla'
     """
-    if requested not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation={requested!r} is unknown; expected one of {IMPLEMENTATIONS}")
+    if requested is not None and requested not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl={requested!r} is unknown; expected one of {IMPLEMENTATIONS} or None")
     if requested == "xla":
         return "xla"
     reasons = []
@@ -104,8 +119,8 @@ def select_implementation(
         reasons.append(f"head_dim={head_dim} is not a multiple of 8 up to {_CUDNN_MAX_HEAD_DIM}")
     if needs_explicit_mask:
         reasons.append("a padding mask or KV cache needs an explicit mask")
-    if not causal:
-        reasons.append("the mask is not causal")
+    if sliding_window is not None and not causal:
+        reasons.append("a sliding window needs a causal mask")
     if not reasons:
         return "cudnn"
     if requested == "cudnn":
@@ -118,12 +133,12 @@ def dot_product_attention(
     k: Float[Array, "batch k kv_heads head_dim"],
     v: Float[Array, "batch k kv_heads head_dim"],
     *,
-    q_slots: Int[Array, " q"],
-    k_slots: Int[Array, " k"],
+    q_slots: Int[Array, " q"] | None = None,
+    k_slots: Int[Array, " k"] | None = None,
     key_mask: Bool[Array, "batch k"] | None = None,
     causal: bool = True,
     sliding_window: int | None = None,
-    implementation: str = "auto",
+    implementation: str | None = "auto",
 ) -> Float[Array, "batch q heads head_dim"]:
     """Scaled dot-product attention ``softmax(q k^T / sqrt(D) + mask) v`` with GQA broadcasting.
 
@@ -131,23 +146,42 @@ def dot_product_attention(
         q: Queries (B, T, N, D).
         k: Keys (B, S, K, D) with N a multiple of K.
         v: Values (B, S, K, D).
-        q_slots: The slot of each query (T,); ``arange(T)`` without a cache.
-        k_slots: The slot of each key (S,).
+        q_slots: The slot of each query (T,); None is ``arange(T)`` (no cache).
+        k_slots: The slot of each key (S,); None is ``arange(S)``.
         key_mask: False for padding keys, shape (B, S); None when there is none.
         causal: Whether a query attends only to keys at or before its slot.
         sliding_window: If set, a query attends only to the last ``sliding_window`` slots.
-        implementation: One of ``IMPLEMENTATIONS``.
+        implementation: One of ``IMPLEMENTATIONS``; None is "auto".
 
     Returns:
         The attention output (B, T, N, D), in the dtype of ``q``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> q = jax.random.normal(jax.random.key(0), (1, 3, 2, 4))  # (B, T, N, D)
+        >>> out = dot_product_attention(q, q, q, causal=True)
+        >>> out.shape
+        (1, 3, 2, 4)
+        >>> bool(jnp.allclose(out[:, 0], q[:, 0]))  # the first token sees only itself
+        True
     """
-    same_slots = q.shape[1] == k.shape[1]
+    # Queries and keys at different slots need the mask only where it depends on the slots.
+    slot_dependent = q.shape[1] != k.shape[1] and (causal or sliding_window is not None)
     impl = select_implementation(
-        implementation, q.dtype, q.shape[-1], needs_explicit_mask=key_mask is not None or not same_slots, causal=causal
+        implementation,
+        q.dtype,
+        q.shape[-1],
+        needs_explicit_mask=key_mask is not None or slot_dependent,
+        causal=causal,
+        sliding_window=sliding_window,
     )
     if impl == "cudnn":
         window = None if sliding_window is None else (sliding_window - 1, 0)
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, local_window_size=window, implementation="cudnn")
+    if not causal and sliding_window is None and key_mask is None:
+        return xla_attention(q, k, v)  # every query sees every key: no mask to build
+    q_slots = jnp.arange(q.shape[1], dtype=jnp.int32) if q_slots is None else q_slots  # (T,)
+    k_slots = jnp.arange(k.shape[1], dtype=jnp.int32) if k_slots is None else k_slots  # (S,)
     mask = attention_mask(q_slots, k_slots, key_mask, causal=causal, sliding_window=sliding_window)
     return xla_attention(q, k, v, mask)
 

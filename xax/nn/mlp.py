@@ -1,7 +1,8 @@
-"""Position-wise feed-forward blocks: the two-layer MLP (GPT-2) and the gated SwiGLU (Llama, Qwen).
+"""Position-wise feed-forward blocks: the two-layer MLP (GPT-2, DiT, the SSM language model) and the
+gated SwiGLU (Llama, Qwen).
 
 Attribute names follow Llama's (``gate_proj``, ``up_proj``, ``down_proj``) so that checkpoint name
-tables stay short. Both apply over any number of leading axes.
+tables stay short. Both apply over any number of leading axes, in the dtype of their weights.
 """
 
 from collections.abc import Callable
@@ -31,7 +32,13 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 
 def get_activation(name: str) -> Callable[[Array], Array]:
-    """Looks up an activation by name in ``ACTIVATIONS``."""
+    """Looks up an activation by name in ``ACTIVATIONS``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> get_activation("relu")(jnp.array([-1.0, 2.0])).tolist()
+        [0.0, 2.0]
+    """
     if name not in ACTIVATIONS:
         raise ValueError(f"activation={name!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
@@ -39,6 +46,12 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
 class MLP(eqx.Module):
     """``down_proj(act(up_proj(x)))``, the transformer feed-forward block of Vaswani et al. and GPT-2.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> mlp = MLP(4, 16, key=jax.random.key(0))
+        >>> mlp(jnp.ones((2, 3, 4))).shape
+        (2, 3, 4)
 
     Attributes:
         up_proj: d_model -> hidden.
@@ -58,7 +71,7 @@ class MLP(eqx.Module):
         key: PRNGKeyArray,
         activation: str = "gelu",
         use_bias: bool = True,
-        init_std: float = 0.02,
+        init_std: float | None = 0.02,
         out_init_std: float | None = None,
     ) -> None:
         """Builds the block.
@@ -69,13 +82,19 @@ class MLP(eqx.Module):
             key: The PRNG key.
             activation: A key of ``ACTIVATIONS``.
             use_bias: Whether the projections have biases.
-            init_std: The standard deviation of the input projection's weights.
+            init_std: The standard deviation of the input projection's weights (zero biases, as
+                GPT-2); None keeps Equinox's ``Linear`` initialization, U(-1/sqrt(fan_in),
+                1/sqrt(fan_in)) for weights and biases (as DiT and ViT).
             out_init_std: The same for ``down_proj``; defaults to ``init_std``.
         """
         get_activation(activation)
         k1, k2 = jax.random.split(key)
-        self.up_proj = make_linear(dim, hidden_dim, use_bias, init_std, k1)
-        self.down_proj = make_linear(hidden_dim, dim, use_bias, out_init_std or init_std, k2)
+        if init_std is None:
+            self.up_proj = eqx.nn.Linear(dim, hidden_dim, use_bias=use_bias, key=k1)
+            self.down_proj = eqx.nn.Linear(hidden_dim, dim, use_bias=use_bias, key=k2)
+        else:
+            self.up_proj = make_linear(dim, hidden_dim, use_bias, init_std, k1)
+            self.down_proj = make_linear(hidden_dim, dim, use_bias, out_init_std or init_std, k2)
         self.activation = activation
 
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:

@@ -33,22 +33,15 @@ RULES: tuple[tuple[str, Logical], ...] = (
     (rf"q_proj{_LIN}\.bias$", ("heads",)),
     (rf"[kv]_proj{_LIN}\.bias$", ("kv_heads",)),
     (rf"o_proj{_LIN}\.weight$", ("embed", "heads")),
-    # Feed-forward (xax.nn.mlp): gate/up column-parallel, down row-parallel.
+    # Feed-forward (xax.nn.mlp, also in DiT blocks and the SSM model): gate/up column-parallel, down row-parallel.
     (rf"(gate|up)_proj{_LIN}\.weight$", ("mlp", "embed")),
     (rf"(gate|up)_proj{_LIN}\.bias$", ("mlp",)),
     (rf"down_proj{_LIN}\.weight$", ("embed", "mlp")),
     (rf"(o|down)_proj{_LIN}\.bias$", (None,)),
-    # DiT blocks and UNet attention: fused qkv, output projection, MLP (xax.arch.dit, xax.arch.unet).
+    # DiT blocks and UNet attention: fused qkv and output projection (xax.arch.dit, xax.arch.unet).
     (r"(^|\.)qkv\.weight$", ("heads", "embed")),
     (r"(^|\.)qkv\.bias$", ("heads",)),
     (r"(^|\.)proj\.weight$", ("embed", "heads")),
-    (r"(^|\.)fc1\.weight$", ("mlp", "embed")),
-    (r"(^|\.)fc1\.bias$", ("mlp",)),
-    (r"(^|\.)fc2\.weight$", ("embed", "mlp")),
-    # The SSM language model's MLP (xax.arch.ssm).
-    (r"mlp\.w1$", ("mlp", "embed")),
-    (r"mlp\.b1$", ("mlp",)),
-    (r"mlp\.w2$", ("embed", "mlp")),
     # Norm scales and shifts: small, and needed whole by every device.
     (r"norm\.(weight|bias)$", (None,)),
 )
