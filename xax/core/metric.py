@@ -100,6 +100,11 @@ class Scalar(eqx.Module):
     A value with more than one element (for example stacked over gradient-accumulation
     micro-batches) is averaged when it is logged.
 
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> Scalar(jnp.array([1.0, 2.0])).to_log()  # two micro-batches, averaged on the host
+        LogScalar(value=1.5)
+
     Attributes:
         value: The value, a number or an array of any shape.
     """

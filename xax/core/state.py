@@ -24,6 +24,11 @@ class State:
     waits on the device; a float32 counter would stop counting at 2**24 samples. Inside the jitted
     step the same fields arrive as traced scalars (int32 and float32).
 
+    Examples:
+        >>> state = State().replace(num_steps=3, num_samples=96)
+        >>> State.from_dict(state.to_dict()) == state  # as a checkpoint saves and restores it
+        True
+
     Attributes:
         num_steps: Optimizer steps taken.
         num_samples: Training samples consumed.

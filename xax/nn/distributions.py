@@ -31,6 +31,12 @@ def _xlogy_ratio(p: Array, log_p: Array, log_q: Array) -> Array:
 class Normal(eqx.Module):
     """A Gaussian per element: ``N(mean, exp(log_std)^2)``; a diagonal Gaussian over the batch shape.
 
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> posterior = Normal(jnp.array([1.0]), jnp.array([0.0]))
+        >>> [round(v, 4) for v in posterior.kl(Normal.standard(posterior.mean)).tolist()]  # mean^2 / 2
+        [0.5]
+
     Attributes:
         mean: The means, any shape.
         log_std: The log standard deviations, the same shape (log-parameterized so any value is valid).

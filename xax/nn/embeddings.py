@@ -112,6 +112,13 @@ def sinusoidal_embedding(
 
     Returns:
         Float32 embeddings of shape ``positions.shape + (dim,)``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> sinusoidal_embedding(jnp.arange(3), 4).shape
+        (3, 4)
+        >>> sinusoidal_embedding(jnp.array([0]), 4).tolist()  # sin 0, cos 0 in every pair
+        [[0.0, 1.0, 0.0, 1.0]]
     """
     if dim % 2 != 0:
         raise ValueError(f"sinusoidal_embedding: dim must be even, got {dim}; pass an even width")
@@ -255,6 +262,11 @@ def rope_frequencies(
 
     Returns:
         ``(inv_freq, attention_factor)``: float32 of shape (dim/2,), and a Python float.
+
+    Examples:
+        >>> inv_freq, factor = rope_frequencies(4, theta=10000.0)
+        >>> [round(f, 4) for f in inv_freq.tolist()], factor
+        ([1.0, 0.01], 1.0)
     """
     scaling = scaling or RopeScaling()
     return ROPE_TYPES[scaling.rope_type](dim, theta, scaling, max_position_embeddings, seq_len)

@@ -53,6 +53,12 @@ class RMSNorm(eqx.Module):
     ``y = x / sqrt(mean(x^2) + eps) * weight`` over the last axis. As in Llama, the normalized
     value is cast back to the input dtype before the scale is applied.
 
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> norm = RMSNorm(2)
+        >>> [round(v, 4) for v in norm(jnp.array([3.0, 4.0])).tolist()]  # divided by sqrt(12.5)
+        [0.8485, 1.1314]
+
     Attributes:
         weight: The scale, shape (dim,), initialized to ones.
         eps: Added to the mean square for stability.
@@ -95,6 +101,10 @@ def make_norm(name: str, dim: int, eps: float, use_bias: bool = True) -> LayerNo
 
     Returns:
         The layer.
+
+    Examples:
+        >>> type(make_norm("rmsnorm", 8, eps=1e-5)).__name__
+        'RMSNorm'
     """
     if name not in NORM_TYPES:
         raise ValueError(f"norm={name!r} is unknown; expected one of {sorted(NORM_TYPES)}")

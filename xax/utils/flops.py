@@ -20,6 +20,10 @@ from jax._src.interpreters import partial_eval as pe  # dce_jaxpr has no public 
 def xla_flops(cost: Mapping[str, float] | Sequence[Mapping[str, float]] | None) -> float | None:
     """The ``flops`` entry of a cost analysis, which JAX versions return as a dict or a list of dicts.
 
+    Examples:
+        >>> xla_flops([{"flops": 10.0}, {"flops": 5.0}]), xla_flops({"bytes accessed": 4.0})
+        (15.0, None)
+
     Args:
         cost: What ``Lowered.cost_analysis()`` or ``Compiled.cost_analysis()`` returned.
 
@@ -84,6 +88,14 @@ def matmul_flops(jaxpr: jex.Jaxpr) -> tuple[int, int]:
     Returns:
         ``(executed, counted)``: every scan iteration counted in the first, the loop bodies once
         (as XLA does) in the second. A ``cond`` counts its costliest branch in both, as XLA does.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> def f(a, b):
+        ...     return jax.lax.scan(lambda c, _: (c @ b, None), a, length=3)[0]
+        >>> x = jnp.ones((4, 4))
+        >>> matmul_flops(jax.jit(f).trace(x, x).jaxpr.jaxpr)  # 2 * 4 * 4 * 4 per matmul
+        (384, 128)
     """
     executed = counted = 0
     for eqn in jaxpr.eqns:

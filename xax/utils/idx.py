@@ -97,6 +97,15 @@ def write_idx(path: str | Path, array: np.ndarray, *, compress: bool = False) ->
 
     Raises:
         DataError: If IDX cannot store the array's dtype.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np
+        >>> path = Path(tempfile.mkdtemp()) / "digits.idx.gz"
+        >>> write_idx(path, np.arange(6, dtype=np.uint8).reshape(2, 3), compress=True)
+        >>> read_idx(path).tolist()
+        [[0, 1, 2], [3, 4, 5]]
     """
     native = np.dtype(array.dtype).newbyteorder("=")
     codes = {dtype.newbyteorder("="): code for code, dtype in IDX_DTYPES.items()}

@@ -22,6 +22,11 @@ def timestep_embedding(
 
     With ``s = 1000 t``, ``half = dim // 2`` and ``f_i = max_period^(-i / half)``, the features are
     ``[cos(s f_0), ..., cos(s f_{half-1}), sin(s f_0), ..., sin(s f_{half-1})]`` (zero-padded to ``dim``).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> timestep_embedding(jnp.array([0.0]), 4).tolist()  # cosines then sines of zero
+        [[1.0, 1.0, 0.0, 0.0]]
     """
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)  # (half,)

@@ -21,7 +21,14 @@ def _bcast(t: Float[Array, " b"], x: Array) -> Array:
 
 
 def flow_interpolate(x0: Float[Array, " b *dims"], eps: Float[Array, " b *dims"], t: Float[Array, " b"]) -> Array:
-    """The point ``x_t = (1 - t) x_0 + t eps`` of the straight path."""
+    """The point ``x_t = (1 - t) x_0 + t eps`` of the straight path.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> x0, eps = jnp.zeros((2, 3)), jnp.ones((2, 3))
+        >>> flow_interpolate(x0, eps, jnp.array([0.25, 1.0])).tolist()  # one time per sample
+        [[0.25, 0.25, 0.25], [1.0, 1.0, 1.0]]
+    """
     return (1 - _bcast(t, x0)) * x0 + _bcast(t, x0) * eps
 
 
@@ -31,7 +38,14 @@ def flow_velocity(x0: Float[Array, " b *dims"], eps: Float[Array, " b *dims"]) -
 
 
 def x0_from_velocity(x_t: Float[Array, " b *dims"], v: Float[Array, " b *dims"], t: Float[Array, " b"]) -> Array:
-    """``x_0 = x_t - t v``."""
+    """``x_0 = x_t - t v``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> x0, eps, t = jnp.array([[2.0]]), jnp.array([[-1.0]]), jnp.array([0.5])
+        >>> x0_from_velocity(flow_interpolate(x0, eps, t), flow_velocity(x0, eps), t).tolist()
+        [[2.0]]
+    """
     return x_t - _bcast(t, x_t) * v
 
 

@@ -34,12 +34,26 @@ def check_prediction(prediction: str) -> None:
 
 
 def q_sample(x0: Float[Array, " b *dims"], eps: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
-    """The forward process ``x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps`` (Ho et al. 2020, eq. 4)."""
+    """The forward process ``x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps`` (Ho et al. 2020, eq. 4).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> x0, eps = jnp.ones((2, 2)), jnp.zeros((2, 2))
+        >>> q_sample(x0, eps, jnp.array([1.0, 0.25])).tolist()  # one level per sample
+        [[1.0, 1.0], [0.5, 0.5]]
+    """
     return _bcast(jnp.sqrt(alpha_bar), x0) * x0 + _bcast(jnp.sqrt(1 - alpha_bar), x0) * eps
 
 
 def x0_from_eps(x_t: Float[Array, " b *dims"], eps: Float[Array, " b *dims"], alpha_bar: Float[Array, " b"]) -> Array:
-    """``x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)``."""
+    """``x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> x0, eps, alpha_bar = jnp.array([[3.0]]), jnp.array([[1.0]]), jnp.array([0.64])
+        >>> [round(v, 4) for v in x0_from_eps(q_sample(x0, eps, alpha_bar), eps, alpha_bar)[0].tolist()]
+        [3.0]
+    """
     return (x_t - _bcast(jnp.sqrt(1 - alpha_bar), x_t) * eps) / _bcast(jnp.sqrt(alpha_bar), x_t)
 
 

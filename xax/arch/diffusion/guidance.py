@@ -19,7 +19,16 @@ ConditionalNet = Callable[[Array, Array, Array], Array]
 
 
 def drop_labels(labels: Int[Array, " b"], key: PRNGKeyArray, drop_prob: float, null_label: int) -> Int[Array, " b"]:
-    """Replaces each label by ``null_label`` with probability ``drop_prob`` (0.1 in Ho & Salimans 2022)."""
+    """Replaces each label by ``null_label`` with probability ``drop_prob`` (0.1 in Ho & Salimans 2022).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> labels = jnp.array([1, 2, 3])
+        >>> drop_labels(labels, jax.random.key(0), drop_prob=1.0, null_label=10).tolist()
+        [10, 10, 10]
+        >>> drop_labels(labels, jax.random.key(0), drop_prob=0.0, null_label=10).tolist()
+        [1, 2, 3]
+    """
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"drop_prob={drop_prob} must lie in [0, 1]")
     dropped = jax.random.bernoulli(key, drop_prob, labels.shape)

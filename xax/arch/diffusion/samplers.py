@@ -91,7 +91,12 @@ def scan_steps(body: Callable[[Array, Any], Array], x: Array, inputs: Any, traje
 
 
 def ddim_steps(total_steps: int, num_steps: int) -> np.ndarray:
-    """The ``num_steps`` evenly spaced steps in ``[0, T - 1]`` that DDIM visits (ascending, first 0, last T - 1)."""
+    """The ``num_steps`` evenly spaced steps in ``[0, T - 1]`` that DDIM visits (ascending, first 0, last T - 1).
+
+    Examples:
+        >>> ddim_steps(1000, 5).tolist()
+        [0, 250, 500, 749, 999]
+    """
     if not 1 <= num_steps <= total_steps:
         raise ValueError(f"num_steps={num_steps} must lie in [1, {total_steps}] (the schedule's number of steps)")
     if num_steps == 1:
