@@ -9,8 +9,10 @@ device:
 - ``xax``: a ``xax.Task`` with arch's ``DiT`` (cuDNN attention) and ``diffusion_loss``, fed from an
   in-memory Hugging Face dataset (device-resident), with default logging; steps per second from
   the JSONL ``elapsed_time_s`` of the first record at or after ``--warmup`` and the last one.
-- ``jax``: the same model and loss function in a plain jitted step that donates the weights,
-  optimizer state and PRNG key and gathers its batch from the device-resident latents.
+- ``jax``: ``benchmarks.dit_reference``, a DiT written by hand in plain JAX (no xax model code:
+  per-block weight dictionaries, batched ``(B, T, D)`` layers, ``jax.nn.dot_product_attention``),
+  with the same loss in a jitted step that donates the weights, optimizer state and PRNG key and
+  gathers its batch from the device-resident latents.
 - ``torch``: ``benchmarks.torch_models.DiT`` with ``torch.compile`` (model and loss), flash
   attention through ``F.scaled_dot_product_attention``, bf16 autocast and fused AdamW.
 
@@ -24,7 +26,6 @@ and value products, against the H100's dense bf16 peak of 989 TFLOP/s.
 """
 
 import argparse
-import functools
 import hashlib
 import json
 import math
@@ -32,7 +33,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import datasets
 import equinox as eqx
@@ -46,6 +46,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from typing_extensions import override
 
 import xax
+from benchmarks import dit_reference
 from benchmarks.common import steps_per_second_after, write_results
 from benchmarks.gpt2_throughput import (
     PEAK_FLOPS,
@@ -59,8 +60,8 @@ from benchmarks.gpt2_throughput import (
     torch_device_setup,
     xax_argv,
 )
+from xax.arch import DiT, DiTConfig, dit_config, num_tokens
 from xax.arch.diffusion import GaussianSchedule, diffusion_loss, drop_labels
-from xax.arch.dit import DiT, DiTConfig, dit_config, num_tokens
 
 # Ho & Salimans (2022)'s probability of training on the null label.
 LABEL_DROP = 0.1
@@ -92,9 +93,15 @@ def make_setup(tiny: bool, attention: str) -> Setup:
     impl = None if attention == "auto" else attention
     if tiny:
         model = dit_config(
-            "DiT-S/2", input_size=8, hidden_dim=32, depth=2, num_heads=2, num_classes=10, attention_impl=impl
+            "DiT-S/2",
+            input_size=8,
+            d_model=32,
+            num_layers=2,
+            num_heads=2,
+            num_classes=10,
+            frequency_dim=16,
+            attention_impl=impl,
         )
-        model.frequency_dim = 16
         return Setup(model=model, batch=8, num_samples=64)
     return Setup(model=dit_config("DiT-B/2", attention_impl=impl), batch=256, num_samples=2048)
 
@@ -171,7 +178,7 @@ def flops_per_image(setup: Setup) -> float:
         for leaf in jax.tree.leaves(part)
     )
     cfg, tokens = setup.model, num_tokens(setup.model)
-    return 6 * (per_token * tokens + per_image) + 12 * cfg.depth * tokens**2 * cfg.hidden_dim
+    return 6 * (per_token * tokens + per_image) + 12 * cfg.num_layers * tokens**2 * cfg.d_model
 
 
 # ---- the three loops ---------------------------------------------------------------------------
@@ -228,27 +235,38 @@ def run_xax(args: argparse.Namespace) -> float:
         return steps_per_second_after(Path(run_dir), args.warmup)
 
 
+def reference_shape(cfg: DiTConfig) -> dit_reference.DiTShape:
+    """The hand-written reference's sizes for an xax DiT config."""
+    return dit_reference.DiTShape(
+        cfg.input_size,
+        cfg.patch_size,
+        cfg.in_channels,
+        cfg.d_model,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.mlp_ratio,
+        cfg.num_classes or 1,
+        cfg.frequency_dim,
+    )
+
+
+def reference_attention(attention: str) -> dit_reference.Attention:
+    """The reference's attention for ``--jax-attention``: "auto" is cuDNN on a GPU, else XLA."""
+    if attention == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if attention == "cudnn" else "xla"
+
+
 def run_jax(args: argparse.Namespace) -> float:
     setup = make_setup(args.tiny, args.jax_attention)
-    params, static = eqx.partition(DiT(setup.model, key=jax.random.key(0)), eqx.is_array)
+    shape = reference_shape(setup.model)
+    params = dit_reference.init_params(shape, jax.random.key(0))
     optimizer = make_optimizer(setup)
     opt_state = optimizer.init(params)
-    schedule = make_schedule(setup)
+    step = dit_reference.make_train_step(shape, optimizer, reference_attention(args.jax_attention))
     latents_np, labels_np = random_latents(setup)
     latents, labels = jax.device_put(latents_np), jax.device_put(labels_np)
     rng = np.random.default_rng(1)
-
-    def loss_fn(params: Any, latents: Array, labels: Array, key: Array) -> Array:
-        bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-        return dit_loss(eqx.combine(bf16, static), latents, labels, key, schedule)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(params: Any, opt_state: Any, key: Array, latents: Array, labels: Array, indices: Array) -> tuple:
-        key, step_key = jax.random.split(key)
-        loss, grads = jax.value_and_grad(loss_fn)(params, latents[indices], labels[indices], step_key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, key, loss
-
     state = [params, opt_state, jax.random.key(1)]
 
     def one_step(_: int) -> Array:
@@ -273,8 +291,8 @@ def run_torch(args: argparse.Namespace) -> float:
         cfg.input_size,
         cfg.patch_size,
         cfg.in_channels,
-        cfg.hidden_dim,
-        cfg.depth,
+        cfg.d_model,
+        cfg.num_layers,
         cfg.num_heads,
         cfg.mlp_ratio,
         cfg.num_classes or 1,
@@ -334,8 +352,8 @@ def report(args: argparse.Namespace, rates: dict[str, float | None]) -> None:
     )
     cfg = setup.model
     notes = (
-        f"DiT ({cfg.depth} blocks, width "
-        f"{cfg.hidden_dim}, patch {cfg.patch_size}) on {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents, "
+        f"DiT ({cfg.num_layers} blocks, width "
+        f"{cfg.d_model}, patch {cfg.patch_size}) on {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents, "
         f"batch {setup.batch}, bf16 compute, AdamW (lr {setup.learning_rate}, weight decay {setup.weight_decay}); "
         "eps prediction, linear "
         f"{setup.schedule_steps}-step schedule, label drop {LABEL_DROP}; JAX attention '{args.jax_attention}', "
@@ -356,7 +374,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         rate = RUNNERS[args.child](args)
         args.result_file.write_text(json.dumps({"steps_per_s": rate}))
         return
-    report(args, run_children("benchmarks.dit_throughput", loops, common_child_args(args)))
+    # The table is rewritten after each loop, so a run cut short keeps the loops that finished.
+    rates: dict[str, float | None] = {}
+    for loop in loops:
+        rates.update(run_children("benchmarks.dit_throughput", [loop], common_child_args(args)))
+        report(args, rates)
 
 
 if __name__ == "__main__":

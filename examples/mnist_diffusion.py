@@ -137,6 +137,10 @@ def _tuples(values: dict[str, Any]) -> dict[str, Any]:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
 
 
+# The DiTConfig fields of runs saved before they took the transformer's names.
+_DIT_RENAMED = {"hidden_dim": "d_model", "depth": "num_layers", "scan_blocks": "scan_layers"}
+
+
 # ---- the task ------------------------------------------------------------------------------------
 
 
@@ -215,7 +219,7 @@ def load_trained(resume: str | Path, config: Config) -> tuple[Denoiser, Config]:
         config,
         model=saved["model"],
         unet=UNetConfig(**_tuples(saved["unet"])),
-        dit=DiTConfig(**saved["dit"]),
+        dit=DiTConfig(**{_DIT_RENAMED.get(key, key): value for key, value in saved["dit"].items()}),
         schedule=saved["schedule"],
         diffusion_steps=saved["diffusion_steps"],
         precision=PrecisionOptions(**saved["precision"]),
