@@ -1,7 +1,5 @@
-"""The contract battery applied to every transformer preset (at tiny sizes).
-
-Other model families add their cases to ``CASES``.
-"""
+"""The contract battery applied to every model family at tiny sizes: each transformer preset, the SSM
+language models, DiT, UNet, the mmDiT block and the VAE (their cases are in ``contract_cases``)."""
 
 from collections.abc import Callable
 
@@ -10,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from tests.arch.contract_cases import denoiser_cases, ssm_cases, vae_cases
 from tests.arch.contracts import CHECKS, ContractCase, Equivalence
 from xax.arch.transformer import Transformer, TransformerConfig
 from xax.nn.losses import chunked_cross_entropy, cross_entropy
@@ -113,7 +112,7 @@ def transformer_cases() -> list[ContractCase]:
     ]
 
 
-CASES = [*transformer_cases()]
+CASES = [*transformer_cases(), *ssm_cases(), *denoiser_cases(), *vae_cases()]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)

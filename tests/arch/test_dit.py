@@ -14,7 +14,7 @@ import pytest
 
 from tests.jaxprs import dot_operand_dtypes
 from xax.arch.diffusion.embeddings import sincos_2d
-from xax.arch.dit import DiT, DiTBlock, DiTConfig, MMDiTBlock, dit_config, layer_norm, patchify, unpatchify
+from xax.arch.dit import DiT, DiTBlock, DiTConfig, MMDiTBlock, MMDiTConfig, dit_config, layer_norm, patchify, unpatchify
 from xax.arch.unet import count_params
 from xax.nn.attention import dot_product_attention
 
@@ -36,9 +36,9 @@ def randomized(model: M, seed: int, scale: float = 0.2) -> M:
 
 
 def tiny_config() -> DiTConfig:
-    config = dit_config("DiT-S/2", input_size=8, in_channels=2, hidden_dim=16, depth=3, num_heads=2, num_classes=3)
-    config.frequency_dim = 8
-    return config
+    return dit_config(
+        "DiT-S/2", input_size=8, in_channels=2, d_model=16, num_layers=3, num_heads=2, num_classes=3, frequency_dim=8
+    )
 
 
 def test_patchify_matches_definition_and_inverts() -> None:
@@ -83,9 +83,9 @@ def test_dit_outputs_zero_at_init_and_shapes() -> None:
     np.testing.assert_array_equal(out, jnp.zeros_like(out))
 
 
-@pytest.mark.parametrize("scan_blocks", [True, False])
-def test_scanned_and_looped_blocks_equal_a_loop_over_unstacked_blocks(scan_blocks: bool) -> None:
-    config = replace(tiny_config(), scan_blocks=scan_blocks)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_scanned_and_looped_blocks_equal_a_loop_over_unstacked_blocks(scan_layers: bool) -> None:
+    config = replace(tiny_config(), scan_layers=scan_layers)
     model = randomized(DiT(config, key=jax.random.key(0)), 1)
     x = jax.random.normal(jax.random.key(2), (2, 8, 8))
     t, y = jnp.float32(0.4), jnp.int32(1)
@@ -152,7 +152,7 @@ def _stream_by_hand(stream, x: np.ndarray, attended: np.ndarray, vec: np.ndarray
 
 
 def _mm_inputs() -> tuple[MMDiTBlock, jax.Array, jax.Array, jax.Array]:
-    block = randomized(MMDiTBlock(16, 2, key=jax.random.key(0)), 1)
+    block = randomized(MMDiTBlock(MMDiTConfig(d_model=16, num_heads=2), key=jax.random.key(0)), 1)
     x = jax.random.normal(jax.random.key(2), (6, 16))
     context = jax.random.normal(jax.random.key(3), (4, 16))
     vec = jax.random.normal(jax.random.key(4), (16,))
@@ -194,7 +194,7 @@ def test_each_stream_has_its_own_weights() -> None:
 
 
 def test_mmdit_block_starts_as_identity() -> None:
-    block = MMDiTBlock(16, 2, key=jax.random.key(0))
+    block = MMDiTBlock(MMDiTConfig(d_model=16, num_heads=2), key=jax.random.key(0))
     x, context = jnp.ones((3, 16)), jnp.full((2, 16), 2.0)
     out_x, out_c = block(x, context, jnp.ones(16))
     np.testing.assert_array_equal(out_x, x)

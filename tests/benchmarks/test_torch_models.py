@@ -49,7 +49,7 @@ GPT_TABLE = [
 
 def dit_table(config: DiTConfig) -> list[Rule]:
     """The benchmark DiT's names against xax's (stacked blocks); Equinox keeps a conv bias as (D, 1, 1)."""
-    dim = config.hidden_dim
+    dim = config.d_model
     return [
         Rule("patch_embed.weight", "patch_embed.weight"),
         Rule("patch_embed.bias", "patch_embed.bias", Reshape((dim,), (dim, 1, 1))),
@@ -85,8 +85,8 @@ def dit_shape(config: DiTConfig) -> DiTShape:
         config.input_size,
         config.patch_size,
         config.in_channels,
-        config.hidden_dim,
-        config.depth,
+        config.d_model,
+        config.num_layers,
         config.num_heads,
         config.mlp_ratio,
         config.num_classes or 1,
@@ -95,9 +95,9 @@ def dit_shape(config: DiTConfig) -> DiTShape:
 
 
 def tiny_dit_config() -> DiTConfig:
-    config = dit_config("DiT-S/2", input_size=8, in_channels=4, hidden_dim=32, depth=2, num_heads=2, num_classes=10)
-    config.frequency_dim = 16
-    return config
+    return dit_config(
+        "DiT-S/2", input_size=8, in_channels=4, d_model=32, num_layers=2, num_heads=2, num_classes=10, frequency_dim=16
+    )
 
 
 def load_into(module: torch.nn.Module, state_dict: dict[str, np.ndarray]) -> None:

@@ -50,8 +50,8 @@ TINY_UNET = (
 TINY_DIT = (
     "model=dit",
     "dit.patch_size=4",
-    "dit.hidden_dim=32",
-    "dit.depth=2",
+    "dit.d_model=32",
+    "dit.num_layers=2",
     "dit.num_heads=2",
     "learning_rate=5e-3",
 )

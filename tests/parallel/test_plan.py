@@ -141,7 +141,7 @@ def test_fsdp_shards_the_model_width_and_falls_back_to_the_largest_divisible_dim
 def test_other_architectures_get_specs_for_every_parameter() -> None:
     mesh = make_mesh(jax.devices()[:4], data=1, fsdp=2, tensor=2)
     for params in (
-        abstract(DiT, dit_config("DiT-S/8", input_size=16, depth=2, num_classes=4)),
+        abstract(DiT, dit_config("DiT-S/8", input_size=16, num_layers=2, num_classes=4)),
         abstract(SSMLanguageModel, SSMConfig(vocab_size=64, d_model=32, num_layers=2)),
     ):
         specs = specs_by_name(params, "fsdp+tp", fsdp=2, tensor=2)

@@ -5,10 +5,10 @@ DiT patchifies a ``(C, H, W)`` input into ``(H / p) (W / p)`` tokens with a fixe
 embedding, runs transformer blocks conditioned by adaLN-Zero on ``c = embed(t) + embed(y)``, and unpatchifies
 a final linear projection. The adaLN-Zero modulation (shift, scale, gate per branch) is a zero-initialized
 linear map of ``SiLU(c)``, so every block, and the final layer's output, start as the identity and zero.
-The blocks are stored stacked along a leading ``depth`` axis and applied in a loop (or ``lax.scan``).
+The blocks are stored stacked along a leading ``num_layers`` axis and applied in a loop (or ``lax.scan``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, final
 
 import equinox as eqx
@@ -16,15 +16,23 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from xax.arch.config import (
+    ATTENTION_IMPLS,
+    REMAT_POLICIES,
+    ModelConfigError,
+    ShardingRules,
+    check_choice,
+    check_positive,
+)
 from xax.arch.diffusion.embeddings import TimestepEmbedder, sincos_2d
 from xax.arch.diffusion.layers import zero_init
-from xax.arch.transformer import REMAT_POLICIES
-from xax.core.config import field
+from xax.core.config import field, register_config
 from xax.nn.attention import dot_product_attention
 from xax.nn.mlp import MLP
 
 
-@dataclass
+@register_config
+@dataclass(frozen=True)
 class DiTConfig:
     """Defaults are DiT-B/2 on 32x32x4 latents (256x256 images through an 8x-downsampling VAE)."""
 
@@ -32,36 +40,40 @@ class DiTConfig:
     patch_size: int = field(2, help="Side of a patch; 2 gives 256 tokens at 32x32, the paper's best trade-off")
     in_channels: int = field(4, help="Input channels: 4 for Stable Diffusion VAE latents")
     out_channels: int | None = field(None, help="Output channels; None repeats in_channels (eps/x0/v prediction)")
-    hidden_dim: int = field(768, help="Token width (DiT-B)")
-    depth: int = field(12, help="Transformer blocks (DiT-B)")
-    num_heads: int = field(12, help="Attention heads, 64 channels each (DiT-B)")
-    mlp_ratio: float = field(4.0, help="MLP hidden width over hidden_dim, as in ViT")
+    d_model: int = field(768, help="Token width; 768 is DiT-B")
+    num_layers: int = field(12, help="Transformer blocks; 12 is DiT-B")
+    num_heads: int = field(12, help="Attention heads; 12 gives DiT-B's 64-wide heads")
+    mlp_ratio: float = field(4.0, help="MLP hidden width over d_model; 4 as in ViT")
     num_classes: int | None = field(1000, help="Class labels (ImageNet), plus a null label for CFG; None: none")
     frequency_dim: int = field(256, help="Sinusoidal timestep features fed to the timestep MLP (DiT's value)")
-    attention_impl: str | None = field(None, help="jax.nn.dot_product_attention implementation: xla, cudnn or None")
+    attention_impl: str | None = field(
+        None, help="'xla', 'cudnn' or None, which lets JAX pick: cuDNN on a GPU where it can, else XLA"
+    )
     remat: str = field(
         "none", help="Recompute each block in the backward pass: none (fastest), full, or dots_saveable (keep matmuls)"
     )
-    scan_blocks: bool = field(
+    scan_layers: bool = field(
         False,
         help="Apply the stacked blocks with lax.scan (compile time flat in depth) instead of a Python loop; off "
         "because scanning stacks every block's activations with extra copies (GPT-2 small's step: 70 vs 55 ms)",
     )
 
-    def validate(self) -> None:
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"DiTConfig.remat={self.remat!r} is unknown; expected one of {sorted(REMAT_POLICIES)}")
+    def __post_init__(self) -> None:
+        check_choice(self, "remat", REMAT_POLICIES)
+        check_choice(self, "attention_impl", ATTENTION_IMPLS)
+        check_positive(self, "input_size", "patch_size", "in_channels", "d_model", "num_layers", "num_heads")
         if self.input_size % self.patch_size:
-            raise ValueError(f"DiTConfig.patch_size={self.patch_size} must divide input_size={self.input_size}")
-        if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
-            raise ValueError(
-                f"DiTConfig.hidden_dim={self.hidden_dim} must be divisible by num_heads={self.num_heads} and by 4"
+            raise ModelConfigError(
+                f"DiTConfig.patch_size={self.patch_size} must divide input_size={self.input_size}; pick a divisor"
             )
-        if self.attention_impl not in ("xla", "cudnn", None):
-            raise ValueError(f"DiTConfig.attention_impl={self.attention_impl!r} must be 'xla', 'cudnn' or None")
+        if self.d_model % self.num_heads or self.d_model % 4:
+            raise ModelConfigError(
+                f"DiTConfig.d_model={self.d_model} must be divisible by num_heads={self.num_heads} and by 4 "
+                "(the 2-D sine-cosine embedding); change d_model or num_heads"
+            )
 
 
-# (depth, hidden_dim, num_heads) of the DiT model sizes (Peebles & Xie 2023, Table 1).
+# (num_layers, d_model, num_heads) of the DiT model sizes (Peebles & Xie 2023, Table 1).
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6),
     "B": (12, 768, 12),
@@ -77,14 +89,51 @@ def dit_config(name: str, **overrides: Any) -> DiTConfig:
     """
     size, _, patch = name.removeprefix("DiT-").partition("/")
     if not name.startswith("DiT-") or size not in DIT_SIZES or patch not in ("2", "4", "8"):
-        raise ValueError(f"DiT preset {name!r} is unknown; use DiT-<{'|'.join(DIT_SIZES)}>/<2|4|8>, e.g. 'DiT-B/2'")
-    depth, hidden, heads = DIT_SIZES[size]
-    config = DiTConfig(patch_size=int(patch), hidden_dim=hidden, depth=depth, num_heads=heads)
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ValueError(f"DiTConfig has no field {key!r}")
-        setattr(config, key, value)
-    return config
+        raise ModelConfigError(
+            f"DiT preset {name!r} is unknown; use DiT-<{'|'.join(DIT_SIZES)}>/<2|4|8>, e.g. 'DiT-B/2'"
+        )
+    unknown = sorted(set(overrides) - {f.name for f in fields(DiTConfig)})
+    if unknown:
+        raise ModelConfigError(f"DiTConfig has no field {unknown[0]!r}; see DiTConfig for the fields")
+    num_layers, d_model, num_heads = DIT_SIZES[size]
+    values: dict[str, Any] = {"patch_size": int(patch), "d_model": d_model, "num_layers": num_layers}
+    values.update(num_heads=num_heads, **overrides)
+    return DiTConfig(**values)
+
+
+@register_config
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """One mmDiT block (Stable Diffusion 3); defaults are the width of SD3-medium's blocks."""
+
+    d_model: int = field(1536, help="Token width of both streams; 1536 is SD3-medium (24 heads of 64)")
+    num_heads: int = field(24, help="Attention heads; 24 gives SD3-medium's 64-wide heads")
+    mlp_ratio: float = field(4.0, help="MLP hidden width over d_model; 4 as in ViT and SD3")
+    attention_impl: str | None = field(
+        None, help="'xla', 'cudnn' or None, which lets JAX pick: cuDNN on a GPU where it can, else XLA"
+    )
+
+    def __post_init__(self) -> None:
+        check_choice(self, "attention_impl", ATTENTION_IMPLS)
+        check_positive(self, "d_model", "num_heads")
+        if self.d_model % self.num_heads:
+            raise ModelConfigError(
+                f"MMDiTConfig.d_model={self.d_model} must be divisible by num_heads={self.num_heads}; "
+                "change d_model or num_heads"
+            )
+
+
+# Logical axes of the parameters (xax.parallel.rules): the fused qkv and the MLP's first layer split
+# by columns, the attention output and the MLP's second layer by rows (DiT blocks and mmDiT streams).
+SHARDING_RULES: ShardingRules = (
+    (r"(^|\.)qkv\.weight$", ("heads", "embed")),
+    (r"(^|\.)qkv\.bias$", ("heads",)),
+    (r"(^|\.)proj\.weight$", ("embed", "heads")),
+    (r"(^|\.)mlp\.up_proj\.weight$", ("mlp", "embed")),
+    (r"(^|\.)mlp\.up_proj\.bias$", ("mlp",)),
+    (r"(^|\.)mlp\.down_proj\.weight$", ("embed", "mlp")),
+    (r"(^|\.)mlp\.down_proj\.bias$", (None,)),
+)
 
 
 def layer_norm(x: Float[Array, "t d"], eps: float = 1e-6) -> Float[Array, "t d"]:
@@ -173,14 +222,13 @@ class DiT(eqx.Module):
     patch_embed: eqx.nn.Conv2d
     time_embed: TimestepEmbedder
     class_embed: eqx.nn.Embedding | None
-    blocks: DiTBlock  # stacked: every leaf has a leading (depth,) axis
+    blocks: DiTBlock  # stacked: every leaf has a leading (num_layers,) axis
     final: FinalLayer
     config: DiTConfig = eqx.field(static=True)
 
     def __init__(self, config: DiTConfig, *, key: PRNGKeyArray) -> None:
-        config.validate()
         keys = jax.random.split(key, 5)
-        dim, patch = config.hidden_dim, config.patch_size
+        dim, patch = config.d_model, config.patch_size
         self.config = config
         self.patch_embed = eqx.nn.Conv2d(config.in_channels, dim, patch, stride=patch, key=keys[0])
         self.time_embed = TimestepEmbedder(config.frequency_dim, dim, key=keys[1])
@@ -188,7 +236,7 @@ class DiT(eqx.Module):
         if config.num_classes is not None:
             self.class_embed = eqx.nn.Embedding(config.num_classes + 1, dim, key=keys[2])
         make = lambda k: DiTBlock(dim, config.num_heads, config.mlp_ratio, config.attention_impl, key=k)  # noqa: E731
-        self.blocks = eqx.filter_vmap(make)(jax.random.split(keys[3], config.depth))
+        self.blocks = eqx.filter_vmap(make)(jax.random.split(keys[3], config.num_layers))
         out = config.out_channels or config.in_channels
         self.final = FinalLayer(dim, patch * patch * out, key=keys[4])
 
@@ -232,11 +280,11 @@ class DiT(eqx.Module):
 
         policy = REMAT_POLICIES[self.config.remat]
         run = body if policy is None else jax.checkpoint(body, policy=policy)
-        if self.config.scan_blocks:
+        if self.config.scan_layers:
             tokens, _ = jax.lax.scan(run, tokens, arrays)
         else:
             # The same stacked weights, one static slice per block.
-            for index in range(self.config.depth):
+            for index in range(self.config.num_layers):
                 tokens, _ = run(tokens, jax.tree.map(lambda a, i=index: a[i], arrays))
         return unpatchify(self.final(tokens, c), patch, size, size)
 
@@ -250,8 +298,9 @@ class StreamWeights(eqx.Module):
     proj: eqx.nn.Linear
     mlp: MLP
 
-    def __init__(self, dim: int, mlp_ratio: float, *, key: PRNGKeyArray) -> None:
+    def __init__(self, config: MMDiTConfig, *, key: PRNGKeyArray) -> None:
         keys = jax.random.split(key, 4)
+        dim, mlp_ratio = config.d_model, config.mlp_ratio
         self.modulation = zero_init(eqx.nn.Linear(dim, 6 * dim, key=keys[0]))
         self.qkv = eqx.nn.Linear(dim, 3 * dim, key=keys[1])
         self.proj = eqx.nn.Linear(dim, dim, key=keys[2])
@@ -283,15 +332,11 @@ class MMDiTBlock(eqx.Module):
     num_heads: int = eqx.field(static=True)
     impl: str | None = eqx.field(static=True)
 
-    def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, impl: str | None = None, *, key: PRNGKeyArray
-    ) -> None:
-        if dim % num_heads:
-            raise ValueError(f"MMDiTBlock dim={dim} must be divisible by num_heads={num_heads}")
+    def __init__(self, config: MMDiTConfig, *, key: PRNGKeyArray) -> None:
         key1, key2 = jax.random.split(key)
-        self.image = StreamWeights(dim, mlp_ratio, key=key1)
-        self.context = StreamWeights(dim, mlp_ratio, key=key2)
-        self.num_heads, self.impl = num_heads, impl
+        self.image = StreamWeights(config, key=key1)
+        self.context = StreamWeights(config, key=key2)
+        self.num_heads, self.impl = config.num_heads, config.attention_impl
 
     def __call__(
         self, x: Float[Array, "tx d"], context: Float[Array, "tc d"], vec: Float[Array, " d"]

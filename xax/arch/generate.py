@@ -12,32 +12,32 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from xax.arch.config import ModelConfigError
 from xax.arch.transformer import Transformer
+from xax.core.config import field, register_config
 from xax.core.errors import ConfigError
 
 
+@register_config
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How the next token is drawn from the logits.
+    """How the next token is drawn from the logits. The defaults draw from the model's distribution as is."""
 
-    Attributes:
-        temperature: Logits are divided by it; 0 means greedy (arg-max) decoding.
-        top_k: If set, only the ``top_k`` most likely tokens can be drawn.
-        top_p: If set, nucleus sampling (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751):
-            only the smallest set of most likely tokens whose probability reaches ``top_p``.
-    """
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    temperature: float = field(1.0, help="Logits are divided by it; 1 leaves them as they are, 0 is greedy decoding")
+    top_k: int | None = field(None, help="Draw only from the top_k most likely tokens; None: no limit")
+    top_p: float | None = field(
+        None,
+        help="Nucleus sampling (Holtzman et al. 2019): only the smallest set of most likely tokens whose "
+        "probability reaches top_p; None: no limit",
+    )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature={self.temperature} must be >= 0 (0 is greedy)")
+            raise ModelConfigError(f"SamplingConfig.temperature={self.temperature} must be >= 0 (0 is greedy)")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"SamplingConfig.top_k={self.top_k} must be a positive integer or None")
+            raise ModelConfigError(f"SamplingConfig.top_k={self.top_k} must be a positive integer or None")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1] or None")
+            raise ModelConfigError(f"SamplingConfig.top_p={self.top_p} must be in (0, 1] or None")
 
 
 def filter_logits(logits: Float[Array, "batch vocab"], sampling: SamplingConfig) -> Float[Array, "batch vocab"]:

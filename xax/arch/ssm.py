@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
+from xax.arch.config import ModelConfigError, ShardingRules, check_choice, check_positive
 from xax.core.config import field, register_config
-from xax.core.errors import ConfigError
 from xax.nn.embeddings import Embedding, check_id_range
 from xax.nn.mlp import MLP
 from xax.nn.norms import RMSNorm
@@ -37,7 +37,7 @@ _COMPUTE_DTYPES = {name: COMPUTE_DTYPES[name] for name in ("float32", "bfloat16"
 
 
 @register_config
-@dataclass
+@dataclass(frozen=True)
 class SSMConfig:
     """The shape of an ``SSMLanguageModel``."""
 
@@ -62,26 +62,19 @@ class SSMConfig:
     compute_dtype: str = field("float32", help="Activation dtype: 'float32' or 'bfloat16' (parameters stay float32)")
 
     def __post_init__(self) -> None:
-        _check_choice("layer", self.layer, SSM_LAYERS)
-        _check_choice("diagonal_init", self.diagonal_init, DIAGONAL_INITS)
-        _check_choice("compute_dtype", self.compute_dtype, _COMPUTE_DTYPES)
-        for name in ("vocab_size", "d_model", "num_layers", "d_state", "d_conv", "expand"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"SSMConfig.{name}={getattr(self, name)} must be at least 1")
+        check_choice(self, "layer", SSM_LAYERS)
+        check_choice(self, "diagonal_init", DIAGONAL_INITS)
+        check_choice(self, "compute_dtype", _COMPUTE_DTYPES)
+        check_positive(self, "vocab_size", "d_model", "num_layers", "d_state", "d_conv", "expand")
         if self.mlp_ratio < 0:
-            raise ConfigError(f"SSMConfig.mlp_ratio={self.mlp_ratio} must be >= 0 (0 disables the MLP)")
+            raise ModelConfigError(f"SSMConfig.mlp_ratio={self.mlp_ratio} must be >= 0 (0 disables the MLP)")
         if not 0 < self.dt_min <= self.dt_max:
-            raise ConfigError(f"SSMConfig dt_min={self.dt_min}, dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
+            raise ModelConfigError(f"SSMConfig dt_min={self.dt_min}, dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
         if self.layer == "diagonal" and self.diagonal_init != "real" and self.d_state % 2:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"SSMConfig.d_state={self.d_state} must be even for diagonal_init={self.diagonal_init!r} "
                 "(complex modes come in conjugate pairs); use an even d_state or diagonal_init='real'"
             )
-
-
-def _check_choice(name: str, value: str, choices: dict) -> None:
-    if value not in choices:
-        raise ConfigError(f"SSMConfig.{name}={value!r} is unknown; expected one of {sorted(choices)}")
 
 
 def _diagonal(config: SSMConfig, key: PRNGKeyArray) -> SSMLayer:
@@ -115,6 +108,18 @@ SSM_LAYERS: dict[str, Callable[[SSMConfig, PRNGKeyArray], SSMLayer]] = {
 
 # One layer state per block; each leaf has a leading batch axis.
 SSMCache = tuple[PyTree[Array], ...]
+
+# Logical axes of the parameters (xax.parallel.rules): the embedding vocabulary-parallel, the MLP
+# split by columns then rows, the norms whole. The SSM layers' own weights take the plan's default.
+SHARDING_RULES: ShardingRules = (
+    (r"(^|\.)embed\.weight$", ("vocab", "embed")),
+    (r"(^|\.)unembed$", ("vocab", "embed")),
+    (r"(^|\.)mlp\.up_proj\.weight$", ("mlp", "embed")),
+    (r"(^|\.)mlp\.up_proj\.bias$", ("mlp",)),
+    (r"(^|\.)mlp\.down_proj\.weight$", ("embed", "mlp")),
+    (r"(^|\.)mlp\.down_proj\.bias$", (None,)),
+    (r"norm\.(weight|bias)$", (None,)),
+)
 
 
 def _mlp(config: SSMConfig, key: PRNGKeyArray) -> MLP:

@@ -37,6 +37,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from xax.arch.config import (
+    REMAT_POLICIES,
+    ModelConfigError,
+    ShardingRules,
+    check_choice,
+    check_positive,
+)
+from xax.core.config import field, register_config
 from xax.core.errors import ConfigError
 from xax.nn.attention import IMPLEMENTATIONS, KVCache, MultiHeadAttention
 from xax.nn.embeddings import Embedding, RopeScaling, RotaryEmbedding, check_id_range
@@ -49,119 +57,114 @@ from xax.utils.pytree import cast_floating
 POSITION_TYPES = ("learned", "rope", "none")
 MLP_TYPES = ("mlp", "swiglu")
 
-# Rematerialization policies by name: None means no rematerialization.
-REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
 # The cache of a whole model: one KVCache with a leading layer axis (scanned layers) or one per layer.
 TransformerCache = KVCache | tuple[KVCache, ...]
 
+# Logical axes of the parameters (xax.parallel.rules): q/k/v, gate/up and the vocabulary split by
+# columns, o/down by rows; ``(\.base)?`` also matches the frozen weight inside a LoRALinear.
+_LIN = r"(\.base)?"
+SHARDING_RULES: ShardingRules = (
+    (r"(^|\.)embed_tokens\.weight$", ("vocab", "embed")),
+    (rf"(^|\.)lm_head{_LIN}\.weight$", ("vocab", "embed")),
+    (r"(^|\.)embed_positions\.weight$", (None, "embed")),
+    (rf"q_proj{_LIN}\.weight$", ("heads", "embed")),
+    (rf"[kv]_proj{_LIN}\.weight$", ("kv_heads", "embed")),
+    (rf"q_proj{_LIN}\.bias$", ("heads",)),
+    (rf"[kv]_proj{_LIN}\.bias$", ("kv_heads",)),
+    (rf"o_proj{_LIN}\.weight$", ("embed", "heads")),
+    (rf"(gate|up)_proj{_LIN}\.weight$", ("mlp", "embed")),
+    (rf"(gate|up)_proj{_LIN}\.bias$", ("mlp",)),
+    (rf"down_proj{_LIN}\.weight$", ("embed", "mlp")),
+    (rf"(o|down)_proj{_LIN}\.bias$", (None,)),
+    # Norm scales and shifts: small, and needed whole by every device.
+    (r"norm\.(weight|bias)$", (None,)),
+)
 
-def _check_choice(name: str, value: object, choices: Any) -> None:
-    if value not in choices:
-        raise ValueError(f"TransformerConfig.{name}={value!r} is unknown; expected one of {sorted(choices)}")
 
-
+@register_config
 @dataclass(frozen=True)
 class TransformerConfig:
     """The shape and style of a decoder-only transformer. Defaults are GPT-2 small (124M).
 
-    Attributes:
-        vocab_size: Token vocabulary size; 50257 is GPT-2's byte-level BPE.
-        max_seq_len: Context length; sizes the learned position table (GPT-2: 1024) and is the
-            reference length of RoPE's "dynamic" scaling. With learned positions it is a hard limit:
-            a longer input (or KV cache) is refused when the call is traced. RoPE and "none" models
-            run past it (RoPE extrapolates, or rescales with "dynamic"), as Hugging Face's do.
-        d_model: Residual stream width; 768 is GPT-2 small.
-        num_layers: Transformer blocks; 12 is GPT-2 small.
-        num_heads: Query heads; 12 gives GPT-2's 64-wide heads.
-        num_kv_heads: Key/value heads; None means ``num_heads`` (multi-head, as in GPT-2). Fewer
-            gives grouped-query attention (Llama 2 70B, Llama 3, Qwen2), 1 gives multi-query.
-        head_dim: Width of a head; None means ``d_model // num_heads``, the usual choice.
-        mlp_dim: Feed-forward hidden width; None means ``4 * d_model`` (GPT-2). SwiGLU models
-            set it explicitly (Llama uses about 8/3 * d_model, rounded).
-        positions: "learned" (GPT-2's absolute table), "rope" (Llama, Qwen) or "none".
-        rope_theta: The RoPE base; 10000 is the original (Llama 2); Llama 3 uses 500000, Qwen2 1e6.
-        rope_scaling: Context-extension scaling of RoPE; None keeps the plain frequencies.
-        norm: "layernorm" (GPT-2) or "rmsnorm" (Llama, Qwen).
-        norm_eps: Norm epsilon; 1e-5 is GPT-2's LayerNorm (Llama 2 also uses 1e-5 for RMSNorm).
-        mlp: "mlp" (GPT-2's two-layer MLP) or "swiglu" (Llama's gated MLP).
-        activation: A key of ``xax.nn.mlp.ACTIVATIONS``; "gelu_tanh" is GPT-2's "gelu_new",
-            Llama uses "silu".
-        qkv_bias: Biases on q/k/v projections; True for GPT-2 and Qwen2, False for Llama.
-        bias: Biases on the attention output, the MLP and LayerNorm; True for GPT-2, False for Llama.
-        tie_embeddings: Reuse the token embedding as the output projection (GPT-2, small Qwen2).
-        sliding_window: If set, attention sees only that many most recent tokens (Mistral);
-            None is full causal attention.
-        dropout: Residual and embedding dropout rate; 0.0 since modern pretraining uses none
-            (GPT-2 used 0.1).
-        init_std: Weight initialization standard deviation; 0.02 as GPT-2 and Llama.
-        scaled_residual_init: Divide the init of each residual branch's output projection by
-            sqrt(2 * num_layers) (GPT-2), keeping the residual stream's variance bounded.
-        attention_impl: "auto" (cuDNN flash attention on GPU when supported, else XLA), "xla" or
-            "cudnn"; "auto" because it is never slower and falls back by itself.
-        scan_layers: Stack the blocks' weights and apply them with ``jax.lax.scan``, so compile
-            time stays flat in depth (worth it for deep models). False by default because the
-            Python loop over a tuple of blocks trains faster: scanning stacks every layer's
-            activations with extra copies, and GPT-2 small's step on an H100 took 70 ms scanned
-            against 55 ms unrolled (benchmarks/results/gpt2_ablation.md).
-        remat: A key of ``REMAT_POLICIES``; "none" keeps all activations (fastest when memory
-            allows), "full" recomputes each block in the backward pass, "dots_saveable" keeps
-            matmul outputs only.
-        compute_dtype: "float32", "bfloat16" or "float16": the activation dtype; parameters stay
-            float32 and are cast at call time. float32 by default so results are exact on CPU.
+    Presets: ``gpt2_small``, ``gpt2_tiny``, ``llama_tiny``, ``qwen_tiny``, ``mistral_tiny``.
     """
 
-    vocab_size: int = 50257
-    max_seq_len: int = 1024
-    d_model: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    mlp_dim: int | None = None
-    positions: str = "learned"
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    mlp: str = "mlp"
-    activation: str = "gelu_tanh"
-    qkv_bias: bool = True
-    bias: bool = True
-    tie_embeddings: bool = True
-    sliding_window: int | None = None
-    dropout: float = 0.0
-    init_std: float = 0.02
-    scaled_residual_init: bool = True
-    attention_impl: str = "auto"
-    scan_layers: bool = False
-    remat: str = "none"
-    compute_dtype: str = "float32"
+    vocab_size: int = field(50257, help="Token vocabulary size; 50257 is GPT-2's byte-level BPE")
+    max_seq_len: int = field(
+        1024, help="Context length (GPT-2's): the learned position table's size, a hard limit; RoPE runs past it"
+    )
+    d_model: int = field(768, help="Residual stream width; 768 is GPT-2 small")
+    num_layers: int = field(12, help="Transformer blocks; 12 is GPT-2 small")
+    num_heads: int = field(12, help="Query heads; 12 gives GPT-2's 64-wide heads")
+    num_kv_heads: int | None = field(
+        None, help="Key/value heads; None is num_heads (GPT-2); fewer is grouped-query (Llama 3), 1 multi-query"
+    )
+    head_dim: int | None = field(None, help="Width of a head; None is d_model // num_heads, the usual choice")
+    mlp_dim: int | None = field(
+        None, help="Feed-forward hidden width; None is 4 * d_model (GPT-2); SwiGLU models set about 8/3 * d_model"
+    )
+    positions: str = field("learned", help="'learned' (GPT-2's absolute table), 'rope' (Llama, Qwen) or 'none'")
+    rope_theta: float = field(
+        10000.0, help="The RoPE base; 10000 is the original (Llama 2); Llama 3 uses 500000, Qwen2 1e6"
+    )
+    rope_scaling: RopeScaling | None = field(None, help="Context-extension scaling of RoPE; None: plain frequencies")
+    norm: str = field("layernorm", help="'layernorm' (GPT-2) or 'rmsnorm' (Llama, Qwen)")
+    norm_eps: float = field(1e-5, help="Norm epsilon; 1e-5 is GPT-2's LayerNorm (and Llama 2's RMSNorm)")
+    mlp: str = field("mlp", help="'mlp' (GPT-2's two-layer MLP) or 'swiglu' (Llama's gated MLP)")
+    activation: str = field(
+        "gelu_tanh", help="A key of xax.nn.mlp.ACTIVATIONS; 'gelu_tanh' is GPT-2's gelu_new, Llama uses 'silu'"
+    )
+    qkv_bias: bool = field(True, help="Biases on the q/k/v projections; True for GPT-2 and Qwen2, False for Llama")
+    bias: bool = field(True, help="Biases on the attention output, the MLP and LayerNorm; True for GPT-2")
+    tie_embeddings: bool = field(True, help="Reuse the token embedding as the output projection (GPT-2, small Qwen2)")
+    sliding_window: int | None = field(
+        None, help="Attend to only this many most recent tokens (Mistral); None is full causal attention"
+    )
+    dropout: float = field(
+        0.0, help="Residual and embedding dropout rate; 0 since modern pretraining uses none (GPT-2 used 0.1)"
+    )
+    init_std: float = field(0.02, help="Weight initialization standard deviation; 0.02 as GPT-2 and Llama")
+    scaled_residual_init: bool = field(
+        True, help="Divide residual output projections' init by sqrt(2 num_layers) (GPT-2): bounded variance"
+    )
+    attention_impl: str = field(
+        "auto", help="'auto' (cuDNN on GPU where supported, else XLA: never slower), 'xla' or 'cudnn'"
+    )
+    scan_layers: bool = field(
+        False,
+        help="Stack the blocks' weights and apply them with lax.scan (compile time flat in depth); off because "
+        "the loop trains faster: GPT-2 small's H100 step took 70 ms scanned against 55 ms unrolled",
+    )
+    remat: str = field(
+        "none",
+        help="A key of REMAT_POLICIES: 'none' keeps all activations (fastest when memory allows), 'full' "
+        "recomputes each block in the backward pass, 'dots_saveable' keeps matmul outputs only",
+    )
+    compute_dtype: str = field(
+        "float32", help="Activation dtype (float32, bfloat16, float16; weights stay float32); float32 is exact"
+    )
 
     def __post_init__(self) -> None:
-        _check_choice("positions", self.positions, POSITION_TYPES)
-        _check_choice("norm", self.norm, NORM_TYPES)
-        _check_choice("mlp", self.mlp, MLP_TYPES)
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("attention_impl", self.attention_impl, IMPLEMENTATIONS)
-        _check_choice("remat", self.remat, REMAT_POLICIES)
-        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice(self, "positions", POSITION_TYPES)
+        check_choice(self, "norm", NORM_TYPES)
+        check_choice(self, "mlp", MLP_TYPES)
+        check_choice(self, "activation", ACTIVATIONS)
+        check_choice(self, "attention_impl", IMPLEMENTATIONS)
+        check_choice(self, "remat", REMAT_POLICIES)
+        check_choice(self, "compute_dtype", COMPUTE_DTYPES)
+        check_positive(self, "vocab_size", "max_seq_len", "d_model", "num_layers", "num_heads")
         if self.num_heads % self.kv_heads != 0:
-            raise ValueError(
-                f"TransformerConfig: num_heads={self.num_heads} is not divisible by num_kv_heads={self.kv_heads}"
+            raise ModelConfigError(
+                f"TransformerConfig: num_heads={self.num_heads} is not divisible by num_kv_heads={self.kv_heads}; "
+                "use a divisor of num_heads"
             )
         if self.head_dim is None and self.d_model % self.num_heads != 0:
-            raise ValueError(
+            raise ModelConfigError(
                 f"TransformerConfig: d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
                 "set head_dim explicitly"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TransformerConfig.dropout={self.dropout} must be in [0, 1)")
+            raise ModelConfigError(f"TransformerConfig.dropout={self.dropout} must be in [0, 1)")
 
     @property
     def kv_heads(self) -> int:

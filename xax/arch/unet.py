@@ -16,15 +16,25 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from xax.arch.config import (
+    ATTENTION_IMPLS,
+    REMAT_POLICIES,
+    ModelConfigError,
+    ShardingRules,
+    check_choice,
+    check_positive,
+)
 from xax.arch.diffusion.embeddings import TimestepEmbedder
 from xax.arch.diffusion.layers import zero_init
-from xax.arch.transformer import REMAT_POLICIES
-from xax.core.config import field
+from xax.core.config import field, register_config
 from xax.nn.attention import dot_product_attention
 
 
-@dataclass
+@register_config
+@dataclass(frozen=True)
 class UNetConfig:
+    """The shape of a UNet denoiser; defaults are sized for MNIST (about 7M parameters)."""
+
     in_channels: int = field(1, help="Image channels: 1 for MNIST")
     out_channels: int | None = field(None, help="Output channels; None repeats in_channels (eps/x0/v prediction)")
     base_channels: int = field(64, help="Width at full resolution; 64 trains MNIST in minutes on one GPU")
@@ -39,32 +49,45 @@ class UNetConfig:
     norm_groups: int = field(32, help="GroupNorm groups (Wu & He 2018's default); must divide every width")
     num_classes: int | None = field(10, help="Class labels (10 MNIST digits), plus a null label for CFG; None: none")
     time_dim: int | None = field(None, help="Width of the timestep/class embedding; None is 4x base_channels (ADM)")
-    attention_impl: str | None = field(None, help="jax.nn.dot_product_attention implementation: xla, cudnn or None")
+    attention_impl: str | None = field(
+        None, help="'xla', 'cudnn' or None, which lets JAX pick: cuDNN on a GPU where it can, else XLA"
+    )
     remat: str = field(
         "none",
         help="Recompute each residual and attention block in the backward pass: none (fastest), full, or "
         "dots_saveable (keep matmuls)",
     )
 
-    def validate(self) -> None:
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"UNetConfig.remat={self.remat!r} is unknown; expected one of {sorted(REMAT_POLICIES)}")
+    def __post_init__(self) -> None:
+        check_choice(self, "remat", REMAT_POLICIES)
+        check_choice(self, "attention_impl", ATTENTION_IMPLS)
+        check_positive(self, "in_channels", "base_channels", "num_res_blocks", "num_heads", "norm_groups")
         widths = [self.base_channels * mult for mult in self.channel_mults]
         for width in widths:
             if width % self.norm_groups:
-                raise ValueError(
+                raise ModelConfigError(
                     f"UNetConfig.norm_groups={self.norm_groups} does not divide the width {width} "
                     f"(base_channels={self.base_channels} x channel_mults={self.channel_mults}); pick a divisor"
                 )
         for level in self.attention_levels:
             if not 0 <= level < len(self.channel_mults):
-                raise ValueError(
+                raise ModelConfigError(
                     f"UNetConfig.attention_levels has {level}; levels are 0..{len(self.channel_mults) - 1}"
                 )
             if widths[level] % self.num_heads:
-                raise ValueError(f"UNetConfig.num_heads={self.num_heads} does not divide the width {widths[level]}")
-        if self.attention_impl not in ("xla", "cudnn", None):
-            raise ValueError(f"UNetConfig.attention_impl={self.attention_impl!r} must be 'xla', 'cudnn' or None")
+                raise ModelConfigError(
+                    f"UNetConfig.num_heads={self.num_heads} does not divide the width {widths[level]}; pick a divisor"
+                )
+
+
+# Logical axes of the parameters (xax.parallel.rules): the attention blocks' fused qkv split by
+# columns and their output projection by rows; norms whole; the convolutions take the plan's default.
+SHARDING_RULES: ShardingRules = (
+    (r"(^|\.)qkv\.weight$", ("heads", "embed")),
+    (r"(^|\.)qkv\.bias$", ("heads",)),
+    (r"(^|\.)proj\.weight$", ("embed", "heads")),
+    (r"norm\.(weight|bias)$", (None,)),
+)
 
 
 def _conv3(cin: int, cout: int, key: PRNGKeyArray) -> eqx.nn.Conv2d:
@@ -188,7 +211,6 @@ class UNet(eqx.Module):
     remat: str = eqx.field(static=True)
 
     def __init__(self, config: UNetConfig, *, key: PRNGKeyArray) -> None:
-        config.validate()
         keys = iter(jax.random.split(key, 64))
         base, groups = config.base_channels, config.norm_groups
         emb = config.time_dim or 4 * base

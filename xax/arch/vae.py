@@ -14,32 +14,44 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from xax.arch.config import ModelConfigError, ShardingRules, check_positive
 from xax.arch.unet import Downsample, ResBlock, Upsample
-from xax.core.config import field
+from xax.core.config import field, register_config
 from xax.nn.distributions import Normal
 
 # Rombach et al. (2022) clamp the log-variance so that exp() neither overflows nor collapses to zero.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
-@dataclass
+@register_config
+@dataclass(frozen=True)
 class VAEConfig:
+    """The shape of a VAE; defaults are sized for 28x28 MNIST digits."""
+
     in_channels: int = field(1, help="Image channels: 1 for MNIST")
     latent_channels: int = field(4, help="Latent channels, as in the Stable Diffusion autoencoder")
     base_channels: int = field(32, help="Width at full resolution; 32 suffices for 28x28 digits")
     channel_mults: tuple[int, ...] = field((1, 2), help="Width multiple per level; two levels downsample 2x (28->14)")
     num_res_blocks: int = field(1, help="Residual blocks per level; one keeps the model small and fast")
-    norm_groups: int = field(8, help="GroupNorm groups; must divide every width")
+    norm_groups: int = field(8, help="GroupNorm groups; 8 divides every default width (32, 64)")
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        check_positive(self, "in_channels", "latent_channels", "base_channels", "norm_groups")
         if self.num_res_blocks < 1:
-            raise ValueError(f"VAEConfig.num_res_blocks={self.num_res_blocks} must be at least 1 (they change widths)")
+            raise ModelConfigError(
+                f"VAEConfig.num_res_blocks={self.num_res_blocks} must be at least 1 (they change widths)"
+            )
         for mult in self.channel_mults:
             if (self.base_channels * mult) % self.norm_groups:
-                raise ValueError(
+                raise ModelConfigError(
                     f"VAEConfig.norm_groups={self.norm_groups} does not divide the width {self.base_channels * mult} "
                     f"(base_channels={self.base_channels} x channel_mults={self.channel_mults}); pick a divisor"
                 )
+
+
+# Logical axes of the parameters (xax.parallel.rules): the encoder's and decoder's last norms whole;
+# the convolutions take the plan's default.
+SHARDING_RULES: ShardingRules = ((r"norm\.(weight|bias)$", (None,)),)
 
 
 def _conv3(cin: int, cout: int, key: PRNGKeyArray) -> eqx.nn.Conv2d:
@@ -70,7 +82,6 @@ class VAE(eqx.Module):
     dec_out: eqx.nn.Conv2d
 
     def __init__(self, config: VAEConfig, *, key: PRNGKeyArray) -> None:
-        config.validate()
         keys = iter(jax.random.split(key, 64))
         widths = [config.base_channels * mult for mult in config.channel_mults]
         groups, blocks = config.norm_groups, config.num_res_blocks

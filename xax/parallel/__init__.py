@@ -26,5 +26,8 @@ from xax.parallel.report import CompiledStats as CompiledStats
 from xax.parallel.report import PlanReport as PlanReport
 from xax.parallel.report import compiled_stats as compiled_stats
 from xax.parallel.report import make_report as make_report
-from xax.parallel.rules import RULES as RULES
+from xax.parallel.rules import LOGICAL_AXES as LOGICAL_AXES
+from xax.parallel.rules import Rules as Rules
+from xax.parallel.rules import compile_rules as compile_rules
 from xax.parallel.rules import logical_axes as logical_axes
+from xax.parallel.rules import model_rules as model_rules

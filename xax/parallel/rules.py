@@ -6,60 +6,70 @@ parameter with one more dimension than its rule is a stack of layers (scanned tr
 layers, DiT blocks) and gets ``layers`` in front. Parameters no rule names are left to the
 plan's default (see ``xax.parallel.plan``).
 
+The rules themselves belong to the models: each module of ``xax.arch`` declares ``SHARDING_RULES``
+beside its model, and ``xax.arch.SHARDING_RULES`` joins them; that table is the default here. A
+model of one's own passes its rules explicitly.
+
 Logical axes: ``embed`` (model width), ``heads`` (query heads x head width), ``kv_heads``
 (key/value heads x head width), ``mlp`` (feed-forward width), ``vocab``, ``layers`` (stacked
 layers, never sharded), and None (never sharded: norms, biases added to the residual stream).
 """
 
+import functools
 import re
 from collections.abc import Sequence
 
+from xax.parallel.errors import ShardingError
+
 Logical = tuple[str | None, ...]
+# (pattern searched in a dotted parameter path, the logical axis of each dimension), first match wins.
+Rules = tuple[tuple[str, Logical], ...]
 
 LAYERS = "layers"
 LOGICAL_AXES = ("embed", "heads", "kv_heads", "mlp", "vocab", LAYERS)
 
-# A trailing ``(\.base)?`` also matches the frozen weight inside a LoRALinear.
-_LIN = r"(\.base)?"
-RULES: tuple[tuple[str, Logical], ...] = (
-    # Token embeddings and output projections: xax.arch.transformer, xax.arch.ssm.
-    (r"(^|\.)(embed_tokens|embed)\.weight$", ("vocab", "embed")),
-    (rf"(^|\.)lm_head{_LIN}\.weight$", ("vocab", "embed")),
-    (r"(^|\.)unembed$", ("vocab", "embed")),
-    (r"(^|\.)embed_positions\.weight$", (None, "embed")),
-    # Attention (xax.nn.attention): q/k/v column-parallel, o row-parallel.
-    (rf"q_proj{_LIN}\.weight$", ("heads", "embed")),
-    (rf"[kv]_proj{_LIN}\.weight$", ("kv_heads", "embed")),
-    (rf"q_proj{_LIN}\.bias$", ("heads",)),
-    (rf"[kv]_proj{_LIN}\.bias$", ("kv_heads",)),
-    (rf"o_proj{_LIN}\.weight$", ("embed", "heads")),
-    # Feed-forward (xax.nn.mlp, also in DiT blocks and the SSM model): gate/up column-parallel, down row-parallel.
-    (rf"(gate|up)_proj{_LIN}\.weight$", ("mlp", "embed")),
-    (rf"(gate|up)_proj{_LIN}\.bias$", ("mlp",)),
-    (rf"down_proj{_LIN}\.weight$", ("embed", "mlp")),
-    (rf"(o|down)_proj{_LIN}\.bias$", (None,)),
-    # DiT blocks and UNet attention: fused qkv and output projection (xax.arch.dit, xax.arch.unet).
-    (r"(^|\.)qkv\.weight$", ("heads", "embed")),
-    (r"(^|\.)qkv\.bias$", ("heads",)),
-    (r"(^|\.)proj\.weight$", ("embed", "heads")),
-    # Norm scales and shifts: small, and needed whole by every device.
-    (r"norm\.(weight|bias)$", (None,)),
-)
 
-_COMPILED = tuple((re.compile(pattern), axes) for pattern, axes in RULES)
+def model_rules() -> Rules:
+    """The rules the models of ``xax.arch`` declare (``xax.arch.SHARDING_RULES``), in order."""
+    # Imported here: the models declare their rules, and the mechanism reads them only when used.
+    from xax.arch import SHARDING_RULES
+
+    return SHARDING_RULES
 
 
-def logical_axes(path: str, shape: Sequence[int]) -> Logical | None:
+@functools.cache
+def compile_rules(rules: Rules) -> tuple[tuple[re.Pattern[str], Logical], ...]:
+    """Compiles the patterns of ``rules`` once, checking that every axis is a logical axis.
+
+    Raises:
+        ShardingError: Naming a rule whose pattern does not compile or whose axis is unknown.
+    """
+    compiled = []
+    for pattern, axes in rules:
+        unknown = [axis for axis in axes if axis is not None and axis not in LOGICAL_AXES]
+        if unknown:
+            raise ShardingError(
+                f"sharding rule {pattern!r} names the axis {unknown[0]!r}; use one of {LOGICAL_AXES} or None"
+            )
+        try:
+            compiled.append((re.compile(pattern), axes))
+        except re.error as error:
+            raise ShardingError(f"sharding rule {pattern!r} is not a regular expression: {error}") from None
+    return tuple(compiled)
+
+
+def logical_axes(path: str, shape: Sequence[int], rules: Rules | None = None) -> Logical | None:
     """The logical axis of each dimension of the parameter at ``path``, or None when no rule names it.
 
     Args:
         path: The parameter's dotted path in the model (``layers.self_attn.q_proj.weight``).
         shape: Its shape.
+        rules: The rules to apply; None applies those of every model in ``xax.arch``.
 
     Returns:
         One logical axis (or None) per dimension; None when no rule matches this path and rank.
     """
-    for pattern, axes in _COMPILED:
+    for pattern, axes in compile_rules(model_rules() if rules is None else rules):
         if pattern.search(path):
             if len(shape) == len(axes):
                 return axes

@@ -27,8 +27,9 @@ def randomized(model: M, seed: int, scale: float = 0.2) -> M:
 
 
 def tiny_dit() -> DiT:
-    config = dit_config("DiT-S/2", input_size=4, in_channels=1, hidden_dim=16, depth=1, num_heads=2, num_classes=3)
-    config.frequency_dim = 8
+    config = dit_config(
+        "DiT-S/2", input_size=4, in_channels=1, d_model=16, num_layers=1, num_heads=2, num_classes=3, frequency_dim=8
+    )
     return randomized(DiT(config, key=jax.random.key(0)), 1)
 
 
