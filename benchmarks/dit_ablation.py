@@ -77,6 +77,7 @@ import argparse
 import dataclasses
 import functools
 import gc
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -463,6 +464,7 @@ def report(
         f"{setup.model.in_channels} latents, bf16 compute, float32 weights, AdamW), all in one process; "
         f"steps {args.warmup}..{args.steps} timed after an ahead-of-time compile. See the module docstring of "
         f"benchmarks/dit_ablation.py for what each variant changes.{' combined: ' + combined if combined else ''}"
+        f"\n\nCommand: `{args.command}`"
     )
     for name, table in breakdowns.items():
         notes += f"\n\n## Device time of `{name}` by kernel ({args.profile_steps} steps)\n{table}"
@@ -625,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--check-hlo", action="store_true", help="Lower each variant at DiT-B/2's shapes; run nothing")
     parser.add_argument("--hlo-batch", type=int, default=2, help="Batch of --check-hlo")
     args = parser.parse_args(argv)
+    args.command = "python -m benchmarks.dit_ablation " + " ".join(sys.argv[1:] if argv is None else argv)
     names = [n.strip() for n in args.which.split(",") if n.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
