@@ -3,10 +3,13 @@
 import re
 import typing
 from dataclasses import dataclass, is_dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from xax.core.health import Health
 from xax.core.state import State
+
+if TYPE_CHECKING:
+    from xax.task.launchers.base import Placement
 
 
 @dataclass
@@ -36,6 +39,8 @@ class BaseTask(Generic[Config]):
     """
 
     config: Config
+    # Set by the launcher before ``execute``: the devices of the run and whether processes run in lockstep.
+    placement: "Placement | None" = None
 
     def __init__(self, config: Config) -> None:
         super().__init__()

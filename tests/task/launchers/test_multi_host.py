@@ -17,7 +17,7 @@ import pytest
 from tests.task.toy import ROOT, Regression, RegressionConfig, read_jsonl
 from xax.checkpoint import checkpoint_steps
 from xax.core.errors import LaunchError
-from xax.task.launchers import LauncherOptions, MultiHostLauncher, get_launcher
+from xax.task.launchers import LauncherOptions, MultiHostLauncher, Placement, get_launcher
 from xax.task.launchers.multi_host import (
     DistributedOptions,
     DistributedSettings,
@@ -26,7 +26,6 @@ from xax.task.launchers.multi_host import (
     initialize,
     resolve_settings,
     slurm_coordinator,
-    step_based,
     wait_for_coordinator,
     wants_multi_host,
 )
@@ -263,6 +262,14 @@ def test_two_processes_train_resume_and_match_one(tmp_path: Path) -> None:
     two_media, one_media = scalars(run_dir, "media_output"), scalars(one_dir, "media_output")
     assert sorted(two_media) == [7] and sorted(one_media) == [3, 6, 7]  # the resumed run: steps 5..7
     np.testing.assert_allclose(two_media[7], one_media[7], rtol=1e-5)
+
+
+def step_based(config: RegressionConfig) -> RegressionConfig:
+    """The config a task validated in a lockstep (multi_host) run goes on with."""
+    task = Regression(config)
+    task.placement = Placement(tuple(jax.devices()[:1]), lockstep=True)
+    task.validate_config()
+    return task.config
 
 
 def test_timed_cadences_are_refused_or_turned_off() -> None:

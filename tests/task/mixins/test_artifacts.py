@@ -140,7 +140,7 @@ def test_relative_paths_are_made_absolute(outside_git: Path) -> None:
 
 def test_empty_runs_root_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"artifacts\.runs_root"):
-        ArtifactsTestTask(Cfg(artifacts=ArtifactsOptions(runs_root="")))
+        ArtifactsTestTask(Cfg(artifacts=ArtifactsOptions(runs_root=""))).validate_config()
 
 
 def test_other_processes_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

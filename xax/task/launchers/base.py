@@ -6,6 +6,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 
+from xax.core.errors import LaunchError
 from xax.core.state import State
 
 
@@ -24,6 +25,21 @@ class Placement:
 
     devices: tuple[jax.Device, ...]
     lockstep: bool = False
+
+
+def refuse_timed(key: str, value: float | None, instead: str) -> None:
+    """In a lockstep run: raises unless the limit or cadence ``key`` by time is unset, since each process
+    would reach it at a different step, and one that validates, saves or stops while the others step
+    waits in a collective forever.
+
+    Raises:
+        LaunchError: Naming ``key`` and its step-based twin ``instead``.
+    """
+    if value is not None:
+        raise LaunchError(
+            f"{key}={value} is timed, and the processes of a multi_host run would each reach it at a different "
+            f"step; set {key}=null and use {instead}"
+        )
 
 
 @runtime_checkable

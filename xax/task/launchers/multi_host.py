@@ -7,7 +7,6 @@ the coordinator the others connect to, listening only where they reach it (see
 process feeds its own rows of every batch, and only process 0 writes logs and run metadata.
 """
 
-import dataclasses
 import ipaddress
 import logging
 import re
@@ -21,9 +20,7 @@ from typing_extensions import override
 
 from xax.core.config import field
 from xax.core.errors import LaunchError
-from xax.core.state import State
-from xax.task.launchers.base import Launcher, Placement, TaskClass
-from xax.task.mixins.logger import LoggerConfig
+from xax.task.launchers.base import Launcher, Placement
 from xax.utils.env import SlurmStep, slurm_job_id, slurm_step
 
 logger = logging.getLogger(__name__)
@@ -313,40 +310,6 @@ def global_devices() -> list[jax.Device]:
     return sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
 
 
-# Cadences by time: each process would find them due at a different step, and a process that
-# validates, saves or stops while the others step waits in a collective forever.
-_TIMED_KEYS = (
-    ("max_seconds", "max_steps"),
-    ("valid_every_n_seconds", "valid_every_n_steps"),
-    ("checkpoint.every_n_seconds", "checkpoint.every_n_steps"),
-)
-
-
-def _lookup(config: object, key: str) -> object:
-    for name in key.split("."):
-        config = getattr(config, name, None)
-    return config
-
-
-def step_based(config: object) -> object:
-    """``config`` with every cadence agreed between processes: time-based ones are refused, and
-    heavy logging by time (on by default) is turned off with a warning.
-
-    Raises:
-        LaunchError: Naming a time-based limit or cadence that is set, and its step-based twin.
-    """
-    for key, instead in _TIMED_KEYS:
-        if _lookup(config, key) is not None:
-            raise LaunchError(
-                f"{key}={_lookup(config, key)} is timed, and the processes of a multi_host run would each reach "
-                f"it at a different step; set {key}=null and use {instead}"
-            )
-    if not isinstance(config, LoggerConfig) or config.log.heavy_every_n_seconds is None:
-        return config
-    logger.warning("multi_host: log.heavy_every_n_seconds is off (processes must agree); use log.heavy_every_n_steps")
-    return dataclasses.replace(config, log=dataclasses.replace(config.log, heavy_every_n_seconds=None))
-
-
 class MultiHostLauncher(Launcher):
     """Runs the task in every process of a ``jax.distributed`` run, over one global mesh.
 
@@ -356,10 +319,6 @@ class MultiHostLauncher(Launcher):
 
     def __init__(self, options: DistributedOptions) -> None:
         self.options = options
-
-    @override
-    def launch(self, task_class: TaskClass, config: object) -> State:
-        return super().launch(task_class, step_based(config))
 
     @override
     def place(self) -> Placement:

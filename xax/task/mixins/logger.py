@@ -1,5 +1,6 @@
 """Logging: light metrics and heavy media at their own cadences, written off the training thread."""
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -230,6 +231,13 @@ class LoggerMixin(BaseTask[Config], Generic[Config]):
         check_range("log.every_n_seconds", options.every_n_seconds, minimum=0.0, inclusive=False)
         check_range("log.heavy_every_n_steps", options.heavy_every_n_steps, minimum=1)
         check_range("log.heavy_every_n_seconds", options.heavy_every_n_seconds, minimum=0.0, inclusive=False)
+        if self.placement is not None and self.placement.lockstep and options.heavy_every_n_seconds is not None:
+            # Media by time would fall at a different step in each process; on by default, so off with a warning.
+            logger.warning(
+                "multi_host: log.heavy_every_n_seconds is off (processes must agree); use log.heavy_every_n_steps"
+            )
+            self.config = dataclasses.replace(self.config, log=dataclasses.replace(options, heavy_every_n_seconds=None))
+            self._heavy_cadence = Cadence(options.heavy_every_n_steps, None)
 
     def make_loggers(self) -> list[Logger]:
         """The loggers the config asks for; override to add your own."""

@@ -12,7 +12,7 @@ from xax.core.config_io import parse_cli
 from xax.core.errors import CheckpointWriteError, TrainingStopped, XaxError
 from xax.core.state import State
 from xax.task.base import BaseConfig, BaseTask
-from xax.task.launchers import LauncherOptions, Placement, get_launcher
+from xax.task.launchers import LauncherOptions, get_launcher
 from xax.task.mixins.process import SignalRequests
 
 logger = logging.getLogger(__name__)
@@ -33,9 +33,6 @@ Config = TypeVar("Config", bound=RunnableConfig)
 
 class RunnableMixin(BaseTask[Config], Generic[Config]):
     """Adds ``launch`` (parse the command line, pick a launcher, run) and the run lifecycle."""
-
-    # Set by the launcher before ``execute``: the devices to build the mesh over, and the processes.
-    placement: Placement | None = None
 
     @abstractmethod
     def run(self) -> State:

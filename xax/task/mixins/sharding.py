@@ -23,7 +23,6 @@ from xax.parallel import (
     plan_axis_sizes,
 )
 from xax.task.base import BaseConfig, BaseTask
-from xax.task.launchers.base import Placement
 from xax.task.mixins.train_step import TrainState
 
 
@@ -38,8 +37,6 @@ Config = TypeVar("Config", bound=ShardingConfig)
 class ShardingMixin(BaseTask[Config], Generic[Config]):
     """The ``(data, fsdp, tensor)`` mesh of ``parallel`` and the layouts of the train state and batches."""
 
-    # The launcher's devices (set before ``execute``); the mesh is built over them on first use.
-    placement: Placement | None = None
     mesh: Mesh | None = None
 
     def get_mesh(self) -> Mesh:

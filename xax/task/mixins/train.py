@@ -39,6 +39,7 @@ from xax.data.sources import BatchSource, MapBatchSource
 from xax.nn.precision import COMPUTE_DTYPES
 from xax.parallel import ParallelOptions, PlanReport, check_batch_size
 from xax.task.base import BaseConfig, BaseTask
+from xax.task.launchers.base import refuse_timed
 from xax.task.mixins.compile import CompileOptions
 from xax.task.mixins.data_loader import DataOptions
 from xax.task.mixins.logger import LogItem, LogOptions, RateWindow
@@ -210,6 +211,10 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         check_range("checkpoint.every_n_steps", options.every_n_steps, minimum=1, unset="save by time only")
         check_range("checkpoint.every_n_seconds", options.every_n_seconds, minimum=0.0, inclusive=False)
         check_range("checkpoint.keep_best", options.keep_best, minimum=0)
+        if self.placement is not None and self.placement.lockstep:
+            refuse_timed("max_seconds", config.max_seconds, "max_steps")
+            refuse_timed("valid_every_n_seconds", config.valid_every_n_seconds, "valid_every_n_steps")
+            refuse_timed("checkpoint.every_n_seconds", options.every_n_seconds, "checkpoint.every_n_steps")
         check_batch_size(composed(config).batch_size, config.grad_accum_steps, self.get_mesh())
 
     @override
