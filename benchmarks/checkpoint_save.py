@@ -33,11 +33,10 @@ import optax
 
 import xax
 from benchmarks.common import write_results
-from xax.arch.transformer import Transformer, TransformerConfig
+from xax import ArtifactsConfig, ArtifactsMixin, CheckpointingConfig, CheckpointingMixin
+from xax.arch import Transformer, TransformerConfig
 from xax.checkpoint import array_checksums
 from xax.data import Cursor
-from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
-from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
 
 NUM_ARRAYS = 8
 

@@ -79,7 +79,7 @@ def write_results(out_dir: Path, name: str, rows: list[dict[str, Any]], notes: s
 
 def train_records(run_dir: Path) -> list[dict[str, Any]]:
     """The training records of an xax run's ``log.jsonl``, in step order."""
-    from xax.task.loggers.jsonl import read_history
+    from xax import read_history
 
     return read_history(run_dir, phase="train")
 

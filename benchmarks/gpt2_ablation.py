@@ -37,7 +37,7 @@ from jaxtyping import Array
 from benchmarks.common import run_child_processes, write_results
 from benchmarks.gpt2_throughput import gpt2_loss, make_optimizer, make_setup, time_steps, token_windows
 from benchmarks.profile_tools import format_breakdown, kernel_breakdown
-from xax.arch.transformer import Transformer
+from xax.arch import Transformer
 
 # name -> (model changes, loss, what the step does, extra XLA flags)
 VARIANTS: dict[str, tuple[dict[str, Any], str, str, str]] = {

@@ -47,9 +47,8 @@ from typing_extensions import override
 
 import xax
 from benchmarks.common import quiet_run_argv, run_child_processes, steps_per_second_after, write_results
-from xax.arch.transformer import Transformer, TransformerConfig
-from xax.arch.unet import count_params
-from xax.nn.losses import chunked_cross_entropy, cross_entropy, projected_cross_entropy
+from xax.arch import Transformer, TransformerConfig, count_params
+from xax.nn import chunked_cross_entropy, cross_entropy, projected_cross_entropy
 
 LOOPS = ("xax", "jax", "torch")
 # The H100 SXM's dense bfloat16 tensor-core peak.

@@ -28,7 +28,7 @@ from benchmarks.shakespeare_overhead import make_config
 from examples.mnist import Config as MnistConfig
 from examples.mnist import MnistClassification
 from examples.shakespeare import Shakespeare
-from xax.task.mixins.data_loader import DataOptions
+from xax import DataOptions
 
 PREFETCH_ONLY = DataOptions(device_resident_max_mb=0)
 

@@ -45,7 +45,7 @@ from examples.mnist_diffusion import (
     noise_schedule,
 )
 from xax.checkpoint import resolve_checkpoint, restore_weights
-from xax.nn.precision import COMPUTE_DTYPES
+from xax.nn import COMPUTE_DTYPES
 
 # The configuration `python -m examples.mnist` runs: 4 epochs at batch 128.
 CLASSIFIER_CONFIG = ClassifierConfig(batch_size=128, max_steps=1875, valid_every_n_steps=625)
@@ -122,7 +122,7 @@ def classify(model: CNN, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def log_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The training and the validation records of a run's log.jsonl."""
-    from xax.task.loggers.jsonl import read_history
+    from xax import read_history
 
     records = read_history(run_dir)
     train = [r for r in records if r["phase"] == "train"]

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 
 from benchmarks.common import run_child_processes, steps_per_second_after, write_results
-from xax.utils.text import human_bytes
+from xax import human_bytes
 
 CHILDREN = ("parity", "dp1", "dp2", "dp2_overlap", "fsdp2")
 # dp2_overlap: dp on 2 GPUs with XLA's latency-hiding scheduler, which may overlap the gradient
@@ -37,7 +37,7 @@ SCALING_TARGET = 1.9
 
 
 def run_parity_child(args: argparse.Namespace) -> dict[str, Any]:
-    from xax.testing.plan_parity import PlanCase, run_parity
+    from xax.testing import PlanCase, run_parity
 
     cases = [PlanCase(2, "dp"), PlanCase(2, "fsdp"), PlanCase(2, "tp")]
     with tempfile.TemporaryDirectory() as work:

@@ -24,10 +24,9 @@ import jax
 import optax
 
 from benchmarks.common import run_child_processes, write_results
-from xax.arch.transformer import Transformer, TransformerConfig
-from xax.nn.losses import cross_entropy
-from xax.task.mixins.perf import peak_memory_bytes
-from xax.utils.flops import step_flops
+from xax import peak_memory_bytes, step_flops
+from xax.arch import Transformer, TransformerConfig
+from xax.nn import cross_entropy
 
 POLICIES = ("none", "dots_saveable", "full")
 GB = 1e9

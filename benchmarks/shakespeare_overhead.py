@@ -28,9 +28,8 @@ import optax
 import xax
 from benchmarks.common import quiet_run_argv, steps_per_second_after, write_results
 from examples.shakespeare import Config, GPTOptions, Shakespeare
-from xax.nn.losses import cross_entropy
-from xax.task.mixins.train import PrecisionOptions
-from xax.utils.pytree import cast_floating
+from xax import PrecisionOptions
+from xax.nn import cast_floating, cross_entropy
 
 
 def make_config(tiny: bool) -> Config:

@@ -14,8 +14,7 @@ from datasets.features.features import Array2DExtensionType
 from datasets.table import InMemoryTable
 from jaxtyping import Integer, UInt8
 
-from xax.core.errors import DataError
-from xax.utils.idx import read_idx
+from xax import DataError, read_idx
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "mnist"
 HUB_NAME = "ylecun/mnist"

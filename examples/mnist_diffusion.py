@@ -33,14 +33,11 @@ from typing_extensions import override
 
 import xax
 from examples.mnist_data import NUM_CLASSES, load_mnist
+from xax import EMAOptions, LogOptions, PrecisionOptions
+from xax.arch import DiT, DiTConfig, UNet, UNetConfig, dit_config
 from xax.arch.diffusion import GaussianSchedule, ddim_sample, diffusion_loss, drop_labels, guided
-from xax.arch.dit import DiT, DiTConfig, dit_config
-from xax.arch.unet import UNet, UNetConfig
 from xax.checkpoint import read_metadata, resolve_checkpoint, restore_weights
-from xax.nn.precision import COMPUTE_DTYPES
-from xax.task.mixins.logger import LogOptions
-from xax.task.mixins.train import EMAOptions, PrecisionOptions
-from xax.utils.pytree import cast_floating
+from xax.nn import COMPUTE_DTYPES, cast_floating
 
 MODES = ("train", "sample")
 ATTENTION = ("xla", "cudnn")

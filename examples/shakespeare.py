@@ -39,14 +39,10 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from typing_extensions import override
 
 import xax
-from xax.arch.generate import SamplingConfig, generate, sample_token
-from xax.arch.ssm import SSMConfig, SSMLanguageModel
-from xax.arch.transformer import Transformer, TransformerConfig
+from xax import LogOptions, PrecisionOptions
+from xax.arch import SamplingConfig, SSMConfig, SSMLanguageModel, Transformer, TransformerConfig, generate, sample_token
 from xax.checkpoint import read_metadata, resolve_checkpoint, restore_weights
-from xax.nn.losses import cross_entropy
-from xax.nn.metrics import bits_per_token, token_accuracy
-from xax.task.mixins.logger import LogOptions
-from xax.task.mixins.train import PrecisionOptions
+from xax.nn import bits_per_token, cross_entropy, token_accuracy
 
 DATA_PATH = Path(__file__).resolve().parent / "data" / "tinyshakespeare" / "input.txt"
 DATA_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

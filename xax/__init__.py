@@ -44,11 +44,25 @@ _EXPORTS: dict[str, str] = {
     "SupervisedConfig": "xax.task.task",
     "SupervisedTask": "xax.task.task",
     "Task": "xax.task.task",
+    "ArtifactsConfig": "xax.task.mixins.artifacts",
+    "ArtifactsMixin": "xax.task.mixins.artifacts",
+    "CheckpointingConfig": "xax.task.mixins.checkpointing",
+    "CheckpointingMixin": "xax.task.mixins.checkpointing",
+    "DataOptions": "xax.task.mixins.data_loader",
+    "EMAOptions": "xax.task.mixins.train",
+    "LogOptions": "xax.task.mixins.logger",
+    "PrecisionOptions": "xax.task.mixins.train",
+    "peak_memory_bytes": "xax.task.mixins.perf",
+    "restore_weights": "xax.checkpoint",
+    "human_bytes": "xax.utils.text",
+    "read_idx": "xax.utils.idx",
+    "step_flops": "xax.utils.flops",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from xax.checkpoint import restore_weights as restore_weights
     from xax.core.config import MISSING as MISSING
     from xax.core.config import field as field
     from xax.core.config import register_config as register_config
@@ -75,12 +89,24 @@ if TYPE_CHECKING:
     from xax.task.launchers.multi_host import MultiHostLauncher as MultiHostLauncher
     from xax.task.launchers.slurm import SlurmLauncher as SlurmLauncher
     from xax.task.loggers.jsonl import read_history as read_history
+    from xax.task.mixins.artifacts import ArtifactsConfig as ArtifactsConfig
+    from xax.task.mixins.artifacts import ArtifactsMixin as ArtifactsMixin
+    from xax.task.mixins.checkpointing import CheckpointingConfig as CheckpointingConfig
+    from xax.task.mixins.checkpointing import CheckpointingMixin as CheckpointingMixin
+    from xax.task.mixins.data_loader import DataOptions as DataOptions
+    from xax.task.mixins.logger import LogOptions as LogOptions
+    from xax.task.mixins.perf import peak_memory_bytes as peak_memory_bytes
+    from xax.task.mixins.train import EMAOptions as EMAOptions
     from xax.task.mixins.train import InitParams as InitParams
+    from xax.task.mixins.train import PrecisionOptions as PrecisionOptions
     from xax.task.mixins.train_step import TrainState as TrainState
     from xax.task.task import Config as Config
     from xax.task.task import SupervisedConfig as SupervisedConfig
     from xax.task.task import SupervisedTask as SupervisedTask
     from xax.task.task import Task as Task
+    from xax.utils.flops import step_flops as step_flops
+    from xax.utils.idx import read_idx as read_idx
+    from xax.utils.text import human_bytes as human_bytes
 
 
 def __getattr__(name: str) -> Any:

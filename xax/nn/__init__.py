@@ -32,3 +32,6 @@ from xax.nn.mlp import MLP as MLP
 from xax.nn.mlp import SwiGLU as SwiGLU
 from xax.nn.norms import LayerNorm as LayerNorm
 from xax.nn.norms import RMSNorm as RMSNorm
+from xax.nn.precision import COMPUTE_DTYPES as COMPUTE_DTYPES
+from xax.nn.precision import mixed_dot_general as mixed_dot_general
+from xax.utils.pytree import cast_floating as cast_floating
