@@ -97,7 +97,8 @@ def dit_config(name: str, **overrides: Any) -> DiTConfig:
         raise ModelConfigError(f"DiTConfig has no field {unknown[0]!r}; see DiTConfig for the fields")
     num_layers, d_model, num_heads = DIT_SIZES[size]
     values: dict[str, Any] = {"patch_size": int(patch), "d_model": d_model, "num_layers": num_layers}
-    values.update(num_heads=num_heads, **overrides)
+    values["num_heads"] = num_heads
+    values.update(overrides)
     return DiTConfig(**values)
 
 
