@@ -243,6 +243,29 @@ def test_closed_loop_reports_are_dropped_and_others_passed_on() -> None:
     assert passed_on == [other]
 
 
+def test_failed_reads_of_orbax_coroutines_are_dropped_and_others_passed_on() -> None:
+    """Orbax's other reads of a damaged checkpoint fail after the first failure was raised; their
+    coroutines report when collected. Only orbax's own coroutines are dropped."""
+    passed_on: list[object] = []
+    hook = _ClosedLoopFilter(lambda unraisable: passed_on.append(unraisable.object))
+
+    def coroutine_from(filename: str) -> object:
+        code = compile("async def read():\n    pass\n", filename, "exec")
+        namespace: dict[str, object] = {}
+        exec(code, namespace)
+        read = namespace["read"]
+        assert callable(read)
+        return read()
+
+    ours = coroutine_from("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
+    theirs = coroutine_from("/site-packages/somewhere/else.py")
+    error = Exception("Encountered error while reading array index")
+    for coroutine in (ours, theirs):
+        hook(SimpleNamespace(exc_type=Exception, exc_value=error, exc_traceback=None, err_msg=None, object=coroutine))
+        coroutine.close()  # type: ignore[attr-defined]
+    assert passed_on == [theirs]
+
+
 @dataclass
 class _SaveOnlyConfig(CheckpointingConfig, ArtifactsConfig):
     pass

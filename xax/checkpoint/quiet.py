@@ -23,17 +23,26 @@ def quiet_orbax() -> Generator[None]:
         absl_logger.setLevel(level)
 
 
+def _orbax_coroutine(obj: object) -> bool:
+    """Whether ``obj`` is a coroutine of orbax's own code (its array reads and writes)."""
+    code = getattr(obj, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in code.co_filename
+
+
 class ClosedLoopFilter:
     """An unraisable-exception hook that drops the reports of tensorstore reads finishing after a
-    failed read closed orbax's event loop (``RuntimeError: Event loop is closed``), and passes every
-    other report on."""
+    failed read: those that found orbax's event loop closed (``RuntimeError: Event loop is
+    closed``), and orbax's own read coroutines that failed on the same damaged file after the
+    first failure was raised (their error is collected with the coroutine, never raised). Every
+    other report is passed on."""
 
     def __init__(self, previous: Callable[[Any], object]) -> None:
         self.previous = previous
 
     def __call__(self, unraisable: Any) -> None:
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not (closed_loop or _orbax_coroutine(unraisable.object)):
             self.previous(unraisable)
 
 
