@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -249,20 +250,22 @@ def test_failed_reads_of_orbax_coroutines_are_dropped_and_others_passed_on() -> 
     passed_on: list[object] = []
     hook = _ClosedLoopFilter(lambda unraisable: passed_on.append(unraisable.object))
 
-    def coroutine_from(filename: str) -> object:
+    def coroutine_from(filename: str) -> Coroutine[None, None, None]:
         code = compile("async def read():\n    pass\n", filename, "exec")
         namespace: dict[str, object] = {}
         exec(code, namespace)
         read = namespace["read"]
         assert callable(read)
-        return read()
+        coroutine = read()
+        assert isinstance(coroutine, Coroutine)
+        return coroutine
 
     ours = coroutine_from("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
     theirs = coroutine_from("/site-packages/somewhere/else.py")
     error = Exception("Encountered error while reading array index")
     for coroutine in (ours, theirs):
         hook(SimpleNamespace(exc_type=Exception, exc_value=error, exc_traceback=None, err_msg=None, object=coroutine))
-        coroutine.close()  # type: ignore[attr-defined]
+        coroutine.close()
     assert passed_on == [theirs]
 
 

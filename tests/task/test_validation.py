@@ -24,6 +24,7 @@ BAD = [
     ("cpu_stats.interval_s=0", "cpu_stats.interval_s must be a positive number"),
     ("gpu_stats.interval_s=-1", "gpu_stats.interval_s must be a positive number"),
     ("perf.peak_tflops=-1", "perf.peak_tflops=-1.0 must be positive"),
+    ("perf.profile_steps=[5,3]", "perf.profile_steps=[5, 3] must be [first, last]"),
     ("log.heavy_every_n_seconds=0", "log.heavy_every_n_seconds=0.0 must be > 0"),
     ("process.shutdown_timeout_s=-1", "process.shutdown_timeout_s=-1.0 must be > 0"),
     ("data.shuffle_buffer=0", "data.shuffle_buffer=0 must be >= 1"),

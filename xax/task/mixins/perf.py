@@ -95,16 +95,15 @@ Config = TypeVar("Config", bound=PerfConfig)
 _NEVER = math.inf
 
 
-def _profile_range(options: PerfOptions) -> tuple[int, int] | None:
+def _profile_steps_error(options: PerfOptions) -> str | None:
+    """Why ``perf.profile_steps`` is not a usable [first, last] range, or None when it is (or unset)."""
     steps = options.profile_steps
-    if steps is None:
+    if steps is None or (len(steps) == 2 and 2 <= steps[0] <= steps[1]):
         return None
-    if len(steps) != 2 or not 2 <= steps[0] <= steps[1]:
-        raise ConfigError(
-            f"perf.profile_steps={list(steps)} must be [first, last] with 2 <= first <= last (step 1 is "
-            "mostly compilation), e.g. perf.profile_steps=[10,15]"
-        )
-    return int(steps[0]), int(steps[1])
+    return (
+        f"perf.profile_steps={list(steps)} must be [first, last] with 2 <= first <= last (step 1 is "
+        "mostly compilation), e.g. perf.profile_steps=[10,15]"
+    )
 
 
 class PerfMixin(BaseTask[Config], Generic[Config]):
@@ -121,10 +120,9 @@ class PerfMixin(BaseTask[Config], Generic[Config]):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        options = config.perf
-        if options.peak_tflops is not None and options.peak_tflops <= 0:
-            raise ConfigError(f"perf.peak_tflops={options.peak_tflops} must be positive (or null to look it up)")
-        profile = _profile_range(options)
+        steps = config.perf.profile_steps
+        # An unusable range is refused by validate_config, before the run starts.
+        profile = None if steps is None or _profile_steps_error(config.perf) else (int(steps[0]), int(steps[1]))
         self._profile_first, self._profile_last = profile or (0, 0)
         # The step after which the trace starts or stops next.
         self._profile_event: float = _NEVER if profile is None else self._profile_first - 1
@@ -134,6 +132,15 @@ class PerfMixin(BaseTask[Config], Generic[Config]):
         self._peak_flops: float | None = None  # all of the step's devices together
         self._step_devices: list[jax.Device] = []
         self._analyzed = False
+
+    @override
+    def validate_config(self) -> None:
+        super().validate_config()
+        options = self.config.perf
+        if options.peak_tflops is not None and options.peak_tflops <= 0:
+            raise ConfigError(f"perf.peak_tflops={options.peak_tflops} must be positive (or null to look it up)")
+        if (error := _profile_steps_error(options)) is not None:
+            raise ConfigError(error)
 
     def analyze_train_step(self, step: Any, *args: Any, dtype: jnp.dtype) -> None:
         """Compiles the jitted training step for ``args`` ahead of its first call and reads its FLOPs
