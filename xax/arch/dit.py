@@ -9,7 +9,7 @@ The blocks are stored stacked along a leading ``num_layers`` axis and applied in
 """
 
 from dataclasses import dataclass, fields
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import equinox as eqx
 import jax
@@ -136,6 +136,15 @@ SHARDING_RULES: ShardingRules = (
     (r"(^|\.)mlp\.down_proj\.bias$", (None,)),
 )
 
+# The MLP parameters' names before the MLPs were unified (xax.nn.mlp.MLP): old dotted name (a
+# regular expression of the whole saved name) -> new name. The layouts agree (both Equinox
+# ``Linear``s, weight (out, in)), so nothing is transposed. Declared by the blocks that hold an MLP,
+# so that checkpoints written before the rename still restore (xax.checkpoint.renames).
+LEGACY_PARAM_NAMES: tuple[tuple[str, str], ...] = (
+    (r"(.*\.)?mlp\.fc1\.(weight|bias)", r"\1mlp.up_proj.\2"),
+    (r"(.*\.)?mlp\.fc2\.(weight|bias)", r"\1mlp.down_proj.\2"),
+)
+
 
 def layer_norm(x: Float[Array, "t d"], eps: float = 1e-6) -> Float[Array, "t d"]:
     """LayerNorm without affine parameters (adaLN supplies them), computed in float32."""
@@ -166,6 +175,7 @@ class DiTBlock(eqx.Module):
     mlp: MLP
     num_heads: int = eqx.field(static=True)
     impl: str | None = eqx.field(static=True)
+    LEGACY_PARAM_NAMES: ClassVar[tuple[tuple[str, str], ...]] = LEGACY_PARAM_NAMES
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, impl: str | None, *, key: PRNGKeyArray) -> None:
         keys = jax.random.split(key, 4)
@@ -298,6 +308,7 @@ class StreamWeights(eqx.Module):
     qkv: eqx.nn.Linear
     proj: eqx.nn.Linear
     mlp: MLP
+    LEGACY_PARAM_NAMES: ClassVar[tuple[tuple[str, str], ...]] = LEGACY_PARAM_NAMES
 
     def __init__(self, config: MMDiTConfig, *, key: PRNGKeyArray) -> None:
         keys = jax.random.split(key, 4)

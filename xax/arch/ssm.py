@@ -16,7 +16,7 @@ bfloat16 while normalization statistics and the recurrences stay in float32. Log
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import final
+from typing import ClassVar, final
 
 import equinox as eqx
 import jax
@@ -121,6 +121,18 @@ SHARDING_RULES: ShardingRules = (
     (r"norm\.(weight|bias)$", (None,)),
 )
 
+# The MLP parameters' names before the MLPs were unified (xax.nn.mlp.MLP): old dotted name (a
+# regular expression of the whole saved name) -> new name. The old ``w1`` (hidden, d_model) and
+# ``w2`` (d_model, hidden) already had the Equinox ``Linear`` layout (out, in), so nothing is
+# transposed. Declared by the block, so that checkpoints written before the rename still restore
+# (xax.checkpoint.renames).
+LEGACY_PARAM_NAMES: tuple[tuple[str, str], ...] = (
+    (r"(.*\.)?mlp\.w1", r"\1mlp.up_proj.weight"),
+    (r"(.*\.)?mlp\.b1", r"\1mlp.up_proj.bias"),
+    (r"(.*\.)?mlp\.w2", r"\1mlp.down_proj.weight"),
+    (r"(.*\.)?mlp\.b2", r"\1mlp.down_proj.bias"),
+)
+
 
 def _mlp(config: SSMConfig, key: PRNGKeyArray) -> MLP:
     """The feed-forward layer after an SSM layer: tanh-approximated GELU, Equinox's initialization."""
@@ -135,6 +147,7 @@ class _Block(eqx.Module):
     ssm: SSMLayer
     mlp_norm: RMSNorm | None
     mlp: MLP | None
+    LEGACY_PARAM_NAMES: ClassVar[tuple[tuple[str, str], ...]] = LEGACY_PARAM_NAMES
 
     def __init__(self, config: SSMConfig, *, key: PRNGKeyArray) -> None:
         k_ssm, k_mlp = jax.random.split(key)

@@ -9,6 +9,8 @@ under any mesh, never pickled.
 - ``checksums``: ``array_checksums``, ``verify_checksums``, ``read_checksums``.
 - ``weights``: ``restore_weights`` (a model for sampling), ``warm_start_weights``.
 - ``tree``: ``named_leaves``, ``abstract_like``, shape comparisons.
+- ``renames``: ``Rename``, ``legacy_renames``: reading checkpoints of before a parameter rename that
+  a model declares (``LEGACY_PARAM_NAMES``).
 """
 
 from xax.checkpoint.checksums import CHECKSUM_ALGORITHM as CHECKSUM_ALGORITHM
@@ -31,6 +33,8 @@ from xax.checkpoint.metadata import read_metadata as read_metadata
 from xax.checkpoint.quiet import ClosedLoopFilter as ClosedLoopFilter
 from xax.checkpoint.quiet import one_line as one_line
 from xax.checkpoint.quiet import quiet_orbax as quiet_orbax
+from xax.checkpoint.renames import Rename as Rename
+from xax.checkpoint.renames import legacy_renames as legacy_renames
 from xax.checkpoint.restore import CORRUPT_DIR as CORRUPT_DIR
 from xax.checkpoint.restore import RestoredCheckpoint as RestoredCheckpoint
 from xax.checkpoint.restore import load_arrays_anywhere as load_arrays_anywhere

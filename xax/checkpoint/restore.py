@@ -2,6 +2,7 @@
 unreadable ones, and naming what differs when a checkpoint does not fit the restore target."""
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,8 +17,17 @@ from xax.checkpoint.errors import CheckpointMismatchError, CorruptCheckpointErro
 from xax.checkpoint.manager import CheckpointManager, CheckpointOptions, checkpoint_steps, open_orbax_manager
 from xax.checkpoint.metadata import config_drift, read_metadata
 from xax.checkpoint.quiet import drop_abandoned_io_reports, one_line, quiet_orbax, root_cause, tell
-from xax.checkpoint.tree import abstract_like, tree_differences
+from xax.checkpoint.renames import (
+    Rename,
+    RenamePlan,
+    legacy_renames,
+    plan_renames,
+    renamed_leaf,
+    transposed_sharding,
+)
+from xax.checkpoint.tree import abstract_like, named_leaves, tree_differences
 from xax.core.errors import CheckpointError
+from xax.utils.pytree import path_name
 
 # Where a run's unreadable checkpoints go when resuming falls back past them (inside `checkpoints/`).
 CORRUPT_DIR = "corrupt"
@@ -127,12 +137,13 @@ def restore_latest(
     before_step: int | None = None,
     config: dict[str, Any] | None = None,
     manager: CheckpointManager | None = None,
+    renames: Sequence[Rename] | None = None,
 ) -> RestoredCheckpoint | None:
     """The newest readable checkpoint of ``directory`` (of a step below ``before_step``, if given),
     restored into ``target``'s shapes and shardings, or None when there is none.
 
     Unreadable checkpoints are fallen back past and moved into ``directory/corrupt/``, so that
-    their steps are written anew; see ``restore_checkpoint`` for ``config`` and ``manager``.
+    their steps are written anew; see ``restore_checkpoint`` for ``config``, ``manager`` and ``renames``.
     """
     # Every step directory, complete or not: one damaged so far as to have lost an item is
     # fallen back past (and set aside) like any unreadable one, so that its step is written anew.
@@ -141,7 +152,7 @@ def restore_latest(
     steps = [step for step in steps if before_step is None or step < before_step]
     if not steps:
         return None
-    return restore_checkpoint(directory, steps, target, fall_back=True, config=config, manager=manager)
+    return restore_checkpoint(directory, steps, target, fall_back=True, config=config, manager=manager, renames=renames)
 
 
 def restore_checkpoint(
@@ -152,6 +163,7 @@ def restore_checkpoint(
     fall_back: bool,
     config: dict[str, Any] | None = None,
     manager: CheckpointManager | None = None,
+    renames: Sequence[Rename] | None = None,
 ) -> RestoredCheckpoint:
     """Reads the first readable checkpoint of ``steps`` into ``target``'s shapes and shardings.
 
@@ -165,6 +177,9 @@ def restore_checkpoint(
         config: The current config as plain values: a checkpoint that does not fit ``target``
             is then explained by the config values that changed since it was saved.
         manager: The manager writing into ``directory``, told of checkpoints set aside.
+        renames: How the target's arrays were once named (``xax.checkpoint.renames``): a checkpoint
+            whose names differ from the target's by these alone is read under its old names. None
+            takes those the target's modules declare (``legacy_renames``).
 
     Raises:
         CheckpointMismatchError: When a checkpoint holds other arrays than ``target`` (this stops
@@ -172,9 +187,10 @@ def restore_checkpoint(
         CheckpointError: When no candidate is readable, naming the last one's file at fault.
     """
     unreadable: list[tuple[int, CheckpointError]] = []
+    renames = legacy_renames(target) if renames is None else tuple(renames)
     for step in steps:
         try:
-            tree, metadata = _load_matching(directory, step, target, config)
+            tree, metadata = _load_matching(directory, step, target, config, renames)
         except CheckpointMismatchError:
             raise
         except CheckpointError as error:
@@ -188,7 +204,7 @@ def restore_checkpoint(
 
 
 def _load_matching(
-    directory: Path, step: int, target: PyTree, config: dict[str, Any] | None
+    directory: Path, step: int, target: PyTree, config: dict[str, Any] | None, renames: Sequence[Rename] = ()
 ) -> tuple[PyTree, dict[str, Any]]:
     # Compare the saved arrays with the target's first (no data read), so that a changed config
     # names the arrays and the keys, not an orbax internal, and is not taken for corruption.
@@ -196,11 +212,44 @@ def _load_matching(
     saved = saved_array_metadata(directory, step)
     differences = tree_differences(target, saved) if saved is not None else []
     if differences:
-        _mismatch(step_dir, differences, config)
+        plan = plan_renames(named_leaves(target), named_leaves(saved), renames) if renames else None
+        if plan is None:
+            _mismatch(step_dir, differences, config)
+        return _load_renamed(directory, step, target, saved, plan)
     try:
         return load_checkpoint(directory, step, abstract_like(target))
     except CheckpointMismatchError as error:
         _mismatch(step_dir, [one_line(error).split(" than this run's at ", 1)[-1] + " differ"], config)
+
+
+def _load_renamed(
+    directory: Path, step: int, target: PyTree, saved: PyTree, plan: RenamePlan
+) -> tuple[PyTree, dict[str, Any]]:
+    """Reads a checkpoint whose arrays are the target's under their old names: each saved array
+    in the target's dtype and sharding (a transposed one with its partition reversed), then placed
+    under its new name."""
+    wanted = named_leaves(abstract_like(target))
+    new_name = {old: new for new, old in plan.saved_name.items()}
+
+    def saved_target(key_path: Any, leaf: Any) -> jax.ShapeDtypeStruct:
+        new = new_name[path_name(key_path)]
+        like = wanted[new]
+        if plan.transform[new] is not None:
+            sharding = transposed_sharding(like.sharding, len(leaf.shape))
+            return jax.ShapeDtypeStruct(tuple(leaf.shape), like.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(like.shape, like.dtype, sharding=like.sharding)
+
+    is_array = lambda leaf: hasattr(leaf, "shape") and hasattr(leaf, "dtype")  # noqa: E731
+    tree, metadata = load_checkpoint(
+        directory, step, jax.tree_util.tree_map_with_path(saved_target, saved, is_leaf=is_array)
+    )
+    found = named_leaves(tree)
+
+    def place(key_path: Any, leaf: Any) -> Any:
+        new = path_name(key_path)
+        return renamed_leaf(found[plan.saved_name[new]], plan.transform[new], leaf)
+
+    return jax.tree_util.tree_map_with_path(place, target), metadata
 
 
 def _mismatch(step_dir: Path, differences: list[str], config: dict[str, Any] | None) -> NoReturn:

@@ -14,9 +14,11 @@ from typing_extensions import override
 from xax.checkpoint import (
     CheckpointManager,
     CheckpointOptions,
+    Rename,
     check_options,
     checkpoint_metadata,
     config_drift,
+    legacy_renames,
     resolve_checkpoint,
     restore_checkpoint,
     restore_latest,
@@ -165,7 +167,10 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
         else:
             directory, steps = resolve_checkpoint(Path(resume))
             config = config_to_dict(self.config)
-            restored = self._restored(restore_checkpoint(directory, steps, target, fall_back=False, config=config))
+            renames = self.legacy_param_names(target)
+            restored = self._restored(
+                restore_checkpoint(directory, steps, target, fall_back=False, config=config, renames=renames)
+            )
         info = restored[1]
         drift = config_drift(info.metadata.get("config", {}), config_to_dict(self.config))
         changed = f"; config changed since: {'; '.join(drift)}" if drift else ""
@@ -181,6 +186,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
             before_step=before_step,
             config=config_to_dict(self.config),
             manager=self._checkpoints,
+            renames=self.legacy_param_names(target),
         )
         return None if restored is None else self._restored(restored)
 
@@ -198,7 +204,13 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
         """Copies the model weights of ``warm_start`` into ``params`` where the paths match (a
         backbone into a model with a new head); a shape mismatch names the parameter."""
         path = self.config.warm_start
-        return params if path is None else warm_start_weights(params, Path(path))
+        return params if path is None else warm_start_weights(params, Path(path), self.legacy_param_names(params))
+
+    def legacy_param_names(self, tree: PyTree) -> tuple[Rename, ...]:
+        """How the arrays of ``tree`` were once named, so that checkpoints written before a rename
+        still restore: those its modules declare (``LEGACY_PARAM_NAMES``, as DiT and the SSM model
+        do). Override to add a task's own."""
+        return legacy_renames(tree)
 
     @override
     def on_run_end(self) -> None:
