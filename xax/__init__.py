@@ -8,7 +8,7 @@ Names are loaded on first use, so ``import xax.nn`` or ``import xax.arch`` does 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.5.0"
 
 # Each public name and the module it comes from, imported on first access.
 _EXPORTS: dict[str, str] = {
