@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, restore across device counts, retention, corruption, warm start."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.task.toy import Digits, DigitsConfig, Regression, RegressionConfig, final_params, read_jsonl
-from xax.checkpoint import checkpoint_steps
+from xax.checkpoint import checkpoint_steps, read_metadata
 
 
 def launch_digits(run_dir: Path, *overrides: str, max_steps: int = 20) -> Digits:
@@ -160,3 +161,25 @@ def test_resume_with_an_incompatible_config_names_the_key(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert "parameter params.weight has shape (1, 6) in the model but (1, 4)" in err
     assert "num_features: 4 -> 6" in err
+
+
+def test_git_is_read_once_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # git runs from the test's working directory: this checkout, a repository.
+    from xax.task.mixins import artifacts
+
+    git_calls: list[list[str]] = []
+    run = artifacts.subprocess.run
+
+    def counting_run(args: list[str], **kwargs: object) -> object:
+        if args[0] == "git":
+            git_calls.append(list(args))
+        return run(args, **kwargs)  # ty: ignore[no-matching-overload]
+
+    monkeypatch.setattr(artifacts.subprocess, "run", counting_run)
+    launch_digits(tmp_path, "checkpoint.every_n_steps=2", "checkpoint.keep_last=10", max_steps=8)
+    assert checkpoint_steps(tmp_path / "checkpoints") == [2, 4, 6, 8]
+    # One read_git_state: HEAD's commit, the branch and the diff, at the start of the run.
+    assert [call[1] for call in git_calls] == ["rev-parse", "rev-parse", "diff"]
+    commit = json.loads((tmp_path / "git.json").read_text())["commit"]
+    for step in (2, 8):
+        assert read_metadata(tmp_path / "checkpoints", step)["git_commit"] == commit

@@ -238,6 +238,8 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
         super().__init__(config)
         self._run_dir: Path | None = None
         self._run_dir_lock: RunDirLock | None = None
+        # (state,) once read: git runs three subprocesses, too slow to repeat at each checkpoint.
+        self._git_state: tuple[GitState | None] | None = None
 
     @override
     def validate_config(self) -> None:
@@ -254,6 +256,7 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
 
     @override
     def on_run_start(self) -> None:
+        self._git_state = None  # read afresh for each run; its checkpoints reuse it
         super().on_run_start()
         if jax.process_index() == 0:
             self._run_dir_lock = RunDirLock(self.run_dir)
@@ -294,6 +297,13 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
             number = int(multihost_utils.broadcast_one_to_all(np.int32(number)))
         return parent / f"run_{number:03d}"
 
+    def git_state(self) -> GitState | None:
+        """The state of the git repository the run was launched from (``read_git_state``), read
+        once per run, when first asked for (at run start), and the same for every checkpoint."""
+        if self._git_state is None:
+            self._git_state = (read_git_state(),)
+        return self._git_state[0]
+
     def write_run_metadata(self, config_yaml: str) -> None:
         """Writes what is needed to reproduce the run into ``run_dir`` (process 0 only).
 
@@ -311,7 +321,7 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
         # An explicit run_dir may be reused; files a previous run left must not describe this one.
         for stale in ("git.json", "git.diff"):
             (run_dir / stale).unlink(missing_ok=True)
-        git_state = read_git_state()
+        git_state = self.git_state()
         if git_state is None:
             logger.debug("Not in a git repository (or git is missing); git.json is not written")
         else:

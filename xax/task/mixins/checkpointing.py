@@ -31,7 +31,7 @@ from xax.core.config_io import config_to_dict
 from xax.core.state import State
 from xax.data.cursor import Cursor
 from xax.task.base import BaseConfig, BaseTask
-from xax.task.mixins.artifacts import read_git_state
+from xax.task.mixins.artifacts import GitState
 
 
 @dataclass
@@ -65,6 +65,8 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
 
     if TYPE_CHECKING:  # from ArtifactsMixin, composed beside this one (xax/task/task.py)
         run_dir: Path
+
+        def git_state(self) -> GitState | None: ...
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -105,7 +107,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
         return {name: float(value) for name, value in self.last_valid_metrics.items()}
 
     def checkpoint_metadata(self, state: State, cursor: Cursor, mesh: Mesh | None) -> dict[str, Any]:
-        git = read_git_state()
+        git = self.git_state()
         return checkpoint_metadata(
             state,
             cursor.to_dict(),
