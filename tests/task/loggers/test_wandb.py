@@ -2,13 +2,16 @@
 
 import glob
 import importlib.util
+import json
 import os
+import socket
 import struct
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,7 +43,9 @@ _SCRIPT = textwrap.dedent(
     except ConfigError as e:
         print("online refused:", e)
 
-    logger = WandbLogger(root + "/run", project="xax-test", name="offline", config={"lr": 0.1})
+    logger = WandbLogger(
+        root + "/run", project="xax-test", name="offline", config={"lr": 0.1}, tags=["a", "b"], group="g", notes="n"
+    )
     pixels = np.zeros((4, 6, 3), dtype=np.uint8)
     logger.write(
         LogRecord(
@@ -64,8 +69,8 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _history(path: Path) -> Iterator[dict[str, str]]:
-    """Yields each history row of a .wandb file as {key: JSON value}."""
+def _records(path: Path) -> Iterator[Any]:
+    """Yields each record (a ``wandb_internal_pb2.Record``) of a .wandb file."""
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
@@ -80,10 +85,20 @@ def _history(path: Path) -> Iterator[dict[str, str]]:
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (_FULL, _LAST):
-            record = wandb_internal_pb2.Record.FromString(pending)  # ty: ignore[missing-attribute]
+            yield wandb_internal_pb2.Record.FromString(pending)  # ty: ignore[missing-attribute]
             pending = b""
-            if record.WhichOneof("record_type") == "history":
-                yield {"/".join(item.nested_key): item.value_json for item in record.history.item}
+
+
+def _history(path: Path) -> Iterator[dict[str, str]]:
+    """Yields each history row of a .wandb file as {key: JSON value}."""
+    for record in _records(path):
+        if record.WhichOneof("record_type") == "history":
+            yield {"/".join(item.nested_key): item.value_json for item in record.history.item}
+
+
+def _run_record(path: Path) -> Any:
+    """The run's own record (id, name, tags, group, notes) in a .wandb file."""
+    return next(record.run for record in _records(path) if record.WhichOneof("record_type") == "run")
 
 
 @pytest.fixture
@@ -95,7 +110,6 @@ def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("NETRC", str(home / ".netrc"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "cache"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(home / "data"))
@@ -113,12 +127,17 @@ def test_offline_run_writes_its_files(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "online refused: W&B mode 'online' needs credentials" in result.stdout
+    assert "online refused: mode=online needs W&B credentials: set WANDB_API_KEY" in result.stdout
     assert result.stdout.rstrip().endswith("finished")
     assert not (tmp_path / "online").exists()
+    # W&B prints nothing of its own: no login prompt, no warning (it warned of `fps` at each video).
+    assert "wandb" not in result.stderr.lower(), result.stderr
 
     (run_dir,) = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*"))
     (run_file,) = Path(run_dir).glob("run-*.wandb")
+    run = _run_record(run_file)
+    assert json.loads((tmp_path / "run" / "wandb_run.json").read_text()) == {"id": run.run_id, "name": "offline"}
+    assert (run.display_name, list(run.tags), run.run_group, run.notes) == ("offline", ["a", "b"], "g", "n")
     rows = list(_history(run_file))
     train = next(row for row in rows if "train/loss" in row)
     valid = next(row for row in rows if "valid/loss" in row)
@@ -142,6 +161,59 @@ def test_missing_wandb_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ImportError, match=r"pip install 'xax\[wandb\]'"):
         WandbLogger(tmp_path, project="xax-test")
+
+
+# Through the task: an online run without credentials is refused before anything exists; an offline
+# run, checkpointed, then resumed (resume=auto), continues the same W&B run.
+_RUNS = textwrap.dedent(
+    """
+    import sys
+
+    from tests.task.toy import Regression, RegressionConfig
+
+    root = sys.argv[1]
+    common = ["log.wandb=true", "log.stdout=false", "log.tensorboard=false", "log.every_n_steps=1"]
+    try:
+        Regression.launch(RegressionConfig(batch_size=32), argv=[f"artifacts.runs_root={root}/online", *common,
+                          "log.wandb_mode=online", "max_steps=2"])
+    except SystemExit as e:
+        print("online exit", e.code)
+    run = [f"artifacts.run_dir={root}/run", *common, "checkpoint.every_n_steps=2", "log.wandb_tags=[x,y]"]
+    Regression.launch(RegressionConfig(batch_size=32), argv=[*run, "max_steps=2"])
+    Regression.launch(RegressionConfig(batch_size=32), argv=[*run, "max_steps=4", "resume=auto"])
+    print("finished")
+    """
+)
+
+
+@pytest.mark.skipif(not WANDB_INSTALLED, reason="wandb is not installed")
+@pytest.mark.usefixtures("wandb_env")
+def test_a_resumed_task_continues_its_wandb_run(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _RUNS, str(tmp_path)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.splitlines() == ["online exit 2", "finished"], result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: log.wandb_mode=online needs W&B credentials: set WANDB_API_KEY or run `wandb login`, "
+        "or set log.wandb_mode=offline and upload the run later with `wandb sync`"
+    ]
+    assert not (tmp_path / "online").exists()
+
+    stored = json.loads((tmp_path / "run" / "wandb_run.json").read_text())
+    assert stored["name"].startswith(f"run-{socket.gethostname()}-")
+    first, second = sorted(Path(tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert first.name.endswith(stored["id"]) and second.name.endswith(stored["id"])
+    runs = [_run_record(next(folder.glob("run-*.wandb"))) for folder in (first, second)]
+    assert [(run.run_id, run.display_name, list(run.tags)) for run in runs] == [
+        (stored["id"], stored["name"], ["x", "y"])
+    ] * 2
+    steps = [
+        [int(row["step"]) for row in _history(next(folder.glob("run-*.wandb"))) if "train/loss" in row]
+        for folder in (first, second)
+    ]
+    assert steps == [[1, 2], [3, 4]]
 
 
 def test_unknown_mode_is_a_config_error(tmp_path: Path) -> None:

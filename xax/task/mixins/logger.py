@@ -43,6 +43,10 @@ class LogOptions:
     wandb_project: str | None = field(None, help="W&B project; None uses the task name")
     wandb_entity: str | None = field(None, help="W&B entity (team or user)")
     wandb_mode: str = field("offline", help="W&B mode: offline (default, never contacts a server), online, disabled")
+    wandb_name: str | None = field(None, help="W&B run name; None: the run folder, host and start time")
+    wandb_tags: list[str] = field([], help="W&B run tags, e.g. [baseline,bf16]")
+    wandb_group: str | None = field(None, help="W&B group, e.g. one experiment's seeds or processes")
+    wandb_notes: str | None = field(None, help="W&B run notes: a longer description")
 
 
 @dataclass
@@ -227,6 +231,10 @@ class LoggerMixin(BaseTask[Config], Generic[Config]):
         options = self.config.log
         if options.wandb_mode not in WANDB_MODES:
             raise ConfigError(f"log.wandb_mode={options.wandb_mode!r} is not one of {list(WANDB_MODES)}")
+        if options.wandb:
+            from xax.task.loggers.wandb import check_wandb
+
+            check_wandb(options.wandb_mode)
         check_range("log.every_n_steps", options.every_n_steps, minimum=1, unset="by time only")
         check_range("log.every_n_seconds", options.every_n_seconds, minimum=0.0, inclusive=False)
         check_range("log.heavy_every_n_steps", options.heavy_every_n_steps, minimum=1)
@@ -258,10 +266,13 @@ class LoggerMixin(BaseTask[Config], Generic[Config]):
                 WandbLogger(
                     run_dir=self.run_dir,
                     project=options.wandb_project or self.task_name(),
-                    name=self.run_dir.name,
+                    name=options.wandb_name,
                     entity=options.wandb_entity,
                     mode=options.wandb_mode,
                     config=config_to_dict(self.config),
+                    tags=options.wandb_tags,
+                    group=options.wandb_group,
+                    notes=options.wandb_notes,
                 )
             )
         return sinks
