@@ -31,3 +31,7 @@ class TrainingStopped(XaxError):  # noqa: N818 (a request, not a failure)
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class HubError(XaxError):
+    """A Hugging Face hub name cannot be resolved: no network, offline and not cached, or no such repository."""

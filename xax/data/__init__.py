@@ -4,6 +4,7 @@ order, a background prefetcher, and the placement of global batches on a device 
 - ``sources``: ``MapBatchSource`` (``datasets.Dataset``), ``IterableBatchSource`` (streamed).
 - ``grain``: ``GrainBatchSource`` (a ``grain.MapDataset``; Grain is an optional extra).
 - ``loader``: ``make_batch_source``, the source of a phase from any of those or a dict of splits.
+- ``hub``: ``load_hub_dataset``, a Hugging Face hub dataset by name, failing at once without network.
 - ``cursor``: ``Cursor``, the position a checkpoint saves; ``shuffle_order``, an epoch's order.
 - ``prefetch``: ``DevicePrefetcher``, batches placed on the devices ahead of the loop.
 - ``feeds``: what a training loop pulls each step (prefetched batches, or indices into resident data).
@@ -37,6 +38,7 @@ from xax.data.feeds import gather_batch as gather_batch
 from xax.data.feeds import resident_bytes as resident_bytes
 from xax.data.grain import GrainBatchSource as GrainBatchSource
 from xax.data.grain import is_grain_map_dataset as is_grain_map_dataset
+from xax.data.hub import load_hub_dataset as load_hub_dataset
 from xax.data.loader import VALID_SPLITS as VALID_SPLITS
 from xax.data.loader import AnyDataset as AnyDataset
 from xax.data.loader import make_batch_source as make_batch_source

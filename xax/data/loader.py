@@ -1,7 +1,7 @@
 """The batch source of a phase, from whatever holds the data: a Hugging Face dataset (map-style or
 streamed), a dict of splits, or a Grain ``MapDataset``."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -58,8 +58,8 @@ def make_batch_source(
     in order and keeps the last partial batch.
 
     Args:
-        dataset: A ``datasets.Dataset``, ``IterableDataset``, a dict of splits (see ``split_for``)
-            or a ``grain.MapDataset``.
+        dataset: A ``datasets.Dataset``, ``IterableDataset``, a dict of splits (a ``DatasetDict``,
+            ``IterableDatasetDict`` or plain dict of datasets; see ``split_for``) or a ``grain.MapDataset``.
         phase: "train" or "valid".
         batch_size: Rows per batch (over all processes).
         seed: The shuffle seed.
@@ -73,9 +73,11 @@ def make_batch_source(
 
     Raises:
         ConfigError: For a batch size below 1 or a negative seed.
-        DataError: For a dataset of another type, or a dict of splits without the phase's split.
+        DataError: For a dataset of another type (naming the ``datasets`` constructor that makes one
+            of it: ``Dataset.from_dict`` for columns, ``IterableDataset.from_generator`` for a generator),
+            or a dict of splits without the phase's split.
     """
-    if isinstance(dataset, datasets.DatasetDict | datasets.IterableDatasetDict):
+    if isinstance(dataset, datasets.DatasetDict | datasets.IterableDatasetDict) or _is_dict_of_splits(dataset):
         dataset = dataset[split_for(dataset, phase, origin=origin)]
     train = phase == "train"
     kwargs: dict[str, Any] = {"columns": columns, "seed": seed, "shuffle": train, "drop_last": train, "repeat": train}
@@ -85,7 +87,46 @@ def make_batch_source(
         return MapBatchSource(dataset, batch_size, in_memory_max_mb=in_memory_max_mb, **kwargs)
     if is_grain_map_dataset(dataset):
         return GrainBatchSource(dataset, batch_size, **kwargs)
-    raise DataError(
-        f"{origin} returned a {type(dataset).__name__}; return a datasets.Dataset, "
-        "IterableDataset, DatasetDict or grain.MapDataset"
-    )
+    raise DataError(f"{origin} returned {_describe(dataset)}; {_fix_for(dataset)}")
+
+
+def _is_dict_of_splits(dataset: object) -> bool:
+    """A plain dict whose values are all datasets (a DatasetDict by another name)."""
+    split_types = datasets.Dataset | datasets.IterableDataset
+    return isinstance(dataset, Mapping) and bool(dataset) and all(isinstance(v, split_types) for v in dataset.values())
+
+
+def _describe(dataset: object) -> str:
+    if dataset is None:
+        return "None"
+    if isinstance(dataset, str):
+        return f"the string {dataset!r}"
+    if isinstance(dataset, Mapping):
+        return f"a {type(dataset).__name__} with keys {sorted(map(str, dataset))[:8]}"
+    module = type(dataset).__module__.split(".")[0]
+    return f"a {type(dataset).__qualname__}" if module == "builtins" else f"a {module}.{type(dataset).__qualname__}"
+
+
+def _fix_for(dataset: object) -> str:
+    """What to return instead of an object that is not a dataset, by the kind of object it is."""
+    accepted = "return a datasets.Dataset, IterableDataset, DatasetDict or grain.MapDataset"
+    if isinstance(dataset, str):
+        return (
+            "load it first: xax.data.load_hub_dataset(name, split=...) for a Hugging Face hub name, "
+            "datasets.load_dataset('csv' or 'parquet', data_files=path) for a local file"
+        )
+    if isinstance(dataset, Mapping):
+        return (
+            "wrap the columns: datasets.Dataset.from_dict(columns) (each column an array or a list of rows), "
+            "or give a dict of splits whose values are datasets"
+        )
+    if isinstance(dataset, Iterator):
+        return (
+            "wrap the function that makes it: datasets.IterableDataset.from_generator(make_rows), "
+            "so that every epoch and every resume can start it again"
+        )
+    if type(dataset).__name__ == "DataFrame":
+        return "convert it: datasets.Dataset.from_pandas(frame) (or Dataset.from_polars)"
+    if isinstance(dataset, Sequence) or hasattr(dataset, "__array__"):
+        return "name the columns: datasets.Dataset.from_dict({'x': array, 'y': labels})"
+    return accepted

@@ -11,12 +11,14 @@ from jax.sharding import Mesh
 from typing_extensions import override
 
 from xax.core.config import check_range, field
-from xax.core.errors import ConfigError
+from xax.core.errors import ConfigError, HubError
 from xax.core.state import Phase
+from xax.data.hub import LOCAL_FIX
 from xax.data.loader import AnyDataset, make_batch_source
 from xax.data.placement import process_rows
 from xax.data.sources import BatchSource
 from xax.task.base import BaseConfig, BaseTask
+from xax.utils.hub import OFFLINE_FIX
 
 
 @dataclass
@@ -77,6 +79,17 @@ class DataLoaderMixin(BaseTask[Config], Generic[Config]):
         """The columns batches hold; None loads every column."""
         return None
 
+    def _dataset_of(self, phase: Phase) -> object:
+        """``get_dataset(phase)``, where a dataset that needs the network and cannot reach it is one line."""
+        try:
+            return self.get_dataset(phase)
+        except ConnectionError as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise HubError(
+                f"get_dataset({phase!r}): {reason}; connect to the network, {OFFLINE_FIX}, {LOCAL_FIX} "
+                "(xax.data.load_hub_dataset fails at once without network)"
+            ) from None
+
     def get_batch_source(self, phase: Phase, *, seed: int) -> BatchSource:
         """The batch source of a phase (see ``xax.data.make_batch_source``).
 
@@ -97,7 +110,7 @@ class DataLoaderMixin(BaseTask[Config], Generic[Config]):
         if batch_size < 1:
             raise ConfigError(f"{key}={batch_size} must be at least 1")
         source = make_batch_source(
-            self.get_dataset(phase),
+            self._dataset_of(phase),
             phase,
             batch_size,
             seed=seed,
