@@ -2,6 +2,7 @@
 
 from xax.interop.hf import config_from_hf as config_from_hf
 from xax.interop.hf import config_to_hf as config_to_hf
+from xax.interop.hf import hf_folder as hf_folder
 from xax.interop.hf import hf_table as hf_table
 from xax.interop.hf import load_hf as load_hf
 from xax.interop.hf import read_hf_weights as read_hf_weights

@@ -1,12 +1,14 @@
 """Hugging Face GPT-2 and Llama-family (Llama, Qwen2, Mistral) checkpoints to and from ``Transformer``.
 
 A checkpoint is a local folder with ``config.json`` and ``model.safetensors`` (or shards listed in
-``model.safetensors.index.json``), as ``save_pretrained`` writes it. Loading reads ``config.json``
+``model.safetensors.index.json``), as ``save_pretrained`` writes it, or a model id of the Hugging Face
+hub ("Qwen/Qwen2-0.5B"), whose config and safetensors files ``huggingface_hub`` downloads once into
+its cache (read from there with ``HF_HUB_OFFLINE=1``). Loading reads ``config.json``
 into a ``TransformerConfig`` and maps the weights through the family's declared ``Rule`` table
 (see ``xax.arch.transformer`` for the names); saving does the reverse, in a folder that
 ``transformers``' ``from_pretrained`` loads::
 
-    model = xax.interop.load_hf("path/to/Qwen2-0.5B", overrides={"compute_dtype": "bfloat16"})
+    model = xax.interop.load_hf("Qwen/Qwen2-0.5B", overrides={"compute_dtype": "bfloat16"})
     xax.interop.save_hf(model, "path/to/out", model_type="qwen2")
 
 Every ``config.json`` field is either handled (read into the config, or checked to have the one
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 
 from xax.arch.transformer import Transformer, TransformerConfig
-from xax.core.errors import ConfigError
+from xax.core.errors import ConfigError, HubError
 from xax.interop.hf_families import COMMON_IGNORED, RUNTIME_FIELDS, HfFields, family_of
 from xax.interop.state_dict import (
     Rule,
@@ -35,6 +37,10 @@ from xax.interop.state_dict import (
     to_state_dict,
     write_safetensors,
 )
+from xax.utils.hub import OFFLINE_FIX, hub_endpoint
+
+# What a checkpoint folder holds that loading reads; other files of a hub repository are not downloaded.
+HF_CHECKPOINT_FILES = ("config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json")
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> TransformerConfig:
@@ -107,17 +113,69 @@ def read_hf_weights(folder: str | Path) -> dict[str, np.ndarray]:
     )
 
 
-def load_hf(folder: str | Path, *, overrides: Mapping[str, Any] | None = None) -> Transformer:
-    """Loads a GPT-2, Llama, Qwen2 or Mistral checkpoint folder into a ``Transformer``.
+def hf_folder(name: str | Path, *, revision: str | None = None) -> Path:
+    """The folder of a checkpoint: a local folder as is, or a hub model id's snapshot in the cache.
 
     Args:
-        folder: A folder with ``config.json`` and safetensors weights (``save_pretrained``'s layout).
+        name: A local folder, or a model id of the Hugging Face hub ("gpt2", "Qwen/Qwen2-0.5B").
+        revision: The hub revision (a branch, tag or commit); None is the default branch.
+
+    Returns:
+        A folder holding ``config.json`` and the safetensors weights.
+
+    Raises:
+        ConfigError: A revision given with a local folder.
+        HubError: ``name`` is no local folder and the hub cannot give it: offline (``HF_HUB_OFFLINE``)
+            or unreachable with no copy in the cache, no such model, or no access to it.
+    """
+    if Path(name).is_dir():
+        if revision is not None:
+            raise ConfigError(f"load_hf: revision={revision!r} is for a hub model id; {name} is a local folder")
+        return Path(name)
+    from huggingface_hub import constants, errors, snapshot_download
+
+    repo_id = str(name)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HF_CHECKPOINT_FILES)))
+    except errors.HFValidationError:
+        raise HubError(f"load_hf: {repo_id!r} is neither a local folder nor a Hugging Face model id") from None
+    except errors.LocalEntryNotFoundError as error:
+        cause = error.__cause__
+        if constants.HF_HUB_OFFLINE:
+            reason = "offline mode is on (HF_HUB_OFFLINE)"
+        else:
+            reason = f"{hub_endpoint()} cannot be reached ({type(cause).__name__}: {cause})"
+        raise HubError(
+            f"load_hf: {repo_id!r} is not a local folder, nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+            f"and {reason}; give the folder save_pretrained wrote, or load the model once with network access"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise HubError(
+            f"load_hf: {repo_id!r} is not a local folder, and {hub_endpoint()} has no model of that id that you may "
+            "read (a private or gated model needs a token: `hf auth login` or HF_TOKEN)"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise HubError(f"load_hf: model {repo_id!r} has no revision {revision!r}") from None
+    except errors.HfHubHTTPError as error:
+        first_line = str(error).splitlines()[0]
+        raise HubError(f"load_hf: {repo_id!r} from {hub_endpoint()}: {first_line}; {OFFLINE_FIX}") from None
+
+
+def load_hf(
+    folder: str | Path, *, overrides: Mapping[str, Any] | None = None, revision: str | None = None
+) -> Transformer:
+    """Loads a GPT-2, Llama, Qwen2 or Mistral checkpoint into a ``Transformer``.
+
+    Args:
+        folder: A folder with ``config.json`` and safetensors weights (``save_pretrained``'s layout),
+            or a model id of the Hugging Face hub (see ``hf_folder``).
         overrides: Values of ``RUNTIME_FIELDS`` (``compute_dtype``, ``scan_layers``, ...).
+        revision: The hub revision of a model id (a branch, tag or commit).
 
     Returns:
         The model, with float32 parameters.
     """
-    folder = Path(folder)
+    folder = hf_folder(folder, revision=revision)
     hf_config = json.loads((folder / "config.json").read_text())
     config = config_from_hf(hf_config)
     if overrides:
