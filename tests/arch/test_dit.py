@@ -14,7 +14,7 @@ import pytest
 
 from tests.jaxprs import dot_operand_dtypes
 from xax.arch.diffusion.embeddings import sincos_2d
-from xax.arch.dit import DiT, DiTBlock, DiTConfig, MMDiTBlock, MMDiTConfig, dit_config, layer_norm, patchify, unpatchify
+from xax.arch.dit import DiT, DiTBlock, DiTConfig, MMDiTBlock, MMDiTConfig, dit_config, layer_norm, patchify, split_qkv, unpatchify
 from xax.arch.unet import count_params
 from xax.nn.attention import dot_product_attention
 
@@ -220,3 +220,21 @@ def test_attention_backward_matmuls_run_in_bfloat16() -> None:
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     # Two products forward, two transposes of each backward.
     assert dot_operand_dtypes(jaxpr.jaxpr) == [[jnp.bfloat16, jnp.bfloat16]] * 6
+
+
+def test_split_qkv_equals_the_fused_projection_and_concatenates_no_activation_gradient() -> None:
+    """Three matmuls on the fused weight's row blocks give the fused output's thirds, and the gradient of
+    the input is a sum of three products, not a concatenation of (T, 3 D) (the copy the split avoids)."""
+    linear = randomized(eqx.nn.Linear(16, 48, key=jax.random.key(0)), seed=1)
+    x = jax.random.normal(jax.random.key(2), (10, 16))
+    fused = np.asarray(jax.vmap(linear)(x), np.float64)
+    for got, expected in zip(split_qkv(linear, x), np.split(fused, 3, axis=-1), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+    def loss(x: jax.Array) -> jax.Array:
+        q, k, v = split_qkv(linear, x)
+        return jnp.sum(q * k * v)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(x)
+    shapes = [eqn.outvars[0].aval.shape for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "concatenate"]
+    assert (10, 48) not in shapes
