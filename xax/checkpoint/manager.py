@@ -103,7 +103,8 @@ def open_orbax_manager(
     ):
         registry.add(item, args_type, handler)
     with quiet_orbax():
-        return ocp.CheckpointManager(directory, options=manager_options, handler_registry=registry)
+        # Orbax refuses relative paths ("Checkpoint path should be absolute").
+        return ocp.CheckpointManager(Path(directory).absolute(), options=manager_options, handler_registry=registry)
 
 
 def checkpoint_steps(directory: Path) -> list[int]:

@@ -113,7 +113,7 @@ def saved_array_metadata(directory: Path, step: int) -> PyTree:
     """The saved arrays' shapes and dtypes (no data read), as nested dicts."""
     try:
         with quiet_orbax():
-            return ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata
+            return ocp.StandardCheckpointer().metadata(Path(directory).absolute() / str(step) / "state").item_metadata
     except Exception as error:
         raise CheckpointError(f"checkpoint {directory / str(step) / 'state'} is unreadable ({error})") from error
 
