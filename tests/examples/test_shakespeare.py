@@ -23,6 +23,7 @@ from tests.task.loggers.test_tensorboard import read_events, tag_values
 from tests.task.toy import read_jsonl
 from xax.arch.transformer import Transformer
 from xax.data import table_to_batch
+from xax.task.loggers.tensorboard import preformatted
 
 # Small enough to learn something in 50 CPU steps.
 TINY = (
@@ -89,7 +90,7 @@ def _check_run(run_dir: Path, min_drop: float) -> str:
     texts = [r["texts"]["sample"] for r in records if "sample" in r.get("texts", {})]
     assert len(texts) == 1 and texts[0].startswith("ROMEO:") and len(texts[0]) == len("ROMEO:") + 20
     (step, value), *_ = tag_values(read_events(run_dir / "tensorboard" / "valid"))["sample/text_summary"]
-    assert step == 50 and texts[0] in value.tensor.string_val[0].decode()
+    assert step == 50 and value.tensor.string_val[0].decode() == preformatted(texts[0])
     return texts[0]
 
 

@@ -2,6 +2,7 @@
 
 import io
 import struct
+import warnings
 import wave
 from pathlib import Path
 from typing import Any
@@ -9,11 +10,19 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageSequence
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData  # ty: ignore[missing-module-member]
 from tensorboardX.proto.event_pb2 import Event  # ty: ignore[missing-module-member]
 
+from tests.task.toy import Regression, RegressionConfig
 from xax.core.metric import LogAudio, LogImage, LogVideo
-from xax.task.loggers.base import LogRecord
+from xax.task.loggers.base import LogEvent, LogRecord
 from xax.task.loggers.tensorboard import TensorBoardLogger
+
+with warnings.catch_warnings():
+    # TensorBoard's vendored HTML sanitizer warns of its own deprecation on import.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from tensorboard.plugins.text.text_plugin import text_array_to_html
 
 
 def read_events(directory: Path) -> list[Event]:
@@ -30,6 +39,23 @@ def read_events(directory: Path) -> list[Event]:
             events.append(Event.FromString(payload))
             offset += 12 + length + 4
     return events
+
+
+def html(text: bytes) -> str:
+    """What TensorBoard's text dashboard shows for a logged text."""
+    return text_array_to_html(np.array(text), True)
+
+
+def accumulate(directory: Path) -> EventAccumulator:
+    """TensorBoard's own reader over one run's event files, loaded."""
+    accumulator = EventAccumulator(str(directory), size_guidance={"tensors": 0, "scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def text_of(accumulator: EventAccumulator, tag: str) -> list[tuple[int, str]]:
+    """A text tag's (step, HTML) entries as the text dashboard shows them."""
+    return [(event.step, html(event.tensor_proto.string_val[0])) for event in accumulator.Tensors(tag)]
 
 
 def tag_values(events: list[Event]) -> dict[str, list[tuple[int, Any]]]:
@@ -70,7 +96,7 @@ def test_writes_each_phase_to_its_own_directory(tmp_path: Path) -> None:
     assert len(text_tags) == 1
     ((step, text),) = train[text_tags[0]]
     assert step == 3
-    assert text.tensor.string_val == [b"to be or not"]
+    assert html(text.tensor.string_val[0]) == "<pre><code>to be or not\n</code></pre>"
     ((step, hist),) = train["weights"]
     assert step == 3
     # The NaN is dropped before binning.
@@ -110,3 +136,61 @@ def test_audio_and_video_are_encoded_without_extra_packages(tmp_path: Path) -> N
     gif = PILImage.open(io.BytesIO(clip.image.encoded_image_string))
     decoded = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(gif)]
     np.testing.assert_array_equal(np.stack(decoded), frames)
+
+
+def test_text_is_shown_as_written(tmp_path: Path) -> None:
+    sample = "def f(x):\n    return x * 2\n\n# not a heading\n* not a list <b>"
+    logger = TensorBoardLogger(tmp_path / "tb")
+    logger.write(LogRecord(step=2, num_samples=0, elapsed_time_s=0.0, phase="valid", texts={"sample": sample}))
+    logger.close()
+    ((step, shown),) = text_of(accumulate(tmp_path / "tb" / "valid"), "sample/text_summary")
+    expected = sample.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    assert (step, shown) == (2, f"<pre><code>{expected}\n</code></pre>")
+
+
+def test_framework_scalars_are_grouped_and_constants_written_once(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path / "tb", config={"lr": 0.1, "model": {"depth": 2, "act": None}})
+    # A resumed run: its config is written at the step it continued from.
+    logger.write_event(LogEvent(step=4, kind="resume"))
+    for step, flops in ((5, 1e9), (6, 1e9), (7, 2e9)):
+        scalars = {"loss": 1.0 / step, "steps_per_second": 3.0, "cpu/process_percent": 50.0, "flops_per_step": flops}
+        logger.write(LogRecord(step=step, num_samples=0, elapsed_time_s=0.0, phase="train", scalars=scalars))
+    logger.close()
+
+    train = accumulate(tmp_path / "tb" / "train")
+    assert sorted(train.Tags()["scalars"]) == [
+        "loss",
+        "perf/flops_per_step",
+        "perf/steps_per_second",
+        "system/cpu/process_percent",
+    ]
+    assert [event.step for event in train.Scalars("loss")] == [5, 6, 7]
+    assert [(event.step, event.value) for event in train.Scalars("perf/flops_per_step")] == [(5, 1e9), (7, 2e9)]
+
+    root = accumulate(tmp_path / "tb")
+    ((step, shown),) = text_of(root, "config/text_summary")
+    assert (step, shown) == (4, "<pre><code>lr: 0.1\nmodel:\n  depth: 2\n  act: null\n</code></pre>")
+    (content,) = root.PluginTagToContent("hparams").values()
+    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    assert (hparams["lr"].number_value, hparams["model.depth"].number_value) == (0.1, 2.0)
+    assert hparams["model.act"].string_value == "null"
+
+
+def test_a_run_writes_its_config_and_groups_its_scalars(tmp_path: Path) -> None:
+    argv = [f"artifacts.run_dir={tmp_path}", "log.stdout=false", "log.every_n_steps=2", "max_steps=4"]
+    Regression.launch(RegressionConfig(batch_size=32), argv=argv)
+    train = accumulate(tmp_path / "tensorboard" / "train")
+    tags = train.Tags()["scalars"]
+    # The task's metrics at the top level; the framework's under perf/ and system/ only.
+    assert {tag for tag in tags if "/" not in tag} == {"loss", "grad_norm", "abs_error"}
+    assert {tag.split("/")[0] for tag in tags if "/" in tag} == {"perf", "system"}
+    assert {"perf/steps_per_second", "perf/samples_per_second", "system/epoch"} <= set(tags)
+    assert [event.step for event in train.Scalars("loss")] == [2, 4]
+    assert [event.step for event in train.Scalars("perf/flops_per_step")] == [2]
+    root = accumulate(tmp_path / "tensorboard")
+    ((step, shown),) = text_of(root, "config/text_summary")
+    assert step == 0 and "\nbatch_size: 32\n" in shown
+    (content,) = root.PluginTagToContent("hparams").values()
+    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    assert (hparams["batch_size"].number_value, hparams["max_steps"].number_value) == (32.0, 4.0)
+    assert hparams["log.tensorboard"].bool_value is True

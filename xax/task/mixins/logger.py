@@ -258,7 +258,7 @@ class LoggerMixin(BaseTask[Config], Generic[Config]):
         if options.jsonl:
             sinks.append(JsonlLogger(self.run_dir / "log.jsonl"))
         if options.tensorboard:
-            sinks.append(TensorBoardLogger(self.run_dir / "tensorboard"))
+            sinks.append(TensorBoardLogger(self.run_dir / "tensorboard", config=config_to_dict(self.config)))
         if options.wandb:
             from xax.task.loggers.wandb import WandbLogger
 
