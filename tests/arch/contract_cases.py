@@ -1,4 +1,5 @@
-"""Contract cases of the model families other than the transformer: SSM, DiT, mmDiT, UNet, VAE.
+"""Contract cases of the model families other than the transformer: SSM, DiT, mmDiT (whole and one block),
+UNet, VAE.
 
 The denoisers and the VAE start with zero-initialized branches (adaLN-Zero, zero output convolutions),
 where most gradients are exactly zero, so their cases redraw every weight from the model's key. Their
@@ -16,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from tests.arch.contracts import ContractCase, Equivalence
-from xax.arch.dit import DiT, MMDiTBlock, MMDiTConfig, dit_config
+from xax.arch.dit import DiT, dit_config
+from xax.arch.mmdit import MMDiT, MMDiTBlock, MMDiTConfig
 from xax.arch.ssm import SSMConfig, SSMLanguageModel
 from xax.arch.unet import UNet, UNetConfig
 from xax.arch.vae import VAE, VAEConfig, vae_loss
@@ -208,8 +210,94 @@ def _mmdit_case() -> ContractCase:
     )
 
 
+# The whole mmDiT: 2 latent channels of 8x8, context of 5 tokens 12 wide, the last one padding.
+MM_CHANNELS, MM_SIZE, MM_CONTEXT, MM_CONTEXT_DIM = 2, 8, 5, 12
+
+
+def _mmdit_inputs(key: jax.Array) -> tuple:
+    kx, kt, kc = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (BATCH, MM_CHANNELS, MM_SIZE, MM_SIZE))
+    context = jax.random.normal(kc, (BATCH, MM_CONTEXT, MM_CONTEXT_DIM))
+    mask = jnp.arange(MM_CONTEXT)[None, :].repeat(BATCH, axis=0) < MM_CONTEXT - 1
+    return x, jax.random.uniform(kt, (BATCH,)), context, mask
+
+
+def _mmdit_denoise(model: MMDiT, inputs: tuple) -> jax.Array:
+    x, t, context, mask = inputs
+    dtype = weight_dtype(model)
+    return jax.vmap(model)(x.astype(dtype), t, context.astype(dtype), mask)
+
+
+def _mmdit_loss(model: MMDiT, inputs: tuple) -> jax.Array:
+    return jnp.mean((_mmdit_denoise(model, inputs).astype(jnp.float32) - inputs[0]) ** 2)
+
+
+def _mmdit_equivalences(config: MMDiTConfig) -> Callable[[], list[Equivalence]]:
+    """Remat against none, the scanned stack against the loop, and masked padding against no padding."""
+
+    def pairs() -> list[Equivalence]:
+        inputs = _mmdit_inputs(jax.random.key(1))
+
+        def model(**changes: Any) -> MMDiT:
+            return redrawn(MMDiT(replace(config, **changes), key=jax.random.key(0)), jax.random.key(0))
+
+        loss_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_mmdit_loss))
+        forward = eqx.filter_jit(_mmdit_denoise)
+
+        def unpadded() -> tuple:
+            x, t, context, mask = inputs
+            kept = MM_CONTEXT - 1
+            return forward(model(), inputs), forward(model(), (x, t, context[:, :kept], mask[:, :kept]))
+
+        return [
+            Equivalence(
+                "remat 'full' equals none",
+                lambda: (loss_and_grad(model(), inputs), loss_and_grad(model(remat="full"), inputs)),
+                atol=1e-6,
+            ),
+            Equivalence(
+                "loop equals scan",
+                lambda: (forward(model(), inputs), forward(model(scan_layers=True), inputs)),
+                atol=1e-5,
+            ),
+            Equivalence("masked padding equals no padding", unpadded, atol=1e-5),
+        ]
+
+    return pairs
+
+
+def mmdit_config() -> MMDiTConfig:
+    """A two-block mmDiT (one full block and the last) on 8x8x2 inputs with patches of 2."""
+    return MMDiTConfig(
+        input_size=MM_SIZE,
+        patch_size=2,
+        in_channels=MM_CHANNELS,
+        context_dim=MM_CONTEXT_DIM,
+        d_model=16,
+        num_layers=2,
+        num_heads=2,
+        frequency_dim=8,
+    )
+
+
+def _mmdit_model_case() -> ContractCase:
+    config = mmdit_config()
+    make_model = lambda key: redrawn(MMDiT(config, key=key), key)  # noqa: E731
+    return ContractCase(
+        name="mmdit",
+        make_model=make_model,
+        make_inputs=_mmdit_inputs,
+        apply=_mmdit_denoise,
+        loss=_mmdit_loss,
+        make_low_precision_model=lambda key: in_bfloat16(make_model(key)),
+        output_dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        equivalences=_mmdit_equivalences(config),
+    )
+
+
 def denoiser_cases() -> list[ContractCase]:
-    """A tiny class-conditional DiT and UNet, and one mmDiT block."""
+    """A tiny class-conditional DiT and UNet, a text-conditioned mmDiT and one mmDiT block."""
     dit = dit_config(
         "DiT-S/2", input_size=8, in_channels=2, d_model=16, num_layers=2, num_heads=2, num_classes=NUM_CLASSES
     )
@@ -226,6 +314,7 @@ def denoiser_cases() -> list[ContractCase]:
     return [
         _denoiser_case("dit", DiT, dit, channels=2, size=8, scans=True),
         _denoiser_case("unet", UNet, unet, channels=1, size=8, scans=False),
+        _mmdit_model_case(),
         _mmdit_case(),
     ]
 

@@ -18,6 +18,7 @@ from xax.arch import (
     UNetConfig,
     VAEConfig,
     dit,
+    mmdit,
     ssm,
     transformer,
     unet,
@@ -84,7 +85,7 @@ def test_the_same_thing_has_the_same_name() -> None:
 
 
 def test_every_model_declares_its_rules_and_the_default_joins_them() -> None:
-    modules = (transformer, ssm, dit, unet, vae)
+    modules = (transformer, ssm, dit, mmdit, unet, vae)
     joined = set(xax.arch.SHARDING_RULES)
     for module in modules:
         assert module.SHARDING_RULES, module.__name__

@@ -14,7 +14,8 @@ import pytest
 
 from tests.jaxprs import dot_operand_dtypes
 from xax.arch.diffusion.embeddings import sincos_2d
-from xax.arch.dit import DiT, DiTBlock, DiTConfig, MMDiTBlock, MMDiTConfig, dit_config, layer_norm, patchify, split_qkv, unpatchify
+from xax.arch.dit import DiT, DiTBlock, DiTConfig, dit_config, layer_norm, patchify, split_qkv, unpatchify
+from xax.arch.mmdit import MMDiTBlock, MMDiTConfig
 from xax.arch.unet import count_params
 from xax.nn.attention import dot_product_attention
 

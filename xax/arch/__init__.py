@@ -2,7 +2,7 @@
 
 - ``Transformer`` (GPT-2 and Llama/Qwen/Mistral styles) and ``generate`` (KV-cached sampling);
 - ``SSMLanguageModel`` (S4D/S5-style diagonal or Mamba-style selective layers);
-- ``DiT`` and the ``MMDiTBlock`` of Stable Diffusion 3, ``UNet``, ``VAE``;
+- ``DiT``, the text-conditioned ``MMDiT`` of Stable Diffusion 3 (and its ``MMDiTBlock``), ``UNet``, ``VAE``;
 - ``xax.arch.diffusion``: schedules, samplers, flow matching and guidance for the denoisers.
 
 ``SHARDING_RULES`` joins the rules each model declares beside it: the default table of
@@ -18,8 +18,6 @@ from xax.arch.dit import SHARDING_RULES as _DIT_RULES
 from xax.arch.dit import DiT as DiT
 from xax.arch.dit import DiTBlock as DiTBlock
 from xax.arch.dit import DiTConfig as DiTConfig
-from xax.arch.dit import MMDiTBlock as MMDiTBlock
-from xax.arch.dit import MMDiTConfig as MMDiTConfig
 from xax.arch.dit import dit_config as dit_config
 from xax.arch.dit import num_tokens as num_tokens
 from xax.arch.dit import patchify as patchify
@@ -29,6 +27,10 @@ from xax.arch.generate import SamplingConfig as SamplingConfig
 from xax.arch.generate import filter_logits as filter_logits
 from xax.arch.generate import generate as generate
 from xax.arch.generate import sample_token as sample_token
+from xax.arch.mmdit import SHARDING_RULES as _MMDIT_RULES
+from xax.arch.mmdit import MMDiT as MMDiT
+from xax.arch.mmdit import MMDiTBlock as MMDiTBlock
+from xax.arch.mmdit import MMDiTConfig as MMDiTConfig
 from xax.arch.ssm import SHARDING_RULES as _SSM_RULES
 from xax.arch.ssm import SSMCache as SSMCache
 from xax.arch.ssm import SSMConfig as SSMConfig
@@ -51,5 +53,5 @@ from xax.arch.vae import vae_loss as vae_loss
 
 # Every model's rules, the transformer's first; a rule two models share appears once.
 SHARDING_RULES: ShardingRules = tuple(
-    dict.fromkeys((*_TRANSFORMER_RULES, *_SSM_RULES, *_DIT_RULES, *_UNET_RULES, *_VAE_RULES))
+    dict.fromkeys((*_TRANSFORMER_RULES, *_SSM_RULES, *_DIT_RULES, *_MMDIT_RULES, *_UNET_RULES, *_VAE_RULES))
 )

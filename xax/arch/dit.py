@@ -1,5 +1,5 @@
-"""Diffusion transformers: DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers") and the
-two-stream mmDiT block of Stable Diffusion 3 (Esser et al. 2024, "Scaling Rectified Flow Transformers").
+"""The diffusion transformer DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers"), and the
+layers it shares with the mmDiT of ``xax.arch.mmdit``.
 
 DiT patchifies a ``(C, H, W)`` input into ``(H / p) (W / p)`` tokens with a fixed 2-D sine-cosine positional
 embedding, runs transformer blocks conditioned by adaLN-Zero on ``c = embed(t) + embed(y)``, and unpatchifies
@@ -102,30 +102,8 @@ def dit_config(name: str, **overrides: Any) -> DiTConfig:
     return DiTConfig(**values)
 
 
-@register_config
-@dataclass(frozen=True)
-class MMDiTConfig:
-    """One mmDiT block (Stable Diffusion 3); defaults are the width of SD3-medium's blocks."""
-
-    d_model: int = field(1536, help="Token width of both streams; 1536 is SD3-medium (24 heads of 64)")
-    num_heads: int = field(24, help="Attention heads; 24 gives SD3-medium's 64-wide heads")
-    mlp_ratio: float = field(4.0, help="MLP hidden width over d_model; 4 as in ViT and SD3")
-    attention_impl: str | None = field(
-        None, help="'xla', 'cudnn' or None, which lets JAX pick: cuDNN on a GPU where it can, else XLA"
-    )
-
-    def __post_init__(self) -> None:
-        check_choice(self, "attention_impl", ATTENTION_IMPLS)
-        check_positive(self, "d_model", "num_heads")
-        if self.d_model % self.num_heads:
-            raise ModelConfigError(
-                f"MMDiTConfig.d_model={self.d_model} must be divisible by num_heads={self.num_heads}; "
-                "change d_model or num_heads"
-            )
-
-
 # Logical axes of the parameters (xax.parallel.rules): the fused qkv and the MLP's first layer split
-# by columns, the attention output and the MLP's second layer by rows (DiT blocks and mmDiT streams).
+# by columns, the attention output and the MLP's second layer by rows.
 SHARDING_RULES: ShardingRules = (
     (r"(^|\.)qkv\.weight$", ("heads", "embed")),
     (r"(^|\.)qkv\.bias$", ("heads",)),
@@ -172,7 +150,7 @@ def split_qkv(qkv: eqx.nn.Linear, x: Float[Array, "t d"]) -> tuple[Array, Array,
     return q, k, v
 
 
-def _mlp(dim: int, mlp_ratio: float, key: PRNGKeyArray) -> MLP:
+def block_mlp(dim: int, mlp_ratio: float, key: PRNGKeyArray) -> MLP:
     """The block's feed-forward layer: tanh-approximated GELU and Equinox's initialization, as in DiT."""
     return MLP(dim, int(dim * mlp_ratio), activation="gelu_tanh", init_std=None, key=key)
 
@@ -195,7 +173,7 @@ class DiTBlock(eqx.Module):
         self.modulation = zero_init(eqx.nn.Linear(dim, 6 * dim, key=keys[0]))
         self.qkv = eqx.nn.Linear(dim, 3 * dim, key=keys[1])
         self.proj = eqx.nn.Linear(dim, dim, key=keys[2])
-        self.mlp = _mlp(dim, mlp_ratio, keys[3])
+        self.mlp = block_mlp(dim, mlp_ratio, keys[3])
         self.num_heads, self.impl = num_heads, impl
 
     def __call__(self, x: Float[Array, "t d"], c: Float[Array, " d"]) -> Float[Array, "t d"]:
@@ -311,74 +289,6 @@ class DiT(eqx.Module):
             for index in range(self.config.num_layers):
                 tokens, _ = run(tokens, jax.tree.map(lambda a, i=index: a[i], arrays))
         return unpatchify(self.final(tokens, c), patch, size, size)
-
-
-@final
-class StreamWeights(eqx.Module):
-    """One stream's weights in an mmDiT block: adaLN modulation, qkv, output projection and MLP."""
-
-    modulation: eqx.nn.Linear
-    qkv: eqx.nn.Linear
-    proj: eqx.nn.Linear
-    mlp: MLP
-    LEGACY_PARAM_NAMES: ClassVar[tuple[tuple[str, str], ...]] = LEGACY_PARAM_NAMES
-
-    def __init__(self, config: MMDiTConfig, *, key: PRNGKeyArray) -> None:
-        keys = jax.random.split(key, 4)
-        dim, mlp_ratio = config.d_model, config.mlp_ratio
-        self.modulation = zero_init(eqx.nn.Linear(dim, 6 * dim, key=keys[0]))
-        self.qkv = eqx.nn.Linear(dim, 3 * dim, key=keys[1])
-        self.proj = eqx.nn.Linear(dim, dim, key=keys[2])
-        self.mlp = _mlp(dim, mlp_ratio, keys[3])
-
-    def modulations(self, vec: Float[Array, " d"]) -> tuple[Array, ...]:
-        """``(shift1, scale1, gate1, shift2, scale2, gate2)``, zero at initialization."""
-        return tuple(jnp.split(self.modulation(jax.nn.silu(vec)), 6))
-
-    def qkv_of(self, x: Float[Array, "t d"], vec: Float[Array, " d"]) -> tuple[Array, Array, Array]:
-        shift, scale = self.modulations(vec)[:2]
-        q, k, v = jnp.split(jax.vmap(self.qkv)(modulate(layer_norm(x), shift, scale)), 3, axis=-1)
-        return q, k, v
-
-    def finish(self, x: Float[Array, "t d"], attended: Float[Array, "t d"], vec: Float[Array, " d"]) -> Array:
-        """The residual updates after attention: ``x += g1 proj(a)``, then ``x += g2 mlp(modulate(LN(x)))``."""
-        _, _, gate1, shift2, scale2, gate2 = self.modulations(vec)
-        x = x + gate1[None, :] * jax.vmap(self.proj)(attended)
-        return x + gate2[None, :] * self.mlp(modulate(layer_norm(x), shift2, scale2))
-
-
-@final
-class MMDiTBlock(eqx.Module):
-    """The SD3 block: image and context tokens keep separate weights but attend jointly over the
-    concatenated sequence ``[context, image]`` (Esser et al. 2024, section 4 and Figure 2b)."""
-
-    image: StreamWeights
-    context: StreamWeights
-    num_heads: int = eqx.field(static=True)
-    impl: str | None = eqx.field(static=True)
-
-    def __init__(self, config: MMDiTConfig, *, key: PRNGKeyArray) -> None:
-        key1, key2 = jax.random.split(key)
-        self.image = StreamWeights(config, key=key1)
-        self.context = StreamWeights(config, key=key2)
-        self.num_heads, self.impl = config.num_heads, config.attention_impl
-
-    def __call__(
-        self, x: Float[Array, "tx d"], context: Float[Array, "tc d"], vec: Float[Array, " d"]
-    ) -> tuple[Float[Array, "tx d"], Float[Array, "tc d"]]:
-        """Updates both streams given the conditioning vector ``vec`` (timestep and pooled text embedding)."""
-        qx, kx, vx = self.image.qkv_of(x, vec)
-        qc, kc, vc = self.context.qkv_of(context, vec)
-        cat = lambda a, b: jnp.concatenate([a, b], axis=0)  # noqa: E731  (Tc + Tx, D)
-        heads = lambda a: a.reshape(1, a.shape[0], self.num_heads, -1)  # noqa: E731  (1, Tc + Tx, N, D/N)
-        q, k, v = heads(cat(qc, qx)), heads(cat(kc, kx)), heads(cat(vc, vx))
-        attended = dot_product_attention(q, k, v, causal=False, implementation=self.impl)
-        attended = attended.reshape(q.shape[1], -1)  # (Tc + Tx, D)
-        num_context = context.shape[0]
-        return (
-            self.image.finish(x, attended[num_context:], vec),
-            self.context.finish(context, attended[:num_context], vec),
-        )
 
 
 def num_tokens(config: DiTConfig) -> int:
