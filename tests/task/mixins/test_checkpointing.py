@@ -176,7 +176,10 @@ def test_git_is_read_once_per_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         return run(args, **kwargs)  # ty: ignore[no-matching-overload]
 
     monkeypatch.setattr(artifacts.subprocess, "run", counting_run)
-    launch_digits(tmp_path, "checkpoint.every_n_steps=2", "checkpoint.keep_last=10", max_steps=8)
+    argv = [f"artifacts.run_dir={tmp_path}", "log.stdout=false", "log.tensorboard=false", "max_steps=8"]
+    Regression.launch(
+        RegressionConfig(batch_size=32), argv=[*argv, "checkpoint.every_n_steps=2", "checkpoint.keep_last=10"]
+    )
     assert checkpoint_steps(tmp_path / "checkpoints") == [2, 4, 6, 8]
     # One read_git_state: HEAD's commit, the branch and the diff, at the start of the run.
     assert [call[1] for call in git_calls] == ["rev-parse", "rev-parse", "diff"]
