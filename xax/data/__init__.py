@@ -4,6 +4,8 @@ order, a background prefetcher, and the placement of global batches on a device 
 - ``sources``: ``MapBatchSource`` (``datasets.Dataset``), ``IterableBatchSource`` (streamed).
 - ``grain``: ``GrainBatchSource`` (a ``grain.MapDataset``; Grain is an optional extra).
 - ``loader``: ``make_batch_source``, the source of a phase from any of those or a dict of splits.
+- ``records``: ``write_records`` / ``read_records``, fixed-shape records in ArrayRecord shards with a
+  checked manifest, read back through Grain's ``ArrayRecordDataSource``.
 - ``hub``: ``load_hub_dataset``, a Hugging Face hub dataset by name, failing at once without network.
 - ``cursor``: ``Cursor``, the position a checkpoint saves; ``shuffle_order``, an epoch's order.
 - ``prefetch``: ``DevicePrefetcher``, batches placed on the devices ahead of the loop.
@@ -49,6 +51,9 @@ from xax.data.placement import place_global_batch as place_global_batch
 from xax.data.placement import place_rows as place_rows
 from xax.data.placement import process_rows as process_rows
 from xax.data.prefetch import DevicePrefetcher as DevicePrefetcher
+from xax.data.records import read_manifest as read_manifest
+from xax.data.records import read_records as read_records
+from xax.data.records import write_records as write_records
 from xax.data.sources import BatchSource as BatchSource
 from xax.data.sources import IterableBatchSource as IterableBatchSource
 from xax.data.sources import MapBatchSource as MapBatchSource
