@@ -27,10 +27,13 @@ FENCE = re.compile(
 # Runs the assembled page: argv[1] is the source, argv[2] the page path the code is compiled under.
 RUNNER = """
 import sys
-source = open(sys.argv[1], encoding="utf-8").read()
-page = sys.argv[2]
-sys.argv = [page]
-exec(compile(source, page, "exec"), {"__name__": "__main__", "__file__": page})
+def _run_page(source_path, page):
+    main = sys.modules["__main__"]
+    main.__file__, sys.argv = page, [page]
+    with open(source_path, encoding="utf-8") as file:
+        code = compile(file.read(), page, "exec")
+    exec(code, main.__dict__)
+_run_page(sys.argv[1], sys.argv[2])
 """
 
 
