@@ -26,6 +26,7 @@ from xax.checkpoint import (
     restore_latest,
     restore_weights,
 )
+from xax.checkpoint import checksums as checksums_module
 from xax.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,3 +160,26 @@ def test_importing_it_loads_no_task() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_prewarm_compiles_the_first_saves_checksums_ahead_and_writes_nothing_here(tmp_path: Path) -> None:
+    """A prewarmed manager's first save uses the checksums compiled ahead (the jitted function compiles
+    nothing more), records the same checksums as the jitted function, and leaves only its own step."""
+    tree = {**make_tree(5), "extra": jnp.arange(7.0)}  # a layout no other save compiled for
+    directory = tmp_path / "checkpoints"
+    manager = CheckpointManager(directory, CheckpointOptions())
+    try:
+        manager.prewarm(tree)
+        compiled_before = checksums_module._checksums_fn._cache_size()
+        manager.save(4, tree, {"step": 4}, wait=True)
+        assert checksums_module._checksums_fn._cache_size() == compiled_before
+    finally:
+        manager.close()
+    names, arrays = checksums_module._array_leaves(tree)
+    expected = checksums_module.host_checksums(names, checksums_module._checksums_fn(arrays))
+    recorded = json.loads((directory / "4" / "checksums" / "metadata").read_text())["arrays"]
+    assert recorded == expected
+    assert checkpoint_steps(directory) == [4]
+    restored = restore_latest(directory, tree)
+    assert restored is not None and restored.step == 4
+    assert_trees_equal(restored.tree, tree)

@@ -68,6 +68,21 @@ def _checksums_fn(leaves: list[Array]) -> UInt32[Array, "n 2"]:
     return jnp.stack([_array_checksum(leaf) for leaf in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
 
 
+# Executables compiled ahead of a first save (``compile_checksums``), by the arrays' signature: a
+# jitted function's own cache is not filled by compiling it ahead of time.
+_COMPILED: dict[tuple[Any, ...], Any] = {}
+
+
+def _signature(leaves: list[Any]) -> tuple[Any, ...]:
+    return tuple((tuple(leaf.shape), str(leaf.dtype), getattr(leaf, "sharding", None)) for leaf in leaves)
+
+
+def _array_leaves(tree: PyTree) -> tuple[list[str], list[Any]]:
+    leaves = named_leaves(tree)
+    names = [name for name, leaf in leaves.items() if hasattr(leaf, "shape") and hasattr(leaf, "dtype")]
+    return names, [leaves[name] for name in names]
+
+
 def array_checksums(tree: PyTree) -> tuple[list[str], Array]:
     """The arrays' dotted names and their checksums, as a (names, 2) uint32 device array.
 
@@ -75,9 +90,24 @@ def array_checksums(tree: PyTree) -> tuple[list[str], Array]:
     caller goes on (reading the result waits for them). Every process of a multi-process job must
     call it together (it is one computation over the global arrays).
     """
-    leaves = named_leaves(tree)
-    names = [name for name, leaf in leaves.items() if hasattr(leaf, "shape") and hasattr(leaf, "dtype")]
-    return names, _checksums_fn([jnp.asarray(leaves[name]) for name in names])
+    names, leaves = _array_leaves(tree)
+    arrays = [jnp.asarray(leaf) for leaf in leaves]
+    compiled = _COMPILED.get(_signature(arrays))
+    return names, (compiled if compiled is not None else _checksums_fn)(arrays)
+
+
+def compile_checksums(tree: PyTree) -> None:
+    """Compiles :func:`array_checksums` for arrays shaped, typed and placed as ``tree``'s, reading none
+    of them (they may be donated meanwhile), so that a first save of such arrays does not compile it."""
+    _, leaves = _array_leaves(tree)
+    signature = _signature(leaves)
+    if signature not in _COMPILED:
+        while len(_COMPILED) >= 8:  # one per train-state layout; several runs in one process at most
+            _COMPILED.pop(next(iter(_COMPILED)))
+        abstract = [
+            jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None)) for leaf in leaves
+        ]
+        _COMPILED[signature] = _checksums_fn.lower(abstract).compile()
 
 
 def host_checksums(names: list[str], checksums: Array) -> dict[str, str]:

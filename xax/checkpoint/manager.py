@@ -8,6 +8,8 @@ import math
 import os
 import re
 import shutil
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import Array, PyTree
 from orbax.checkpoint import checkpoint_managers
 
-from xax.checkpoint.checksums import ChecksumHandler, ChecksumSave, array_checksums
+from xax.checkpoint.checksums import ChecksumHandler, ChecksumSave, array_checksums, compile_checksums
 from xax.checkpoint.quiet import OrbaxWriteErrors, drop_abandoned_io_reports, one_line, quiet_orbax
 from xax.core.config import field
 from xax.core.errors import CheckpointWriteError, ConfigError
@@ -176,6 +178,7 @@ class CheckpointManager:
         self._orbax: ocp.CheckpointManager | None = None
         self._write_error_filter: logging.Filter | None = None
         self._writing: int | None = None  # the step whose write may still be running
+        self._prewarm: threading.Thread | None = None
 
     def orbax_manager(self) -> ocp.CheckpointManager:
         """The orbax manager, opened on first use (and again after a failed write closed it)."""
@@ -186,6 +189,42 @@ class CheckpointManager:
                 self._write_error_filter = OrbaxWriteErrors()
                 logging.getLogger("absl").addFilter(self._write_error_filter)
         return self._orbax
+
+    def prewarm(self, tree: PyTree) -> None:
+        """Does a first save's once-per-process work now, in a background thread, so that the first
+        save of ``tree`` blocks no longer than later ones: compiles the checksums of arrays shaped and
+        placed as ``tree``'s (reading none of them), and starts orbax's writer threads and
+        tensorstore's context with a tiny save into a temporary directory (single-process runs). A save waits for it; a
+        failure here is only logged (the save then does that work itself)."""
+        if self._prewarm is not None:
+            return
+        checksums = self.options.checksums
+
+        def work() -> None:
+            try:
+                if checksums:
+                    compile_checksums(tree)
+                if jax.process_count() > 1:
+                    return  # orbax's saves synchronize the processes: no save of our own beside the run's
+                with tempfile.TemporaryDirectory(prefix="xax-prewarm-") as scratch:
+                    options = CheckpointOptions(keep_last=1, keep_best=0, checksums=False)
+                    warm = open_orbax_manager(Path(scratch), options)
+                    try:
+                        with quiet_orbax():
+                            tiny = ocp.args.StandardSave({"x": jax.numpy.zeros(1)})
+                            warm.save(0, args=ocp.args.Composite(state=tiny))
+                        warm.wait_until_finished()
+                    finally:
+                        warm.close()
+            except Exception as error:  # only a head start: the first save does the same work
+                logging.getLogger(__name__).debug("checkpoint prewarm failed: %s", one_line(error))
+
+        self._prewarm = threading.Thread(target=work, name="xax-checkpoint-prewarm", daemon=True)
+        self._prewarm.start()
+
+    def _join_prewarm(self) -> None:
+        if self._prewarm is not None:
+            self._prewarm.join()
 
     def close(self) -> None:
         """Closes the orbax manager (without waiting for a write: see ``wait``); a later save reopens it."""
@@ -241,6 +280,7 @@ class CheckpointManager:
             CheckpointWriteError: When this write, or the previous one still running in the
                 background, failed (a full disk); the older checkpoints are kept.
         """
+        self._join_prewarm()
         manager = self.orbax_manager()
         self.wait()  # surfaces a failed background write (orbax's save waits anyway)
         best = self.options.best_metric

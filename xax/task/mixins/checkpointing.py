@@ -92,6 +92,11 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
             self._checkpoints = CheckpointManager(self.checkpoint_dir, self.config.checkpoint)
         return self._checkpoints
 
+    def prewarm_checkpoints(self, tree: PyTree) -> None:
+        """Starts, beside the step's compilation, the once-per-process work of a first save of ``tree``
+        (``CheckpointManager.prewarm``), so that the first save blocks training no longer than later ones."""
+        self.checkpoint_manager().prewarm(tree)
+
     def checkpoint_is_due(self, state: State) -> bool:
         options = self.config.checkpoint
         last_step, last_time = self._last_save

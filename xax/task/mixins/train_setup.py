@@ -51,6 +51,7 @@ class TrainSetupMixin(BaseTask[Config], Generic[Config]):
         def get_batch_source(self, phase: Phase, *, seed: int) -> BatchSource: ...
         def restore_training(self, target: PyTree) -> "tuple[PyTree, Restored] | None": ...
         def warm_start_params(self, params: PyTree) -> PyTree: ...
+        def prewarm_checkpoints(self, tree: PyTree) -> None: ...
         def log_event(self, step: int, kind: str, **detail: str) -> None: ...
 
     def __init__(self, config: Config) -> None:
@@ -116,8 +117,10 @@ class TrainSetupMixin(BaseTask[Config], Generic[Config]):
                     ts = ts._replace(
                         ema=ema if self._state_shardings is None else jax.device_put(ema, self._state_shardings.ema)
                     )
+            self.prewarm_checkpoints(ts)
             return ts, State(), None
         ts, info = restored
+        self.prewarm_checkpoints(ts)
         self.log_event(info.state.num_steps, "resume", checkpoint=str(info.path))
         self.resume_cadences(info.state.num_steps)
         return ts, info.state, info.cursor
