@@ -14,7 +14,11 @@ loss and AdamW) with one thing changed, each in a process of its own:
 - ``no_triton_gemm``: ``base`` with XLA's Triton GEMM emitter off (cuBLAS for every matmul);
 - ``vocab_50304``: the vocabulary padded to a multiple of 128 (as nanoGPT and llm.c do);
 - ``projected``: ``projected_cross_entropy`` (the vocabulary padded inside the loss, float32 logits);
-- ``projected_bf16``: the same with bfloat16 logits, as ``torch.autocast`` computes them.
+- ``projected_bf16``: the same with bfloat16 logits, as ``torch.autocast`` computes them;
+- ``projected_bf16_cublaslt``: that with XLA's cuBLASLt GEMMs, whose epilogues can take the bias
+  and GELU of the MLP (``--xla_gpu_enable_cublaslt``);
+- ``projected_bf16_cudnn_ln``: that with XLA rewriting LayerNorms into cuDNN's fused norm kernels
+  (``--xla_gpu_enable_cudnn_layer_norm``; a jaxlib without the flag fails the variant).
 
     python -m benchmarks.gpt2_ablation --steps 60 --warmup 15 --out benchmarks/results
     python -m benchmarks.gpt2_ablation --tiny    # a CPU check of the script; no numbers
@@ -53,6 +57,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, str, str]] = {
     "projected": ({}, "projected", "train", ""),
     "projected_bf16": ({}, "projected_bf16", "train", ""),
     "projected_bf16_no_triton": ({}, "projected_bf16", "train", "--xla_gpu_enable_triton_gemm=false"),
+    "projected_bf16_cublaslt": ({}, "projected_bf16", "train", "--xla_gpu_enable_cublaslt=true"),
+    "projected_bf16_cudnn_ln": ({}, "projected_bf16", "train", "--xla_gpu_enable_cudnn_layer_norm=true"),
 }
 
 
