@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import datasets.config
 import pytest
 
 import xax

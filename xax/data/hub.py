@@ -4,6 +4,7 @@ reached and the dataset is not in the local cache."""
 from typing import Any
 
 import datasets
+import datasets.config
 
 from xax.core.errors import HubError
 from xax.utils.hub import OFFLINE_FIX, hub_endpoint, hub_unreachable

@@ -2,7 +2,7 @@
 streamed), a dict of splits, or a Grain ``MapDataset``."""
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import datasets
 
@@ -90,7 +90,7 @@ def make_batch_source(
     raise DataError(f"{origin} returned {_describe(dataset)}; {_fix_for(dataset)}")
 
 
-def _is_dict_of_splits(dataset: object) -> bool:
+def _is_dict_of_splits(dataset: object) -> TypeGuard[Mapping[Any, datasets.Dataset | datasets.IterableDataset]]:
     """A plain dict whose values are all datasets (a DatasetDict by another name)."""
     split_types = datasets.Dataset | datasets.IterableDataset
     return isinstance(dataset, Mapping) and bool(dataset) and all(isinstance(v, split_types) for v in dataset.values())
