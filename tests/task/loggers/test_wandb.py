@@ -219,3 +219,43 @@ def test_a_resumed_task_continues_its_wandb_run(tmp_path: Path) -> None:
 def test_unknown_mode_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="W&B mode must be one of online, offline, disabled; got 'cloud'"):
         WandbLogger(tmp_path, project="xax-test", mode="cloud")
+
+
+_UNREACHABLE = textwrap.dedent(
+    """
+    import logging
+    import sys
+
+    from xax.task.loggers.base import LogRecord
+    from xax.task.loggers.wandb import WandbLogger
+
+    logging.basicConfig(format="%(levelname)s %(message)s")
+    logger = WandbLogger(sys.argv[1], project="xax-test", mode="online", init_timeout_s=2.0)
+    logger.write(LogRecord(step=1, num_samples=8, elapsed_time_s=0.1, phase="train", scalars={"loss": 2.5}))
+    logger.close()
+    print("finished")
+    """
+)
+
+
+@pytest.mark.skipif(not WANDB_INSTALLED, reason="wandb is not installed")
+@pytest.mark.usefixtures("wandb_env")
+def test_an_unreachable_server_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:  # a local port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    result = subprocess.run(
+        [sys.executable, "-c", _UNREACHABLE, str(tmp_path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip() == "finished"
+    # One line of warning and nothing from W&B itself.
+    (warning,) = result.stderr.splitlines()
+    assert warning.startswith("WARNING W&B could not start the online run (") and "connection refused" in warning
+    assert f"logging offline into {tmp_path / 'wandb'} instead" in warning
+    stored = json.loads((tmp_path / "wandb_run.json").read_text())
+    (folder,) = (tmp_path / "wandb").glob(f"offline-run-*-{stored['id']}")
+    rows = list(_history(next(folder.glob("run-*.wandb"))))
+    assert [(row["step"], row["train/loss"]) for row in rows] == [("1", "2.5")]

@@ -4,6 +4,7 @@ import importlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -19,11 +20,13 @@ from typing_extensions import override
 from xax.core.errors import ConfigError
 from xax.task.loggers.base import LogEvent, Logger, LogRecord
 
+logger = logging.getLogger(__name__)
+
 WandbMode = Literal["online", "offline", "disabled"]
 WANDB_MODES: tuple[WandbMode, ...] = ("online", "offline", "disabled")
 
 # Seconds W&B may take to start its service and open the run before it gives up (its default is 90).
-_INIT_TIMEOUT_S = 60.0
+INIT_TIMEOUT_S = 60.0
 
 # In the run directory: the W&B run's id and name, so that a resumed run continues the same W&B run.
 RUN_FILE = "wandb_run.json"
@@ -55,7 +58,12 @@ def check_wandb(mode: str, key: str = "log.wandb_mode") -> None:
             "W&B logging needs the `wandb` package, which is not installed; install it with "
             "`pip install 'xax[wandb]'` (or `pip install wandb`), or turn the W&B logger off"
         )
-    if mode == "online" and not _import_wandb().login(prompt=False, verify=False):
+    if mode != "online":
+        return
+    wandb = _import_wandb()
+    # Silent, login finds the key without printing or asking the server whose it is (seconds offline).
+    wandb.setup(wandb.Settings(silent=True, login_timeout=1.0))
+    if not wandb.login(prompt=False, verify=False):
         raise ConfigError(
             f"{key}=online needs W&B credentials: set WANDB_API_KEY or run `wandb login`, "
             f"or set {key}=offline and upload the run later with `wandb sync`"
@@ -77,7 +85,8 @@ class WandbLogger(Logger):
 
     The run is offline by default: it writes under ``run_dir/wandb`` and can be uploaded later
     with ``wandb sync``. An online run needs credentials already configured (``WANDB_API_KEY`` or
-    ``wandb login``); without them this raises a one-line ``ConfigError`` instead of prompting.
+    ``wandb login``); without them this raises a one-line ``ConfigError`` instead of prompting. An
+    online run that cannot reach the server within ``init_timeout_s`` logs offline, with a warning.
     W&B's console capture, messages, git and code snapshots and system-metric sampling are off.
 
     The W&B run starts at the first record or event. Its id and name are kept in
@@ -97,6 +106,8 @@ class WandbLogger(Logger):
         tags: Labels to filter runs by in the W&B UI.
         group: Puts the run in this group (several seeds or processes of one experiment).
         notes: A longer description of the run.
+        init_timeout_s: How long an online run may take to reach the W&B server; past it, the
+            run logs offline instead (with a warning) and can be uploaded later with ``wandb sync``.
     """
 
     wants_heavy: ClassVar[bool] = True
@@ -112,6 +123,7 @@ class WandbLogger(Logger):
         tags: Sequence[str] = (),
         group: str | None = None,
         notes: str | None = None,
+        init_timeout_s: float = INIT_TIMEOUT_S,
     ) -> None:
         if mode not in WANDB_MODES:
             raise ConfigError(f"W&B mode must be one of {', '.join(WANDB_MODES)}; got {mode!r}")
@@ -130,7 +142,7 @@ class WandbLogger(Logger):
             disable_code=True,
             save_code=False,
             x_disable_stats=True,
-            init_timeout=_INIT_TIMEOUT_S,
+            init_timeout=init_timeout_s,
             # A bound on any login prompt W&B shows despite the check below.
             login_timeout=1.0,
         )
@@ -160,17 +172,31 @@ class WandbLogger(Logger):
         path = self.run_dir / RUN_FILE
         previous = json.loads(path.read_text(encoding="utf-8")) if resume and path.exists() else None
         name = self._name or (previous["name"] if previous is not None else default_run_name(self.run_dir))
-        self._run = self._wandb.init(
-            id=None if previous is None else previous["id"],
-            name=name,
-            resume=None if previous is None else "allow",
-            dir=str(self.run_dir),
+        args = {
+            "id": None if previous is None else previous["id"],
+            "name": name,
+            "resume": None if previous is None else "allow",
+            "dir": str(self.run_dir),
             # A continued run may have changed options (more steps): its config is updated below.
-            config=self._config if previous is None else None,
-            settings=self._settings,
-            reinit="create_new",
+            "config": self._config if previous is None else None,
+            "settings": self._settings,
+            "reinit": "create_new",
             **self._init_args,
-        )
+        }
+        try:
+            self._run = self._wandb.init(**args)
+        except self._wandb.errors.Error as error:
+            if args["mode"] != "online":
+                raise
+            # Training goes on: what would have been uploaded is kept for `wandb sync`.
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            logger.warning(
+                "W&B could not start the online run (%s); logging offline into %s instead, upload it later "
+                "with `wandb sync`",
+                reason,
+                self.run_dir / "wandb",
+            )
+            self._run = self._wandb.init(**{**args, "mode": "offline"})
         if previous is None:
             tmp_path = path.with_name(f".{RUN_FILE}.tmp")
             tmp_path.write_text(json.dumps({"id": self._run.id, "name": name}) + "\n", encoding="utf-8")
