@@ -4,7 +4,8 @@ in the site's navigation.
 A page's blocks run in order in one namespace, as ``__main__``, in a fresh process whose working
 directory is a temporary folder (what a reader gets by pasting them into one script). The code is
 compiled under the page's own path at its own line numbers, so a failure points at the line of the
-page. Blocks shown but not run are fenced as ``text``, ``bash`` or ``yaml``. A page that trains for
+page. Blocks shown but not run are fenced as ``py`` (Python that needs a network or a cluster),
+``text``, ``bash`` or ``yaml``. A page that trains for
 longer than a few seconds says ``<!-- docs-test: slow -->`` and runs with the slow tests.
 """
 
