@@ -5,7 +5,7 @@ The four IDX files ship with the examples (``examples/data/mnist``), so the exam
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import datasets
 import numpy as np
@@ -15,6 +15,7 @@ from datasets.table import InMemoryTable
 from jaxtyping import Integer, UInt8
 
 from xax import DataError, read_idx
+from xax.data import load_hub_dataset
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "mnist"
 HUB_NAME = "ylecun/mnist"
@@ -107,7 +108,8 @@ def load_mnist(split: Literal["train", "test"], source: Literal["local", "hub"] 
     if split not in FILES:
         raise DataError(f"MNIST split {split!r} does not exist; use 'train' or 'test'")
     if source == "hub":
-        return from_image_dataset(datasets.load_dataset(HUB_NAME, split=split))
+        # One split of a map-style dataset; without network (and not cached) this is one line at once.
+        return from_image_dataset(cast(datasets.Dataset, load_hub_dataset(HUB_NAME, split=split)))
     if source != "local":
         raise DataError(f"MNIST source {source!r} is unknown; use 'local' or 'hub'")
     (images_name, images_md5), (labels_name, labels_md5) = FILES[split]

@@ -3,12 +3,13 @@
 import time
 
 import datasets
+import datasets.config
 import numpy as np
 import PIL.Image
 import pytest
 
 from examples.mnist_data import from_image_dataset, load_mnist
-from xax.core.errors import DataError
+from xax.core.errors import DataError, HubError
 from xax.data import MapBatchSource
 
 CLASS_COUNTS = {
@@ -59,3 +60,11 @@ def test_hub_format_converts_to_the_same_arrays() -> None:
     np.testing.assert_array_equal(batch["image"], images)
     assert batch["label"].tolist() == labels
     assert converted.features == load_mnist("test").features
+
+
+def test_the_hub_source_without_network_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        HubError, match=r"^dataset 'ylecun/mnist' is not in the Hugging Face cache .* data_files=\.\.\.\)$"
+    ):
+        load_mnist("test", source="hub")
