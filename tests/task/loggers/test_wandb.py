@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import xax.task.loggers.wandb as wandb_logger
+from tests.task.toy import Regression, RegressionConfig
 from xax.core.errors import ConfigError
 from xax.task.loggers.wandb import WandbLogger
 
@@ -259,3 +260,16 @@ def test_an_unreachable_server_falls_back_to_offline(tmp_path: Path, monkeypatch
     (folder,) = (tmp_path / "wandb").glob(f"offline-run-*-{stored['id']}")
     rows = list(_history(next(folder.glob("run-*.wandb"))))
     assert [(row["step"], row["train/loss"]) for row in rows] == [("1", "2.5")]
+
+
+def test_a_task_asking_for_wandb_without_it_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    argv = [f"artifacts.runs_root={tmp_path / 'runs'}", "log.wandb=true", "log.stdout=false", "max_steps=2"]
+    with pytest.raises(SystemExit) as exit_info:
+        Regression.launch(RegressionConfig(batch_size=32), argv=argv)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: W&B logging needs the `wandb` package") and "pip install 'xax[wandb]'" in line
+    assert not (tmp_path / "runs").exists()
