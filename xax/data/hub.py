@@ -45,8 +45,9 @@ def load_hub_dataset(
         return datasets.load_dataset(path, name, split=split, **kwargs)
     except ConnectionError as error:
         if offline:
+            cache_dir = kwargs.get("cache_dir") or datasets.config.HF_DATASETS_CACHE
             raise HubError(
-                f"dataset {path!r} is not in the Hugging Face cache ({datasets.config.HF_DATASETS_CACHE}) and "
+                f"dataset {path!r} is not in the Hugging Face cache ({cache_dir}) and "
                 f"offline mode is on (HF_HUB_OFFLINE); load it once with network access, {LOCAL_FIX}"
             ) from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
