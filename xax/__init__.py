@@ -52,6 +52,9 @@ _EXPORTS: dict[str, str] = {
     "EMAOptions": "xax.task.mixins.train",
     "LogOptions": "xax.task.mixins.logger",
     "PrecisionOptions": "xax.task.mixins.train",
+    "OptimOptions": "xax.optim",
+    "make_optimizer": "xax.optim",
+    "make_schedule": "xax.optim",
     "peak_memory_bytes": "xax.task.mixins.perf",
     "restore_weights": "xax.checkpoint",
     "human_bytes": "xax.utils.text",
@@ -82,6 +85,9 @@ if TYPE_CHECKING:
     from xax.core.metric import Video as Video
     from xax.core.state import Phase as Phase
     from xax.core.state import State as State
+    from xax.optim import OptimOptions as OptimOptions
+    from xax.optim import make_optimizer as make_optimizer
+    from xax.optim import make_schedule as make_schedule
     from xax.parallel import ParallelOptions as ParallelOptions
     from xax.parallel import Plan as Plan
     from xax.task.base import BaseConfig as BaseConfig

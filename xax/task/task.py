@@ -17,6 +17,7 @@ from xax.task.mixins.data_loader import DataLoaderConfig, DataLoaderMixin
 from xax.task.mixins.gpu_stats import GPUStatsConfig, GPUStatsMixin
 from xax.task.mixins.logger import LoggerConfig, LoggerMixin
 from xax.task.mixins.nonfinite import NonfiniteConfig, NonfiniteMixin
+from xax.task.mixins.optim import OptimConfig, OptimMixin
 from xax.task.mixins.perf import PerfConfig, PerfMixin
 from xax.task.mixins.process import ProcessConfig, ProcessMixin
 from xax.task.mixins.runnable import RunnableConfig, RunnableMixin
@@ -33,6 +34,7 @@ from xax.task.mixins.validation import ValidationMixin
 @dataclass
 class Config(
     NonfiniteConfig,
+    OptimConfig,
     TrainConfig,
     LoggerConfig,
     CheckpointingConfig,
@@ -60,6 +62,7 @@ SupervisedConfigT = TypeVar("SupervisedConfigT", bound=SupervisedConfig)
 
 
 class Task(
+    OptimMixin[ConfigT],  # before TrainMixin: its get_optimizer is the default of TrainMixin's abstract one
     TrainMixin[ConfigT],
     TrainSetupMixin[ConfigT],
     ValidationMixin[ConfigT],
