@@ -400,6 +400,10 @@ class Shakespeare(xax.SupervisedTask[Config]):
         return ("tokens", "targets")
 
     @override
+    def tokens_per_sample(self) -> int:
+        return self.config.context  # the console shows tokens/s
+
+    @override
     def get_dataset(self, phase: xax.Phase) -> datasets.Dataset:
         train, valid = split_text(corpus())
         if phase == "train":

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from xax.core.config import MISSING, field, format_help, register_config
+from xax.core.config import MISSING, field, register_config
 from xax.core.config_io import config_to_dict, config_to_yaml, load_config, parse_cli
 from xax.core.errors import ConfigError
 
@@ -283,36 +283,6 @@ def test_parse_cli_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_parse_cli_returns_config() -> None:
     assert parse_cli(Config, Config(lr=0.1), ["batch_size=4"]) == Config(lr=0.1, batch_size=4)
-
-
-def test_help_lists_every_field(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        parse_cli(Config, None, ["batch_size=oops", "--help"])
-    assert info.value.code == 0
-    out = capsys.readouterr().out
-    assert out == format_help(Config)
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    expected = {
-        "batch_size": ("int", "32", "Samples per optimizer step"),
-        "shuffle": ("bool", "true", "Shuffle the training data"),
-        "lr": ("float", "0.001", "Peak learning rate"),
-        "betas": ("list[float]", "[0.9, 0.999]", "Adam betas"),
-        "log": ("LogOptions", "(group)", "Logging options"),
-        "log.every": ("int", "10", "Log every this many steps"),
-        "log.name": ("str | None", "null", "Name shown by the loggers"),
-        "precision": ("Precision", "FP32", "Compute precision"),
-        "max_steps": ("int | None", "null", "Stop after this many steps"),
-    }
-    for key, parts in expected.items():
-        assert key in lines, key
-        for part in parts:
-            assert part in lines[key], (key, part)
-
-
-def test_help_marks_required_and_nested_defaults() -> None:
-    text = format_help(RequiredConfig)
-    assert any(line.split()[:3] == ["data_dir", "str", "required"] for line in text.splitlines())
-    assert any(line.split()[:3] == ["model.hidden", "int", "64"] for line in text.splitlines())
 
 
 def test_cli_subprocess_one_line_error() -> None:

@@ -1,4 +1,4 @@
-"""Config fields, pytree registration, the option listing of ``--help`` and range checks.
+"""Config fields, pytree registration, the option entries ``--help`` lists, and value checks.
 
 Every option is a dataclass field made with :func:`field` (a default and a help line). Resolving a
 config from defaults, YAML files and ``key=value`` overrides (with OmegaConf) is in
@@ -21,8 +21,6 @@ from xax.core.errors import ConfigError
 
 T = TypeVar("T", bound=type)
 
-USAGE = "usage: [--config FILE.yaml]... [key=value]... [a.b=value]..."
-
 # OmegaConf's marker for a value that must be given (omegaconf.MISSING), kept here so that declaring
 # a config does not import OmegaConf.
 MISSING: Any = "???"
@@ -30,18 +28,24 @@ MISSING: Any = "???"
 _REGISTERED: set[type] = set()
 
 
-def field(default: Any = MISSING, *, help: str = "") -> Any:
+def field(default: Any = MISSING, *, help: str = "", choices: tuple[Any, ...] | None = None) -> Any:
     """A dataclass field with a default and a help text shown by ``--help``.
 
     Args:
         default: The default value; leave it out (``MISSING``) to make the field required. Mutable
             values (lists, dicts, dataclass instances) are deep-copied for every instance.
         help: One line describing the option.
+        choices: The values the option accepts, listed by ``--help`` and checked when a config is
+            loaded (None accepts any value of the field's type; None itself is always accepted
+            for an optional field).
 
     Returns:
-        A ``dataclasses.field`` carrying the help text in ``metadata["help"]``.
+        A ``dataclasses.field`` carrying the help text in ``metadata["help"]`` and the choices in
+        ``metadata["choices"]``.
     """
-    metadata = {"help": help}
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
     # Dataclasses refuse unhashable defaults (lists, non-frozen dataclass instances), and a shared
     # mutable default would leak changes between instances, so each instance gets its own copy.
     if type(default).__hash__ is None or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
@@ -116,6 +120,9 @@ class _Entry:
     default: Any
     help: str
     group: type | None
+    choices: tuple[Any, ...] | None = None
+    # The class that declared the field (its module tells the task's own options from the framework's).
+    owner: type | None = None
 
 
 def _group_type(tp: Any) -> type | None:
@@ -148,7 +155,8 @@ def _entries(cls: type, prefix: str = "", instance: Any = None) -> Iterator[_Ent
         default = _default_of(f, instance)
         group = _group_type(tp)
         key = prefix + f.name
-        yield _Entry(key, tp, default, f.metadata.get("help", ""), group)
+        owner = next((k for k in cls.__mro__ if f.name in getattr(k, "__annotations__", {})), cls)
+        yield _Entry(key, tp, default, f.metadata.get("help", ""), group, f.metadata.get("choices"), owner)
         if group is not None:
             nested = default if isinstance(default, group) else None
             yield from _entries(group, key + ".", nested)
@@ -199,29 +207,16 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def format_help(config_class: type) -> str:
-    """The ``--help`` text: every option with its type, default and help.
+def check_choices(config: Any) -> None:
+    """Raises ``ConfigError`` naming the first option declared with ``choices`` whose value is not one of them.
 
     Args:
-        config_class: The config dataclass.
-
-    Returns:
-        A multi-line string ending in a newline.
+        config: A config dataclass instance.
     """
-    rows = [
-        (e.key, _type_name(e.type), "(group)" if e.group else _format_value(e.default), e.help)
-        for e in _entries(config_class)
-    ]
-    header = ("option", "type", "default", "help")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    lines = [
-        USAGE,
-        "",
-        f"Options of {config_class.__name__} (later layers win: defaults, --config files in order, key=value):",
-    ]
-    for row in [header, *rows]:
-        lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
-    return "\n".join(line.rstrip() for line in lines) + "\n"
+    for entry in _entries(type(config), instance=config):
+        if entry.choices is not None and entry.default is not None and entry.default not in entry.choices:
+            listed = ", ".join(_format_value(choice) for choice in entry.choices)
+            raise ConfigError(f"{entry.key}={_format_value(entry.default)} is not one of: {listed}")
 
 
 def check_range(

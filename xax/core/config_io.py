@@ -26,10 +26,11 @@ from xax.core.config import (
     _nearest,
     _type_hints,
     _type_name,
-    format_help,
+    check_choices,
     register_config,
 )
 from xax.core.errors import ConfigError
+from xax.core.help import format_help
 
 C = TypeVar("C")
 
@@ -39,16 +40,18 @@ _CLI = "on the command line"
 _BASE = "in the config passed to launch"
 
 
-def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str], bool]:
-    """Splits arguments into YAML files, overrides and whether help was asked for."""
+def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str], str | None]:
+    """Splits arguments into YAML files, overrides and the help asked for ("--help", "--help-all" or None)."""
     files: list[str] = []
     overrides: list[str] = []
-    wants_help = False
+    wants_help: str | None = None
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            wants_help = True
+            wants_help = wants_help or "--help"
+        elif arg == "--help-all":
+            wants_help = "--help-all"
         elif arg == "--config":
             if i + 1 >= len(argv) or argv[i + 1].startswith("-") or not argv[i + 1]:
                 raise ConfigError("--config needs a YAML file: write --config FILE.yaml")
@@ -59,7 +62,9 @@ def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str], bool]:
                 raise ConfigError("--config= needs a YAML file: write --config=FILE.yaml")
             files.append(arg.removeprefix("--config="))
         elif arg.startswith("-") and "=" not in arg:
-            raise ConfigError(f"unknown option '{arg}'; the options are --config FILE.yaml, --help and key=value")
+            raise ConfigError(
+                f"unknown option '{arg}'; the options are --config FILE.yaml, --help, --help-all and key=value"
+            )
         else:
             overrides.append(arg)
         i += 1
@@ -252,6 +257,7 @@ def load_config(config_class: type[C], base: C | None, argv: Sequence[str]) -> C
     except OmegaConfBaseException as e:
         raise _value_error(e, "after merging", root, None) from None
     assert isinstance(config, config_class)
+    check_choices(config)
     return config
 
 
@@ -267,19 +273,32 @@ def parse_cli(config_class: type[C], base: C | None = None, argv: Sequence[str] 
         The resolved config.
 
     Raises:
-        SystemExit: 0 after printing the help, 2 after printing ``error: <message>`` on stderr.
+        SystemExit: 0 after printing the help (``--help``, ``--help-all``), 2 after printing
+            ``error: <message>`` on stderr.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         _, _, wants_help = _split_argv(args)
-        if wants_help:
-            sys.stdout.write(format_help(config_class))
-            raise SystemExit(0)
+        if wants_help is not None:
+            _print_help(config_class, base, args, show_all=wants_help == "--help-all")
         return load_config(config_class, base, args)
     except ConfigError as e:
         message = " ".join(str(e).split("\n"))
         sys.stderr.write(f"error: {message}\n")
         raise SystemExit(2) from None
+
+
+def _print_help(config_class: type[C], base: C | None, args: list[str], *, show_all: bool) -> None:
+    """Prints the help with the values the command would run with, then exits with 0; where the
+    other arguments have a mistake, with those of the config passed to ``launch``, and says why."""
+    note = ""
+    try:
+        shown: Any = load_config(config_class, base, args)
+    except ConfigError as e:
+        shown = base
+        note = f"\n(the values shown leave out the command line, which has a mistake: {e})\n"
+    sys.stdout.write(format_help(config_class, shown, show_all=show_all) + note)
+    raise SystemExit(0)
 
 
 def _plain(value: Any) -> Any:

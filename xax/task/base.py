@@ -5,6 +5,7 @@ import typing
 from dataclasses import dataclass, is_dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from xax.core.config import check_choices
 from xax.core.health import Health
 from xax.core.state import State
 
@@ -76,7 +77,8 @@ class BaseTask(Generic[Config]):
     def validate_config(self) -> None:
         """Checks the values the type system cannot (ranges, choices, paths) before anything is
         created; each mixin checks its own options and calls ``super()``. Raises ``ConfigError``
-        naming the key and the fix."""
+        naming the key and the fix. Here: every option declared with ``choices`` holds one of them."""
+        check_choices(self.config)
 
     def on_run_start(self) -> None:
         """Called once before training starts, after the launcher has set up the devices."""
@@ -90,6 +92,10 @@ class BaseTask(Generic[Config]):
 
     def expected_total_steps(self) -> int | None:
         """Total training steps if known in advance (for the progress bar's ETA)."""
+        return None
+
+    def expected_total_seconds(self) -> float | None:
+        """The training time limit if there is one (for the ETA of a run limited by time)."""
         return None
 
     def resume_cadences(self, step: int) -> None:

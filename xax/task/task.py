@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 from xax.task.mixins.artifacts import ArtifactsConfig, ArtifactsMixin
 from xax.task.mixins.checkpointing import CheckpointingConfig, CheckpointingMixin
 from xax.task.mixins.compile import CompileConfig, CompileMixin
+from xax.task.mixins.console import ConsoleMixin
 from xax.task.mixins.cpu_stats import CPUStatsConfig, CPUStatsMixin
 from xax.task.mixins.data_loader import DataLoaderConfig, DataLoaderMixin
 from xax.task.mixins.gpu_stats import GPUStatsConfig, GPUStatsMixin
@@ -62,6 +63,7 @@ SupervisedConfigT = TypeVar("SupervisedConfigT", bound=SupervisedConfig)
 
 
 class Task(
+    ConsoleMixin[ConfigT],  # outermost: its log handler is the first thing a run sets up and the last it takes off
     OptimMixin[ConfigT],  # before TrainMixin: its get_optimizer is the default of TrainMixin's abstract one
     TrainMixin[ConfigT],
     TrainSetupMixin[ConfigT],

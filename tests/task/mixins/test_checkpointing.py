@@ -95,9 +95,9 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path, capsys: pytest.Cap
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     capsys.readouterr()
     launch_digits(tmp_path, "resume=auto", max_steps=20)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert f"fell back past {tmp_path / 'checkpoints' / '20'} (" in err
-    assert f"resumed from step 10 of {tmp_path / 'checkpoints'}" in err
+    assert f"resumed from step 10 of {tmp_path / 'checkpoints'}" in out
     # It trained steps 11..20 again, after the 20 logged before the corruption.
     assert [step for step, _ in losses(tmp_path, "train")] == list(range(1, 21)) + list(range(11, 21))
 

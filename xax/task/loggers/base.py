@@ -27,6 +27,8 @@ class LogRecord:
         histograms: Flattened histogram values by name.
         audio: Sounds by name.
         videos: Clips by name.
+        system: The names of the scalars the framework measured on the host (throughput, timers,
+            CPU and GPU statistics, FLOPs, memory), as opposed to the task's own metrics.
     """
 
     step: int
@@ -39,6 +41,7 @@ class LogRecord:
     histograms: dict[str, np.ndarray] = field(default_factory=dict)
     audio: dict[str, LogAudio] = field(default_factory=dict)
     videos: dict[str, LogVideo] = field(default_factory=dict)
+    system: frozenset[str] = frozenset()
 
     @classmethod
     def from_metrics(
@@ -50,6 +53,7 @@ class LogRecord:
         elapsed_time_s: float,
         phase: Phase,
         scalars: Mapping[str, float] | None = None,
+        system: Mapping[str, float] | None = None,
     ) -> "LogRecord":
         """Fetches metrics from the device in one transfer and sorts their host values by kind.
 
@@ -60,6 +64,8 @@ class LogRecord:
             elapsed_time_s: Seconds of training so far.
             phase: "train" or "valid".
             scalars: Scalars that are host values already, added before the metrics' own.
+            system: Host measurements of the framework (throughput, timers, CPU and GPU statistics),
+                added after them and named in ``system``.
 
         Returns:
             The record to pass to every logger.
@@ -69,7 +75,8 @@ class LogRecord:
             num_samples=int(num_samples),
             elapsed_time_s=float(elapsed_time_s),
             phase=phase,
-            scalars=dict(scalars or {}),
+            scalars={**(scalars or {}), **(system or {})},
+            system=frozenset(system or {}),
         )
         for name, metric in jax.device_get(dict(metrics)).items():
             match metric.to_log():

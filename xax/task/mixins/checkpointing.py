@@ -2,6 +2,7 @@
 ``xax.checkpoint`` (asynchronous, atomic, checksummed, restorable under any mesh, never pickled)."""
 
 import functools
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,6 @@ from xax.checkpoint import (
     restore_latest,
     warm_start_weights,
 )
-from xax.checkpoint.quiet import tell
 from xax.checkpoint.restore import RestoredCheckpoint
 from xax.core.config import field
 from xax.core.config_io import config_to_dict
@@ -32,6 +32,8 @@ from xax.core.state import State
 from xax.data.cursor import Cursor
 from xax.task.base import BaseConfig, BaseTask
 from xax.task.mixins.artifacts import GitState
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -169,7 +171,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
         if resume == "auto":
             restored = self.restore_latest(target)
             if restored is None:
-                tell(f"resume=auto: no checkpoint in {self.checkpoint_dir} yet; starting afresh")
+                logger.info("resume=auto: no checkpoint in %s yet; starting afresh", self.checkpoint_dir)
                 return None
         else:
             directory, steps = resolve_checkpoint(Path(resume))
@@ -181,7 +183,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
         info = restored[1]
         drift = config_drift(info.metadata.get("config", {}), config_to_dict(self.config))
         changed = f"; config changed since: {'; '.join(drift)}" if drift else ""
-        tell(f"resumed from step {info.state.num_steps} of {info.path.parent}{changed}")
+        logger.info("resumed from step %d of %s%s", info.state.num_steps, info.path.parent, changed)
         return restored
 
     def restore_latest(self, target: PyTree, before_step: int | None = None) -> tuple[PyTree, Restored] | None:

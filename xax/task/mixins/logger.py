@@ -22,6 +22,7 @@ from xax.core.metric import Metric
 from xax.core.state import Phase, State
 from xax.task.base import BaseConfig, BaseTask
 from xax.task.loggers.base import LogEvent, Logger, LogRecord
+from xax.task.loggers.console import Console
 from xax.task.loggers.jsonl import JsonlLogger
 from xax.task.loggers.stdout import StdoutLogger
 from xax.task.loggers.tensorboard import TensorBoardLogger
@@ -47,6 +48,16 @@ class LogOptions:
     wandb_tags: list[str] = field([], help="W&B run tags, e.g. [baseline,bf16]")
     wandb_group: str | None = field(None, help="W&B group, e.g. one experiment's seeds or processes")
     wandb_notes: str | None = field(None, help="W&B run notes: a longer description")
+    level: str = field(
+        "info",
+        help="Messages shown on the console and copied to run.log in the run directory",
+        choices=("debug", "info", "warning", "error"),
+    )
+    absl_level: str = field(
+        "error",
+        help="Messages shown of libraries logging through absl (orbax): their routine notices are noise",
+        choices=("debug", "info", "warning", "error"),
+    )
 
 
 @dataclass
@@ -69,6 +80,8 @@ class LogItem:
         sums: Metric sums over the window (device arrays), with the step count under ``count``.
         health: The window's ``Health`` (training windows), handed to ``on_health`` once read.
         host_scalars: Values already on the host, logged as they are.
+        system_scalars: Host measurements of the framework (throughput, timers, CPU and GPU
+            statistics), logged as they are and marked as such (``LogRecord.system``).
         media: Media to log (images, text).
     """
 
@@ -77,6 +90,7 @@ class LogItem:
     sums: dict[str, jax.Array] = dataclass_field(default_factory=dict)
     health: Health | None = None
     host_scalars: dict[str, float] = dataclass_field(default_factory=dict)
+    system_scalars: dict[str, float] = dataclass_field(default_factory=dict)
     media: dict[str, Metric] = dataclass_field(default_factory=dict)
 
 
@@ -95,6 +109,7 @@ def _to_record(item: LogItem) -> tuple[LogRecord, Health | None]:
         elapsed_time_s=state.elapsed_time_s,
         phase=item.phase,
         scalars=scalars,
+        system=item.system_scalars,
     )
     return record, None if health is None else health.on_host()
 
@@ -188,12 +203,13 @@ class RateWindow:
         self.steps = 0
         self.first_step_s: float | None = None
 
-    def close(self, wait_time_s: float, batch_size: int) -> dict[str, float]:
-        """The window's step and sample rates and the fraction of it spent waiting for data.
+    def close(self, wait_time_s: float, batch_size: int, tokens_per_sample: int | None = None) -> dict[str, float]:
+        """The window's step, sample (and token) rates and the fraction of it spent waiting for data.
 
         Args:
             wait_time_s: The feed's total wait for data so far (the window's start value is kept).
             batch_size: Samples per step.
+            tokens_per_sample: Tokens in one sample, for ``tokens_per_second``; None leaves it out.
         """
         seconds = max(time.perf_counter() - self.start, 1e-9)
         scalars = {
@@ -201,6 +217,8 @@ class RateWindow:
             "samples_per_second": self.steps * batch_size / seconds,
             "data_wait_fraction": (wait_time_s - self.wait_time_s) / seconds,
         }
+        if tokens_per_sample is not None:
+            scalars["tokens_per_second"] = scalars["samples_per_second"] * tokens_per_sample
         if self.first_step_s is not None:
             scalars["time_to_first_step_s"] = self.first_step_s
         return scalars
@@ -213,8 +231,9 @@ class LoggerMixin(BaseTask[Config], Generic[Config]):
     the device there, not in the loop), averages them over the window and writes the record.
     """
 
-    if TYPE_CHECKING:  # from ArtifactsMixin and ProcessMixin, composed beside this one (xax/task/task.py)
+    if TYPE_CHECKING:  # from the mixins composed beside this one (xax/task/task.py)
         run_dir: Path
+        console: Console
 
         def write_run_metadata(self, config_yaml: str) -> None: ...
         def add_worker(self, worker: Closeable) -> None: ...
@@ -254,7 +273,13 @@ class LoggerMixin(BaseTask[Config], Generic[Config]):
         if jax.process_index() != 0:
             return sinks
         if options.stdout:
-            sinks.append(StdoutLogger(total_steps=self.expected_total_steps()))
+            sinks.append(
+                StdoutLogger(
+                    total_steps=self.expected_total_steps,
+                    max_seconds=self.expected_total_seconds(),
+                    console=self.console,
+                )
+            )
         if options.jsonl:
             sinks.append(JsonlLogger(self.run_dir / "log.jsonl"))
         if options.tensorboard:

@@ -179,7 +179,7 @@ class PerfMixin(BaseTask[Config], Generic[Config]):
         if memory is not None:
             parts.append(f"arguments {memory.argument_size_in_bytes / _BYTES_PER_GB:.3f} GB")
             parts.append(f"temporaries {memory.temp_size_in_bytes / _BYTES_PER_GB:.3f} GB")
-        if self._peak_flops is None:
+        if self._peak_flops is None and self._step_devices[0].platform != "cpu":
             parts.append(f"no peak FLOP/s known for {self._step_devices[0].device_kind!r} (set perf.peak_tflops)")
         logger.info("Training step: %s", ", ".join(parts))
 

@@ -8,7 +8,6 @@ The loop is one mixin among those ``xax/task/task.py`` composes: it calls the tr
 import collections
 import logging
 import signal
-import sys
 import time
 import typing
 from abc import abstractmethod
@@ -158,6 +157,8 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         def save_checkpoint(
             self, tree: PyTree, state: State, cursor: Cursor, mesh: Mesh | None = None, *, wait: bool = False
         ) -> Path: ...
+        def announce_start(self, params: PyTree) -> None: ...
+        def announce_end(self, state: State, last_checkpoint: Path | None) -> None: ...
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -165,6 +166,10 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         self.train_feed: Feed | None = None
         # (treedef, leaves, State, cursor) after the newest step: what is saved if the task fails.
         self._last_completed: tuple[Any, list[Array], State, Cursor] | None = None
+        self._last_checkpoint: Path | None = None
+        # Known once the training data is open (for the progress of a max_epochs run).
+        self._batches_per_epoch: int | None = None
+        self._compiled = False
 
     @abstractmethod
     def get_model(self, params: InitParams) -> PyTree:
@@ -219,12 +224,25 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
 
     @override
     def expected_total_steps(self) -> int | None:
+        """The step training stops at, by ``max_steps``, ``max_samples`` and (once the training
+        data is open) ``max_epochs``; None when only time limits it."""
         config = self.config
         limits = [config.max_steps]
         if config.max_samples is not None:
             limits.append(-(-config.max_samples // composed(config).batch_size))
+        if config.max_epochs is not None and self._batches_per_epoch is not None:
+            limits.append(config.max_epochs * self._batches_per_epoch)
         known = [limit for limit in limits if limit is not None]
         return min(known) if known else None
+
+    @override
+    def expected_total_seconds(self) -> float | None:
+        return self.config.max_seconds
+
+    def tokens_per_sample(self) -> int | None:
+        """Tokens in one training sample (a sequence's length), for the tokens/s rate; None for a
+        task without tokens."""
+        return None
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -245,6 +263,7 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         optimizer = self.full_optimizer()
         ts, static = self.init_train_state(optimizer)
         self._static = static
+        self.announce_start((ts.params, ts.frozen))
         template = abstract_like(ts)
         self.grad_leaf_names = list(named_leaves(ts.params))
         ts, state, cursor = self.resume_or_start(ts)
@@ -267,6 +286,7 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
                 self._save_after_error()
                 raise
             if rewind is None:
+                self.announce_end(state, self._last_checkpoint)
                 return state
             rewinds += 1
             self.check_rewind_budget(rewind, rewinds, skipped)
@@ -284,9 +304,9 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         try:
             path = self.save_checkpoint(jax.tree.unflatten(treedef, leaves), state, cursor, self.get_mesh(), wait=True)
         except Exception as error:  # the original error matters more; say why nothing was saved
-            print(f"error: could not save after the failure at step {state.num_steps}: {error}", file=sys.stderr)
+            logger.error("could not save after the failure at step %d: %s", state.num_steps, error)
             return
-        print(f"saved {path} (step {state.num_steps}) before stopping on the error below", file=sys.stderr)
+        logger.warning("saved %s (step %d) before stopping on the error below", path, state.num_steps)
 
     def _train_loop(
         self,
@@ -336,6 +356,8 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
                 batch = None
                 continue
             self.remember_position(state.num_steps + 1, position)
+            if not self._compiled:
+                logger.info("compiling the training step ...")
             if state.num_steps == first_step:
                 self.analyze_train_step(
                     train_step, leaves, sums, health, batch, state.pack(), feed.data, dtype=self.compute_dtype
@@ -350,7 +372,9 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
                 loss.block_until_ready()
                 window.first_step_s = time.perf_counter() - window.start
                 self.restart_cadence_clocks()
-                logger.info("First step (including compilation) took %.2f s", window.first_step_s)
+                if not self._compiled:
+                    logger.info("compiled and ran the first step in %.1f s", window.first_step_s)
+                self._compiled = True
             state = State(
                 num_steps=state.num_steps + 1,
                 num_samples=state.num_samples + batch_size,
@@ -363,13 +387,13 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
             over = self.is_training_over(state)
             if self.light_log_is_due(state) or over:
                 host = {
-                    **window.close(feed.wait_time_s, batch_size),
+                    **window.close(feed.wait_time_s, batch_size, self.tokens_per_sample()),
                     "epoch": float(state.epoch),
                     **self.pop_section_times(),
                     **self.host_metrics(),
                 }
                 host.update(self.perf_metrics(host["steps_per_second"]))
-                self.log_item(LogItem(state=state, phase="train", sums=sums, health=health, host_scalars=host))
+                self.log_item(LogItem(state=state, phase="train", sums=sums, health=health, system_scalars=host))
                 sums, health = zero_sums(), zero_health()
                 window = RateWindow(time.perf_counter(), feed.wait_time_s)
                 if over:
@@ -435,6 +459,8 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         stopping = stop_signal is not None
         with self.step_context("checkpoint"):
             path = self.save_checkpoint(ts, state, cursor, self.get_mesh(), wait=over or stopping)
+        self._last_checkpoint = path
+        logger.info("checkpoint of step %d: %s", state.num_steps, path)
         self.save_requested = False
         if stop_signal is not None and not over:
             self.flush_logs()
@@ -446,6 +472,7 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         """Batches for training: indices into a device-resident copy of the data when it is in
         memory and small enough (``data.device_resident_max_mb``), else prefetched batches."""
         source = self.get_batch_source("train", seed=self.config.seed)
+        self._batches_per_epoch = source.num_batches_per_epoch
         if cursor is not None:
             source.restore(cursor)
         data = composed(self.config).data

@@ -18,6 +18,7 @@ from xax.core.state import Phase, State
 from xax.data.prefetch import DevicePrefetcher
 from xax.data.sources import BatchSource
 from xax.task.base import BaseTask
+from xax.task.loggers.console import Console
 from xax.task.mixins.logger import Cadence, LogItem
 from xax.task.mixins.train import TrainConfig, composed
 from xax.task.mixins.train_step import TrainState, zero_sums_fn
@@ -57,6 +58,9 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
         def log_item(self, item: LogItem) -> None: ...
         def heavy_log_is_due(self, state: State) -> bool: ...
         def mark_heavy_logged(self, state: State) -> None: ...
+        def note_validation(self, step: int, metrics: dict[str, float]) -> None: ...
+
+        console: Console
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -129,8 +133,10 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
         params = self.eval_params(ts)
         serial = self._max_inflight_steps() == 0
         sums: dict[str, Array] | None = None
+        total = source.num_batches_per_epoch
         with DevicePrefetcher(source, self.place_batch, composed(self.config).data.prefetch) as batches:
-            for batch in batches:
+            for index, batch in enumerate(batches):
+                self.console.activity(f"validating {index + 1}" + ("" if total is None else f"/{total}"))
                 if self._valid_zeros is None:
                     args = (params, ts.frozen, {"count": jnp.zeros((), jnp.float32)}, batch, packed, self._valid_key)
                     self._valid_zeros = zero_sums_fn(self.replicated_sharding(), self._eval_step, *args)
@@ -138,6 +144,7 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
                 sums = self._eval_step(params, ts.frozen, sums, batch, packed, self._valid_key)
                 if serial:
                     jax.block_until_ready(sums)
+        self.console.activity("")
         if sums is not None:
             # Read here rather than on the logging thread: the checkpoint of this step ranks itself
             # by these values (keep_best), and validation has already waited on the device.
@@ -146,6 +153,7 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
             metrics = {name: float(value) / count for name, value in host.items()}
             self.last_valid_metrics = metrics
             self.last_valid_step = state.num_steps
+            self.note_validation(state.num_steps, metrics)
             self.log_item(LogItem(state=state, phase="valid", host_scalars=metrics))
 
     def log_heavy(self, ts: TrainState, state: State) -> None:
@@ -155,7 +163,11 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
         source.restore(type(source.cursor)(epoch=0, index=0))
         batch_np = next(iter(source))
         batch = self.place_batch(batch_np)
-        media = self.log_media(self.eval_model(ts), batch, state.replace(phase="valid"))
+        self.console.activity("making media (log_media)")
+        try:
+            media = self.log_media(self.eval_model(ts), batch, state.replace(phase="valid"))
+        finally:
+            self.console.activity("")
         if jax.process_count() > 1:
             # The logging thread can read only this process's shards; every process gathers the
             # rest here, together (heavy logging is step-based in multi-process runs).

@@ -1,0 +1,156 @@
+"""The terminal of a run: one status line redrawn in place, and full lines printed above it.
+
+The progress bar (``StdoutLogger``, on the logging thread), the activity of the training thread
+(validating, sampling media) and log messages (``ConsoleHandler``) all write through one
+``Console``, so that a message never lands in the middle of the bar and the bar is redrawn below
+it. Off a terminal (a file, a pipe, ``TERM=dumb``) nothing is redrawn: the status line is not shown
+and every line is printed as it comes.
+"""
+
+import logging
+import shutil
+import sys
+import threading
+from typing import Protocol, runtime_checkable
+
+from xax.utils.env import is_interactive_terminal
+
+
+@runtime_checkable
+class TextStream(Protocol):
+    """What a console writes to: ``sys.stdout``, an open text file, an ``io.StringIO``."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+def stream_is_terminal(stream: TextStream) -> bool:
+    """Whether ``stream`` is an interactive terminal that can redraw a line (``TERM=dumb`` is not)."""
+    isatty = getattr(stream, "isatty", None)
+    return is_interactive_terminal(bool(isatty()) if callable(isatty) else False)
+
+
+def terminal_width() -> int:
+    """The terminal's width in columns (``$COLUMNS`` first), 80 when unknown."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+class Console:
+    """Writes a run's lines to a terminal, keeping a status line (the progress bar) at the bottom.
+
+    Args:
+        out: Where the status line and ``print`` go; standard output if None.
+        err: Where ``print(..., err=True)`` goes (log messages); standard error if None.
+        is_tty: Whether to draw the status line; detected from ``out`` (and ``TERM``) if None.
+    """
+
+    def __init__(
+        self, out: TextStream | None = None, err: TextStream | None = None, is_tty: bool | None = None
+    ) -> None:
+        self.out = sys.stdout if out is None else out
+        self.err = sys.stderr if err is None else err
+        self.is_tty = stream_is_terminal(self.out) if is_tty is None else is_tty
+        self._lock = threading.RLock()
+        self._status = ""
+        self._activity = ""
+        # Width of the line drawn now, 0 when the cursor is at the start of an empty line.
+        self._drawn = 0
+
+    def _render(self) -> str:
+        text = (
+            f"{self._activity} | {self._status}" if self._activity and self._status else self._activity or self._status
+        )
+        # A line longer than the terminal wraps, and '\r' would then redraw only its last part.
+        return text[: max(terminal_width() - 1, 1)]
+
+    def _erase(self) -> None:
+        if self._drawn:
+            self.out.write("\r" + " " * self._drawn + "\r")
+            self._drawn = 0
+
+    def _draw(self) -> None:
+        line = self._render()
+        if line or self._drawn:
+            # Spaces erase what is left of a longer previous line.
+            self.out.write("\r" + line.ljust(self._drawn))
+            self._drawn = len(line)
+        self.out.flush()
+
+    def status(self, text: str) -> None:
+        """Replaces the status line (the progress bar); ignored off a terminal."""
+        if not self.is_tty:
+            return
+        with self._lock:
+            self._status = text
+            self._draw()
+
+    def activity(self, text: str) -> None:
+        """Shows what the run is busy with (``validating 3/10``) before the status line; "" clears
+        it. Ignored off a terminal."""
+        if not self.is_tty:
+            return
+        with self._lock:
+            self._activity = text
+            self._draw()
+
+    def print(self, text: str, *, err: bool = False) -> None:
+        """Prints ``text`` and a newline above the status line (on ``err`` with ``err``), then
+        redraws the status line below it."""
+        stream = self.err if err else self.out
+        with self._lock:
+            self._erase()
+            if err:
+                self.out.flush()
+            stream.write(text + "\n")
+            stream.flush()
+            if self.is_tty:
+                self._draw()
+
+    def finish(self) -> None:
+        """Ends the status line where it stands, so the last progress bar stays on screen; what is
+        printed next starts on a fresh line."""
+        with self._lock:
+            if self._drawn:
+                self._activity = ""
+                line = self._render()
+                self.out.write("\r" + line.ljust(self._drawn) + "\n")
+                self._drawn = 0
+            self._status = self._activity = ""
+            self.out.flush()
+
+
+class ConsoleHandler(logging.Handler):
+    """A logging handler printing each record on one line above the console's status line.
+
+    Information goes to the console's ``out`` stream, in order with the progress it describes;
+    warnings and errors go to ``err``, leading with ``warning:`` / ``error:``, so that standard
+    error holds only what went wrong.
+
+    Args:
+        console: The console to print through.
+        level: The lowest level printed.
+    """
+
+    def __init__(self, console: Console, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self.console = console
+        self.setFormatter(_ConsoleFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), err=record.levelno >= logging.WARNING)
+        except Exception:
+            self.handleError(record)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"error: {text}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {text}"
+        if record.levelno < logging.INFO:
+            return f"debug: {text}"
+        return text
