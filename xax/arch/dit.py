@@ -146,7 +146,8 @@ def split_qkv(qkv: eqx.nn.Linear, x: Float[Array, "t d"]) -> tuple[Array, Array,
     """
     weights = jnp.split(qkv.weight, 3, axis=0)
     biases = (None, None, None) if qkv.bias is None else jnp.split(qkv.bias, 3)
-    q, k, v = (x @ w.T if b is None else x @ w.T + b[None, :] for w, b in zip(weights, biases, strict=True))
+    project = lambda w: jnp.einsum("td,ed->te", x, w)  # noqa: E731  (no transposed copy of w)
+    q, k, v = (project(w) if b is None else project(w) + b[None, :] for w, b in zip(weights, biases, strict=True))
     return q, k, v
 
 
