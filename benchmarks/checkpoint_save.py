@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
                 rows.append(row)
         for task in tasks.values():
-            sizes.append(sum(f.stat().st_size for f in task.checkpoint_dir.rglob("*") if f.is_file()) / args.saves)
+            files = Path(task.checkpoint_dir).rglob("*")
+            sizes.append(sum(f.stat().st_size for f in files if f.is_file()) / args.saves)
             task.on_run_end()
     # The checksums alone, computed and read back (what the device does beside training).
     tree = {"params": state}

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from etils import epath
 
 import xax
 from tests.task.toy import Regression, RegressionConfig, final_params
@@ -144,14 +145,14 @@ def test_diff_between_steps_names_changed_leaves(run: tuple[Path, Regression], c
 def test_diff_reports_missing_and_reshaped_leaves_and_config(tmp_path: Path) -> None:
     f32 = np.dtype(np.float32)
     a = Checkpoint(
-        tmp_path,
+        epath.Path(tmp_path),
         1,
         None,
         {"params.w": Leaf((2,), f32), "params.old": Leaf((3,), f32)},
         {"state": {"num_steps": 1}, "config": {"optimizer": {"lr": 0.1}}},
     )
     b = Checkpoint(
-        tmp_path,
+        epath.Path(tmp_path),
         2,
         None,
         {"params.w": Leaf((4,), f32), "params.new": Leaf((), np.dtype(np.int32))},

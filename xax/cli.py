@@ -12,7 +12,6 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -35,6 +34,7 @@ from xax.checkpoint import (
     resolve_checkpoint,
 )
 from xax.core.errors import CheckpointError, ConfigError, XaxError
+from xax.utils.storage import storage_path
 from xax.utils.text import human_bytes
 
 # Kept under the names this module has always used.
@@ -80,7 +80,7 @@ class Checkpoint:
         checksums: The checksums recorded with the arrays (None for a checkpoint saved without).
     """
 
-    directory: Path
+    directory: epath.Path
     step: int
     tree: Any
     leaves: dict[str, Leaf]
@@ -88,11 +88,11 @@ class Checkpoint:
     checksums: dict[str, Any] | None = None
 
     @property
-    def path(self) -> Path:
+    def path(self) -> epath.Path:
         return self.directory / str(self.step)
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
+def open_checkpoint(path: epath.PathLike) -> Checkpoint:
     """Reads the metadata of the checkpoint at ``path`` (a step, checkpoints or run directory).
 
     Args:
@@ -104,7 +104,8 @@ def open_checkpoint(path: Path) -> Checkpoint:
     Raises:
         CheckpointError: Naming the file that is missing or unreadable.
     """
-    if not path.expanduser().exists():
+    path = storage_path(path)
+    if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoints directory or a step")
     directory, steps = resolve_checkpoint(path)
     step_dir = directory / str(steps[0])
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Print a checkpoint's step, counters, config, array shapes and size",
         description="Print a checkpoint's step, counters, data cursor, version, mesh, config, arrays and size.",
     )
-    inspect.add_argument("path", metavar="PATH", type=Path, help=path_help)
+    inspect.add_argument("path", metavar="PATH", type=storage_path, help=path_help)
     inspect.add_argument(
         "--verify",
         action="store_true",
@@ -340,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare two checkpoints: arrays, counters, data cursor, config and metadata. "
         "Exit code 0 if identical, 1 if they differ, 2 on errors.",
     )
-    diff.add_argument("a", metavar="A", type=Path, help=f"the reference checkpoint: {path_help}")
-    diff.add_argument("b", metavar="B", type=Path, help="the checkpoint compared with it")
+    diff.add_argument("a", metavar="A", type=storage_path, help=f"the reference checkpoint: {path_help}")
+    diff.add_argument("b", metavar="B", type=storage_path, help="the checkpoint compared with it")
     diff.add_argument("--arrays-only", action="store_true", help="compare only the arrays")
     diff.set_defaults(run=_diff_command)
 

@@ -5,7 +5,6 @@ import asyncio
 import concurrent.futures
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -117,7 +116,7 @@ def host_checksums(names: list[str], checksums: Array) -> dict[str, str]:
     return {name: f"{int(row[0]):08x}{int(row[1]):08x}" for name, row in zip(names, rows, strict=True)}
 
 
-def verify_checksums(tree: PyTree, recorded: dict[str, Any], step_dir: Path) -> None:
+def verify_checksums(tree: PyTree, recorded: dict[str, Any], step_dir: epath.Path) -> None:
     """Raises ``CorruptCheckpointError`` naming the first array of ``tree`` whose checksum differs from
     the one recorded when the checkpoint was saved (arrays without a recorded checksum pass)."""
     if recorded.get("algorithm") != CHECKSUM_ALGORITHM:
@@ -133,7 +132,7 @@ def verify_checksums(tree: PyTree, recorded: dict[str, Any], step_dir: Path) -> 
             )
 
 
-def read_checksums(step_dir: Path) -> dict[str, Any] | None:
+def read_checksums(step_dir: epath.Path) -> dict[str, Any] | None:
     """The checksums recorded with a checkpoint, or None for a checkpoint saved without them."""
     path = step_dir / "checksums" / "metadata"
     if not path.exists():

@@ -17,13 +17,16 @@ from typing import Any, NoReturn
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jaxtyping import Array, PyTree
 from orbax.checkpoint import checkpoint_managers
 
 from xax.checkpoint.checksums import ChecksumHandler, ChecksumSave, array_checksums, compile_checksums
 from xax.checkpoint.quiet import OrbaxWriteErrors, drop_abandoned_io_reports, one_line, quiet_orbax
+from xax.checkpoint.remote import is_committed, temporary_path_class, use_s3_arrays
 from xax.core.config import field
 from xax.core.errors import CheckpointWriteError, ConfigError
+from xax.utils.storage import filesystem, is_remote, storage_path, url_scheme
 from xax.utils.text import human_bytes
 
 BEST_MODES = ("min", "max")
@@ -58,10 +61,14 @@ def check_options(options: CheckpointOptions, key: str = "checkpoint") -> None:
 
 
 def open_orbax_manager(
-    directory: Path, options: CheckpointOptions, *, read_only: bool = False
+    directory: epath.PathLike, options: CheckpointOptions, *, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    """An orbax manager of ``directory`` with xax's items (``state``, ``meta``, ``checksums``) and
-    ``options``' retention."""
+    """An orbax manager of ``directory`` (a local folder or a ``gs://``/``s3://`` URL) with xax's
+    items (``state``, ``meta``, ``checksums``) and ``options``' retention."""
+    # Orbax refuses relative paths ("Checkpoint path should be absolute").
+    directory = storage_path(directory)
+    if url_scheme(str(directory)) == "s3":
+        use_s3_arrays()
     policies: list[Any] = [checkpoint_managers.LatestN(n=options.keep_last)]
     best_fn = None
     if options.keep_best > 0:
@@ -88,6 +95,7 @@ def open_orbax_manager(
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
         create=not read_only,
+        temporary_path_class=temporary_path_class(directory),
     )
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     state, meta, checksums = (
@@ -105,12 +113,12 @@ def open_orbax_manager(
     ):
         registry.add(item, args_type, handler)
     with quiet_orbax():
-        # Orbax refuses relative paths ("Checkpoint path should be absolute").
-        return ocp.CheckpointManager(Path(directory).absolute(), options=manager_options, handler_registry=registry)
+        return ocp.CheckpointManager(directory, options=manager_options, handler_registry=registry)
 
 
-def checkpoint_steps(directory: Path) -> list[int]:
+def checkpoint_steps(directory: epath.PathLike) -> list[int]:
     """Steps of the complete checkpoints in ``directory``, in numeric order (never by string)."""
+    directory = epath.Path(directory)
     if not directory.is_dir():
         return []
     return sorted(
@@ -118,15 +126,22 @@ def checkpoint_steps(directory: Path) -> list[int]:
     )
 
 
-def is_complete(step_dir: Path) -> bool:
+def is_complete(step_dir: epath.PathLike) -> bool:
     """Whether ``step_dir`` holds a finished checkpoint (orbax renames one from a temporary name
-    into place; both items exist then)."""
+    into place, or in an object store writes its commit file last; both items exist then)."""
+    step_dir = epath.Path(step_dir)
+    if is_remote(step_dir) and not is_committed(step_dir):
+        return False
     return (step_dir / "state").is_dir() and (step_dir / "meta").is_dir()
 
 
-def disk_size(path: Path) -> int:
+def disk_size(path: epath.PathLike) -> int:
     """Bytes of all files under ``path`` (symbolic links not followed)."""
-    return sum(file.lstat().st_size for file in path.rglob("*") if file.is_file() and not file.is_symlink())
+    if is_remote(path):
+        fs, key = filesystem(path)
+        return int(fs.du(key, total=True))
+    local = Path(path)
+    return sum(file.lstat().st_size for file in local.rglob("*") if file.is_file() and not file.is_symlink())
 
 
 def write_failure_reason(error: BaseException) -> str:
@@ -171,8 +186,8 @@ class CheckpointManager:
         ([2.0, 2.0, 2.0], {'note': 'example'})
     """
 
-    def __init__(self, directory: Path, options: CheckpointOptions | None = None) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: epath.PathLike, options: CheckpointOptions | None = None) -> None:
+        self.directory = storage_path(directory)
         self.options = options if options is not None else CheckpointOptions()
         check_options(self.options)
         self._orbax: ocp.CheckpointManager | None = None
@@ -247,7 +262,7 @@ class CheckpointManager:
         """Steps of the complete checkpoints, in numeric order."""
         return checkpoint_steps(self.directory)
 
-    def latest(self, before_step: int | None = None) -> Path | None:
+    def latest(self, before_step: int | None = None) -> epath.Path | None:
         """The newest complete checkpoint (of a step below ``before_step``, if given), or None."""
         steps = [step for step in self.steps() if before_step is None or step < before_step]
         return self.directory / str(steps[-1]) if steps else None
@@ -260,7 +275,7 @@ class CheckpointManager:
         *,
         metrics: dict[str, float] | None = None,
         wait: bool = False,
-    ) -> Path:
+    ) -> epath.Path:
         """Starts writing a checkpoint of ``tree`` at ``step`` (returns once the arrays are copied
         off the devices; ``wait`` also waits for the write). A step already saved is kept as it is.
 
@@ -350,10 +365,18 @@ class CheckpointManager:
             # The space the partial write took (what orbax's writers still running may add is
             # removed when the next run opens the directory).
             for leftover in directory.glob(f"{step}{ORBAX_TMP_SUFFIX}*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+                if is_remote(leftover):
+                    with contextlib.suppress(OSError):
+                        leftover.rmtree()
+                else:
+                    shutil.rmtree(leftover, ignore_errors=True)
         kept = checkpoint_steps(directory)
         try:
-            free = f"{human_bytes(shutil.disk_usage(directory).free)} free there"
+            free = (
+                "in an object store"
+                if is_remote(directory)
+                else f"{human_bytes(shutil.disk_usage(directory).free)} free there"
+            )
         except OSError:
             free = "free space unknown"
         if kept:

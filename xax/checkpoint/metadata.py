@@ -1,15 +1,16 @@
 """A checkpoint's JSON metadata: counters, data cursor, resolved config, versions and mesh."""
 
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh
 
 from xax.checkpoint.manager import CheckpointOptions, open_orbax_manager
 from xax.checkpoint.quiet import quiet_orbax
 from xax.core.errors import CheckpointError
 from xax.core.state import State
+from xax.utils.storage import storage_path
 
 CHECKPOINT_FORMAT = 1
 
@@ -50,8 +51,9 @@ def checkpoint_metadata(
     }
 
 
-def read_metadata(directory: Path, step: int) -> dict[str, Any]:
+def read_metadata(directory: epath.PathLike, step: int) -> dict[str, Any]:
     """A checkpoint's JSON metadata alone (counters, cursor, config, versions, mesh)."""
+    directory = storage_path(directory)
     with quiet_orbax():
         manager = open_orbax_manager(directory, CheckpointOptions(), read_only=True)
         try:

@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jaxtyping import PyTree
 
@@ -17,6 +18,7 @@ from xax.checkpoint.errors import CheckpointMismatchError, CorruptCheckpointErro
 from xax.checkpoint.manager import CheckpointManager, CheckpointOptions, checkpoint_steps, open_orbax_manager
 from xax.checkpoint.metadata import config_drift, read_metadata
 from xax.checkpoint.quiet import drop_abandoned_io_reports, one_line, quiet_orbax, root_cause, tell
+from xax.checkpoint.remote import is_committed, use_s3_arrays
 from xax.checkpoint.renames import (
     Rename,
     RenamePlan,
@@ -28,6 +30,7 @@ from xax.checkpoint.renames import (
 from xax.checkpoint.tree import abstract_like, named_leaves, tree_differences
 from xax.core.errors import CheckpointError
 from xax.utils.pytree import path_name
+from xax.utils.storage import is_remote, storage_path, url_scheme
 
 # Where a run's unreadable checkpoints go when resuming falls back past them (inside `checkpoints/`).
 CORRUPT_DIR = "corrupt"
@@ -46,16 +49,19 @@ class RestoredCheckpoint:
 
     tree: PyTree
     step: int
-    path: Path
+    path: epath.Path
     metadata: dict[str, Any]
 
 
-def resolve_checkpoint(path: Path) -> tuple[Path, list[int]]:
+def resolve_checkpoint(path: epath.PathLike) -> tuple[epath.Path, list[int]]:
     """Splits a user-given path into (checkpoints directory, candidate steps, newest first).
 
-    Accepts a step directory, a checkpoints directory, or a run directory holding ``checkpoints``.
+    Accepts a step directory, a checkpoints directory, or a run directory holding ``checkpoints``,
+    each a local path or a ``gs://``/``s3://`` URL.
     """
-    path = path.expanduser().resolve()
+    path = storage_path(path)
+    if not is_remote(path):
+        path = path.resolve()
     if path.name.isdigit() and path.is_dir():
         return path.parent, [int(path.name)]
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -75,7 +81,7 @@ def _structure_mismatch(error: BaseException) -> list[str] | None:
     return [line.strip().rstrip(":") for line in body.splitlines() if line.strip().endswith(":")]
 
 
-def load_checkpoint(directory: Path, step: int, target: PyTree | None) -> tuple[PyTree, dict[str, Any]]:
+def load_checkpoint(directory: epath.PathLike, step: int, target: PyTree | None) -> tuple[PyTree, dict[str, Any]]:
     """Reads one checkpoint: the arrays (into ``target``'s shapes and shardings) and the metadata,
     and verifies the arrays against the checksums recorded with them.
 
@@ -84,6 +90,7 @@ def load_checkpoint(directory: Path, step: int, target: PyTree | None) -> tuple[
             (``CorruptCheckpointError`` when an array does not match its checksum), or
             ``CheckpointMismatchError`` when ``target``'s tree differs from the saved one.
     """
+    directory = storage_path(directory)
     step_dir = directory / str(step)
     recorded = read_checksums(step_dir)
     drop_abandoned_io_reports()
@@ -109,16 +116,19 @@ def load_checkpoint(directory: Path, step: int, target: PyTree | None) -> tuple[
     return restored["state"], dict(restored["meta"])
 
 
-def saved_array_metadata(directory: Path, step: int) -> PyTree:
+def saved_array_metadata(directory: epath.PathLike, step: int) -> PyTree:
     """The saved arrays' shapes and dtypes (no data read), as nested dicts."""
+    directory = storage_path(directory)
+    if url_scheme(str(directory)) == "s3":
+        use_s3_arrays()
     try:
         with quiet_orbax():
-            return ocp.StandardCheckpointer().metadata(Path(directory).absolute() / str(step) / "state").item_metadata
+            return ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata
     except Exception as error:
         raise CheckpointError(f"checkpoint {directory / str(step) / 'state'} is unreadable ({error})") from error
 
 
-def load_arrays_anywhere(directory: Path, step: int, sharding: jax.sharding.Sharding) -> PyTree:
+def load_arrays_anywhere(directory: epath.PathLike, step: int, sharding: jax.sharding.Sharding) -> PyTree:
     """Every saved array, placed with ``sharding`` (e.g. one device), whatever mesh saved them:
     for reading a checkpoint without the model that wrote it. Verified against its checksums."""
     target = jax.tree.map(
@@ -131,7 +141,7 @@ def load_arrays_anywhere(directory: Path, step: int, sharding: jax.sharding.Shar
 
 
 def restore_latest(
-    directory: Path,
+    directory: epath.PathLike,
     target: PyTree,
     *,
     before_step: int | None = None,
@@ -147,7 +157,12 @@ def restore_latest(
     """
     # Every step directory, complete or not: one damaged so far as to have lost an item is
     # fallen back past (and set aside) like any unreadable one, so that its step is written anew.
+    directory = storage_path(directory)
     names = [path.name for path in directory.iterdir() if path.name.isdigit()] if directory.is_dir() else []
+    if is_remote(directory):
+        # Written in place there: a step without its commit file is a write that never finished
+        # (orbax deletes it when it next opens the directory), not a damaged checkpoint.
+        names = [name for name in names if is_committed(directory / name)]
     steps = sorted((int(name) for name in names), reverse=True)
     steps = [step for step in steps if before_step is None or step < before_step]
     if not steps:
@@ -156,7 +171,7 @@ def restore_latest(
 
 
 def restore_checkpoint(
-    directory: Path,
+    directory: epath.PathLike,
     steps: list[int],
     target: PyTree,
     *,
@@ -186,6 +201,7 @@ def restore_checkpoint(
             the search: an older one would not fit either).
         CheckpointError: When no candidate is readable, naming the last one's file at fault.
     """
+    directory = storage_path(directory)
     unreadable: list[tuple[int, CheckpointError]] = []
     renames = legacy_renames(target) if renames is None else tuple(renames)
     for step in steps:
@@ -204,7 +220,7 @@ def restore_checkpoint(
 
 
 def _load_matching(
-    directory: Path, step: int, target: PyTree, config: dict[str, Any] | None, renames: Sequence[Rename] = ()
+    directory: epath.Path, step: int, target: PyTree, config: dict[str, Any] | None, renames: Sequence[Rename] = ()
 ) -> tuple[PyTree, dict[str, Any]]:
     # Compare the saved arrays with the target's first (no data read), so that a changed config
     # names the arrays and the keys, not an orbax internal, and is not taken for corruption.
@@ -223,7 +239,7 @@ def _load_matching(
 
 
 def _load_renamed(
-    directory: Path, step: int, target: PyTree, saved: PyTree, plan: RenamePlan
+    directory: epath.Path, step: int, target: PyTree, saved: PyTree, plan: RenamePlan
 ) -> tuple[PyTree, dict[str, Any]]:
     """Reads a checkpoint whose arrays are the target's under their old names: each saved array
     in the target's dtype and sharding (a transposed one with its partition reversed), then placed
@@ -252,7 +268,7 @@ def _load_renamed(
     return jax.tree_util.tree_map_with_path(place, target), metadata
 
 
-def _mismatch(step_dir: Path, differences: list[str], config: dict[str, Any] | None) -> NoReturn:
+def _mismatch(step_dir: epath.Path, differences: list[str], config: dict[str, Any] | None) -> NoReturn:
     drift: list[str] = []
     if config is not None:
         try:
@@ -279,7 +295,7 @@ def _mismatch(step_dir: Path, differences: list[str], config: dict[str, Any] | N
 
 
 def _set_aside(
-    directory: Path, unreadable: list[tuple[int, CheckpointError]], manager: CheckpointManager | None
+    directory: epath.Path, unreadable: list[tuple[int, CheckpointError]], manager: CheckpointManager | None
 ) -> None:
     """Moves the checkpoints a restore fell back past out of the way, saying so (one line each)."""
     if not unreadable:
@@ -318,7 +334,7 @@ def why_unreadable(error: CheckpointError) -> str:
     return text[:120]
 
 
-def _move_aside(step_dir: Path) -> Path | None:
+def _move_aside(step_dir: epath.Path) -> epath.Path | None:
     """Moves an unreadable checkpoint into ``checkpoints/corrupt/`` (the step may then be written
     anew); returns where it went, or None when it could not be moved."""
     corrupt = step_dir.parent / CORRUPT_DIR

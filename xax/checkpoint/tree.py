@@ -1,9 +1,9 @@
 """Pytrees as checkpoints see them: arrays by dotted name, restore targets, shape comparisons."""
 
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from jaxtyping import PyTree
 
 from xax.core.errors import CheckpointError
@@ -23,7 +23,7 @@ def named_leaves(tree: PyTree) -> dict[str, Any]:
     return {path_name(path): leaf for path, leaf in flat if leaf is not None}
 
 
-def check_shapes(target: PyTree, saved: PyTree, source: Path) -> None:
+def check_shapes(target: PyTree, saved: PyTree, source: epath.PathLike) -> None:
     """Raises if a saved array's shape differs from the model's, naming the parameter path."""
     saved_leaves = named_leaves(saved)
     for name, leaf in named_leaves(target).items():

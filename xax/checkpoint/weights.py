@@ -3,13 +3,13 @@ initial weights of a new run."""
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jaxtyping import PyTree
 
 from xax.checkpoint.renames import Rename, legacy_renames, rename_saved
@@ -17,6 +17,7 @@ from xax.checkpoint.restore import load_arrays_anywhere, resolve_checkpoint
 from xax.checkpoint.tree import check_shapes, named_leaves
 from xax.core.errors import CheckpointError
 from xax.utils.pytree import path_name
+from xax.utils.storage import storage_path
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def _first_device() -> jax.sharding.Sharding:
 
 def restore_weights(
     template: PyTree,
-    directory: Path,
+    directory: epath.PathLike,
     step: int,
     *,
     prefer_ema: bool = True,
@@ -52,6 +53,7 @@ def restore_weights(
     Raises:
         CheckpointError: If a parameter of ``template`` is missing from the checkpoint or has another shape.
     """
+    directory = storage_path(directory)
     tree = load_arrays_anywhere(directory, step, _first_device())
     weights = tree["ema"] if prefer_ema and tree.get("ema") is not None else tree["params"]
     arrays, static = eqx.partition(template, eqx.is_inexact_array)
@@ -66,7 +68,7 @@ def restore_weights(
     return eqx.combine(jax.tree.unflatten(jax.tree.structure(arrays), leaves), static)
 
 
-def warm_start_weights(params: PyTree, path: Path, renames: Sequence[Rename] | None = None) -> PyTree:
+def warm_start_weights(params: PyTree, path: epath.PathLike, renames: Sequence[Rename] | None = None) -> PyTree:
     """Copies the model weights of the checkpoint at ``path`` into ``params`` where the paths match
     (a backbone into a model with a new head), each placed with its own parameter's sharding.
 

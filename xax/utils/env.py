@@ -80,3 +80,27 @@ def slurm_step() -> SlurmStep | None:
     if step.task_id >= step.num_tasks:
         raise LaunchError(f"$SLURM_PROCID={step.task_id} is not below $SLURM_NTASKS={step.num_tasks}")
     return step
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL set for the AWS tools (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``;
+    an S3-compatible server such as MinIO), or None for AWS itself."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def aws_region() -> str | None:
+    """The AWS region set for the AWS tools (``AWS_REGION``, else ``AWS_DEFAULT_REGION``), or None."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def aws_keys_in_environment() -> bool:
+    """Whether AWS credentials are given by ``AWS_ACCESS_KEY_ID`` (and its secret) in the environment."""
+    return bool(os.environ.get("AWS_ACCESS_KEY_ID", "").strip())

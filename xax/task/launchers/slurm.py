@@ -21,7 +21,7 @@ from xax.core.config_io import config_to_yaml
 from xax.core.errors import LaunchError
 from xax.core.state import State
 from xax.task.launchers.base import Launcher, Placement, TaskClass
-from xax.task.mixins.artifacts import ArtifactsConfig, make_run_dir
+from xax.task.mixins.artifacts import ArtifactsConfig, local_run_dir, make_run_location
 from xax.utils.env import find_executable
 
 SCRIPT_NAME = "job.sbatch"
@@ -159,34 +159,38 @@ class SlurmLauncher(Launcher):
             "launcher.kind=slurm places nothing on devices here; the job it submits runs launcher.kind=multi_host"
         )
 
-    def folders(self, task_class: TaskClass, config: object) -> tuple[Path, Path]:
-        """The run directory the job writes into and the folder for the script (made if missing).
+    def folders(self, task_class: TaskClass, config: object) -> tuple[str, Path, Path]:
+        """Where the job's run is stored, its local folder (the job's output goes there) and the
+        folder for the script (made if missing).
 
-        The run directory is ``artifacts.run_dir``, else the next numbered one, made now so that the
-        job and its script share it.
+        The run is ``artifacts.run_dir``, else the next numbered one, made now so that the job and
+        its script share it. For a run stored at a URL, the local folder is the copy its files are
+        uploaded from.
         """
         script_dir = Path(self.options.script_dir).expanduser().absolute() if self.options.script_dir else None
         if not isinstance(config, ArtifactsConfig):
             if script_dir is None:
                 raise LaunchError("this task has no run directory; set launcher.slurm.script_dir=<folder>")
             script_dir.mkdir(parents=True, exist_ok=True)
-            return script_dir, script_dir
-        run_dir = make_run_dir(config.artifacts, task_class.task_name())
+            return str(script_dir), script_dir, script_dir
+        location = make_run_location(config.artifacts, task_class.task_name())
+        run_dir = local_run_dir(location)
+        run_dir.mkdir(parents=True, exist_ok=True)
         if script_dir is not None:
             script_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir, script_dir or run_dir
+        return str(location), run_dir, script_dir or run_dir
 
     @override
     def launch(self, task_class: TaskClass, config: object) -> State:
         """Writes the script (and submits it unless ``dry_run``); returns the untouched State."""
         check_options(self.options)
         program = self.program if self.program is not None else current_program()
-        run_dir, script_dir = self.folders(task_class, config)
+        location, run_dir, script_dir = self.folders(task_class, config)
         config_path = script_dir / CONFIG_NAME
         config_path.write_text(config_to_yaml(config), encoding="utf-8")
         overrides = ["launcher.kind=multi_host"]
         if isinstance(config, ArtifactsConfig):
-            overrides.append(f"artifacts.run_dir={run_dir}")
+            overrides.append(f"artifacts.run_dir={location}")
         command = [*program, "--config", str(config_path), *overrides]
         script = sbatch_script(
             self.options,

@@ -17,12 +17,14 @@ from typing import Generic, TypeVar
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from typing_extensions import override
 
 from xax.core.config import field
 from xax.core.errors import ConfigError, LaunchError
 from xax.task.base import BaseConfig, BaseTask
+from xax.utils.storage import Mirror, check_location, filesystem, is_remote, local_mirror, storage_path
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,17 @@ VERSIONED_PACKAGES: tuple[str, ...] = (
 class ArtifactsOptions:
     """Where a run writes its files."""
 
-    runs_root: str = field("runs", help="Folder holding one subfolder per task, each holding its numbered runs")
-    run_dir: str | None = field(None, help="Write the run into this folder instead of the next numbered one")
+    runs_root: str = field(
+        "runs", help="Folder holding one subfolder per task, each holding its numbered runs (or gs://, s3:// URL)"
+    )
+    run_dir: str | None = field(
+        None, help="Write the run into this folder (or gs://, s3:// URL) instead of the next numbered one"
+    )
+    upload_every_n_seconds: float = field(
+        30.0,
+        help="A run stored at a gs:// or s3:// URL writes its logs into a local copy, uploaded every N seconds, "
+        "after each checkpoint and at the end",
+    )
 
 
 @dataclass
@@ -154,9 +165,60 @@ def next_run_dir(parent: Path) -> Path:
     )
 
 
+def next_remote_run_dir(parent: epath.Path) -> epath.Path:
+    """Claims and returns the next numbered run folder ``parent/run_<NNN>`` in an object store.
+
+    An object store has no folders to make exclusively: the run claims its number by creating
+    ``run_<NNN>/.claimed`` only if absent (a conditional write, where the store supports it), so two
+    runs starting together never share one.
+    """
+    fs, key = filesystem(parent)
+    try:
+        names = [str(name).rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(key, detail=False)]
+    except FileNotFoundError:
+        names = []
+    numbers = [int(match.group(1)) for name in names if (match := _RUN_DIR_RE.fullmatch(name))]
+    number = max(numbers, default=-1) + 1
+    for _ in range(_MAX_RUN_DIR_ATTEMPTS):
+        candidate = parent / f"run_{number:03d}"
+        try:
+            with fs.open(f"{key.rstrip('/')}/run_{number:03d}/.claimed", "xb") as claim:
+                claim.write(f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        except FileExistsError:
+            number += 1
+            continue
+        return candidate
+    raise FileExistsError(
+        f"Could not claim a new run folder in {parent} after {_MAX_RUN_DIR_ATTEMPTS} attempts; "
+        "set artifacts.run_dir to choose one explicitly"
+    )
+
+
+def make_run_location(options: ArtifactsOptions, task_name: str) -> epath.Path:
+    """Creates (or claims, in an object store) and returns where a run is stored:
+    ``artifacts.run_dir`` when set (made if missing, reused if not), else the next numbered
+    ``<artifacts.runs_root>/<task_name>/run_<NNN>``. A local folder, or a ``gs://``/``s3://`` URL.
+    """
+    if options.run_dir is not None:
+        location = storage_path(options.run_dir)
+        if not is_remote(location):
+            Path(location).mkdir(parents=True, exist_ok=True)
+        return location
+    parent = storage_path(options.runs_root) / task_name
+    if is_remote(parent):
+        return next_remote_run_dir(parent)
+    return epath.Path(next_run_dir(Path(parent)))
+
+
+def local_run_dir(location: epath.Path) -> Path:
+    """The local folder a run stored at ``location`` writes its files into: the folder itself, or
+    for a URL the local copy its files are uploaded from (``xax.utils.storage.local_mirror``)."""
+    return local_mirror(location) if is_remote(location) else Path(location)
+
+
 def make_run_dir(options: ArtifactsOptions, task_name: str) -> Path:
-    """Creates and returns a run's folder: ``artifacts.run_dir`` when set (made if missing, reused if
-    not), else the next numbered ``<artifacts.runs_root>/<task_name>/run_<NNN>``.
+    """Creates and returns a run's local folder (see ``make_run_location``; for a run stored at a
+    URL, the local copy of its files).
 
     Args:
         options: ``artifacts``.
@@ -165,11 +227,9 @@ def make_run_dir(options: ArtifactsOptions, task_name: str) -> Path:
     Returns:
         The absolute path of the folder.
     """
-    if options.run_dir is not None:
-        run_dir = Path(options.run_dir).expanduser().absolute()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
-    return next_run_dir(Path(options.runs_root).expanduser().absolute() / task_name)
+    run_dir = local_run_dir(make_run_location(options, task_name))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def check_writable_dir(path: Path, key: str) -> None:
@@ -237,7 +297,9 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._run_dir: Path | None = None
+        self._run_storage: epath.Path | None = None
         self._run_dir_lock: RunDirLock | None = None
+        self._mirror: Mirror | None = None
         # (state,) once read: git runs three subprocesses, too slow to repeat at each checkpoint.
         self._git_state: tuple[GitState | None] | None = None
 
@@ -249,17 +311,38 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
             raise ConfigError(
                 "artifacts.runs_root is empty; set artifacts.runs_root=runs or artifacts.run_dir=<folder>"
             )
-        if options.run_dir is not None:
-            check_writable_dir(Path(options.run_dir).expanduser().absolute(), "artifacts.run_dir")
-        else:
-            check_writable_dir(Path(options.runs_root).expanduser().absolute(), "artifacts.runs_root")
+        key, location = (
+            ("artifacts.run_dir", options.run_dir)
+            if options.run_dir is not None
+            else ("artifacts.runs_root", options.runs_root)
+        )
+        check_location(location, key)
+        if options.upload_every_n_seconds <= 0:
+            raise ConfigError(
+                f"artifacts.upload_every_n_seconds={options.upload_every_n_seconds} must be positive; e.g. 30"
+            )
+        if not is_remote(location):
+            check_writable_dir(Path(storage_path(location)), key)
 
     @override
     def on_run_start(self) -> None:
         self._git_state = None  # read afresh for each run; its checkpoints reuse it
         super().on_run_start()
         if jax.process_index() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._run_dir_lock = RunDirLock(self.run_dir)
+            if is_remote(self.run_storage):
+                # Object stores have no lock: the lock above covers this machine's copy only.
+                self._mirror = Mirror(
+                    self.run_dir,
+                    self.run_storage,
+                    self.config.artifacts.upload_every_n_seconds,
+                    skip=frozenset({LOCK_NAME}),
+                )
+                pulled = self._mirror.pull()
+                if pulled:
+                    logger.info("Fetched %s from %s", ", ".join(pulled), self.run_storage)
+                self._mirror.start()
         else:
             _ = self.run_dir
 
@@ -268,30 +351,60 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
         try:
             super().on_run_end()
         finally:
-            if self._run_dir_lock is not None:
-                self._run_dir_lock.close()
-                self._run_dir_lock = None
+            try:
+                self._close_mirror()
+            finally:
+                if self._run_dir_lock is not None:
+                    self._run_dir_lock.close()
+                    self._run_dir_lock = None
+
+    def _close_mirror(self) -> None:
+        mirror, self._mirror = self._mirror, None
+        if mirror is None:
+            return
+        try:
+            mirror.close()
+        except Exception as error:
+            logger.warning(
+                "uploading %s to %s failed (%s); the files stay there", self.run_dir, self.run_storage, error
+            )
+
+    def upload_run_files(self) -> None:
+        """Asks for the run's files to be uploaded now, for a run stored at a URL (returns at once)."""
+        if self._mirror is not None:
+            self._mirror.request()
 
     @property
     def run_dir(self) -> Path:
-        """The run's folder, made on first access and the same afterwards.
+        """The run's local folder, made on first access and the same afterwards: where its files
+        (logs, TensorBoard, metadata) are written.
 
         It is ``artifacts.run_dir`` when set, otherwise the next numbered
         ``<artifacts.runs_root>/<task_name>/run_<NNN>``. Relative paths are taken from the current
-        working directory at first access.
+        working directory at first access. For a run stored at a ``gs://`` or ``s3://`` URL, it is
+        a local copy whose files are uploaded there (see ``run_storage``).
         """
         if self._run_dir is None:
-            self._run_dir = self._resolve_run_dir()
+            self._run_storage = self._resolve_run_storage()
+            self._run_dir = local_run_dir(self._run_storage)
         return self._run_dir
 
-    def _resolve_run_dir(self) -> Path:
+    @property
+    def run_storage(self) -> epath.Path:
+        """Where the run is stored: ``run_dir`` itself, or the ``gs://``/``s3://`` URL its files are
+        uploaded to and its checkpoints written to."""
+        _ = self.run_dir
+        assert self._run_storage is not None
+        return self._run_storage
+
+    def _resolve_run_storage(self) -> epath.Path:
         options = self.config.artifacts
         is_writer = jax.process_index() == 0
         if options.run_dir is not None:
-            run_dir = Path(options.run_dir).expanduser().absolute()
-            return make_run_dir(options, type(self).task_name()) if is_writer else run_dir
-        parent = Path(options.runs_root).expanduser().absolute() / type(self).task_name()
-        number = int(make_run_dir(options, type(self).task_name()).name.removeprefix("run_")) if is_writer else 0
+            location = storage_path(options.run_dir)
+            return make_run_location(options, type(self).task_name()) if is_writer else location
+        parent = storage_path(options.runs_root) / type(self).task_name()
+        number = int(make_run_location(options, type(self).task_name()).name.removeprefix("run_")) if is_writer else 0
         if jax.process_count() > 1:
             # Every process must name the folder process 0 made, e.g. for a shared checkpoint.
             number = int(multihost_utils.broadcast_one_to_all(np.int32(number)))
@@ -321,6 +434,8 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
         # An explicit run_dir may be reused; files a previous run left must not describe this one.
         for stale in ("git.json", "git.diff"):
             (run_dir / stale).unlink(missing_ok=True)
+            if is_remote(self.run_storage):
+                (self.run_storage / stale).unlink(missing_ok=True)
         git_state = self.git_state()
         if git_state is None:
             logger.debug("Not in a git repository (or git is missing); git.json is not written")
@@ -331,3 +446,4 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
                 _write_text(run_dir / "git.diff", git_state.diff)
         _write_text(run_dir / "versions.json", json.dumps(package_versions(), indent=2) + "\n")
         _write_text(run_dir / "command.txt", shlex.join([sys.executable, *sys.argv]) + "\n")
+        self.upload_run_files()

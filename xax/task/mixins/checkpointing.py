@@ -5,9 +5,9 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from etils import epath
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 from typing_extensions import override
@@ -32,6 +32,7 @@ from xax.core.state import State
 from xax.data.cursor import Cursor
 from xax.task.base import BaseConfig, BaseTask
 from xax.task.mixins.artifacts import GitState
+from xax.utils.storage import check_location
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Restored:
     """What a training checkpoint gives back besides the arrays."""
 
     step: int
-    path: Path
+    path: epath.Path
     state: State
     cursor: Cursor
     metadata: dict[str, Any]
@@ -66,7 +67,9 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
     PRNG key, State, data cursor, the resolved config, library version, git commit and mesh."""
 
     if TYPE_CHECKING:  # from ArtifactsMixin, composed beside this one (xax/task/task.py)
-        run_dir: Path
+        run_storage: epath.Path
+
+        def upload_run_files(self) -> None: ...
 
         def git_state(self) -> GitState | None: ...
 
@@ -83,13 +86,18 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
     def validate_config(self) -> None:
         super().validate_config()
         check_options(self.config.checkpoint, "checkpoint")
+        for key in ("resume", "warm_start"):
+            location = getattr(self.config, key)
+            if location is not None and location != "auto":
+                check_location(location, key)
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def checkpoint_dir(self) -> epath.Path:
+        """``<run_storage>/checkpoints``: a local folder, or a folder in an object store."""
+        return self.run_storage / "checkpoints"
 
     def checkpoint_manager(self) -> CheckpointManager:
-        """The manager of this run's checkpoints (``run_dir/checkpoints``), made on first use."""
+        """The manager of this run's checkpoints (``run_storage/checkpoints``), made on first use."""
         if self._checkpoints is None:
             self._checkpoints = CheckpointManager(self.checkpoint_dir, self.config.checkpoint)
         return self._checkpoints
@@ -126,7 +134,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
 
     def save_checkpoint(
         self, tree: PyTree, state: State, cursor: Cursor, mesh: Mesh | None = None, *, wait: bool = False
-    ) -> Path:
+    ) -> epath.Path:
         """Starts writing a checkpoint of ``tree`` at ``state.num_steps`` (returns once the arrays
         are copied off the devices; ``wait`` also waits for the write). Atomic: a reader never sees
         a partial checkpoint.
@@ -140,6 +148,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
         metadata = functools.partial(self.checkpoint_metadata, state, cursor, mesh)
         path = manager.save(step, tree, metadata, metrics=self.valid_metrics_of(step))
         self._last_save = (step, time.monotonic())
+        self.upload_run_files()  # the logs up to this checkpoint, for a run stored at a URL
         if wait:
             manager.wait()
         return path
@@ -153,7 +162,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
         if self._checkpoints is not None:
             self._checkpoints.wait()
 
-    def latest_checkpoint(self, before_step: int | None = None) -> Path | None:
+    def latest_checkpoint(self, before_step: int | None = None) -> epath.Path | None:
         """The newest complete checkpoint (of a step below ``before_step``, if given), or None."""
         return self.checkpoint_manager().latest(before_step)
 
@@ -174,7 +183,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
                 logger.info("resume=auto: no checkpoint in %s yet; starting afresh", self.checkpoint_dir)
                 return None
         else:
-            directory, steps = resolve_checkpoint(Path(resume))
+            directory, steps = resolve_checkpoint(resume)
             config = config_to_dict(self.config)
             renames = self.legacy_param_names(target)
             restored = self._restored(
@@ -213,7 +222,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
         """Copies the model weights of ``warm_start`` into ``params`` where the paths match (a
         backbone into a model with a new head); a shape mismatch names the parameter."""
         path = self.config.warm_start
-        return params if path is None else warm_start_weights(params, Path(path), self.legacy_param_names(params))
+        return params if path is None else warm_start_weights(params, path, self.legacy_param_names(params))
 
     def legacy_param_names(self, tree: PyTree) -> tuple[Rename, ...]:
         """How the arrays of ``tree`` were once named, so that checkpoints written before a rename

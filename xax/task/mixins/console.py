@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import jax
+from etils import epath
 from jax.sharding import Mesh
 from jaxtyping import PyTree
 from typing_extensions import override
@@ -100,7 +101,7 @@ class ConsoleMixin(BaseTask[Config], Generic[Config]):
 
     if TYPE_CHECKING:  # from the mixins composed beside this one (xax/task/task.py)
         run_dir: Path
-        checkpoint_dir: Path
+        checkpoint_dir: epath.Path
 
         def get_mesh(self) -> Mesh: ...
 
@@ -155,7 +156,7 @@ class ConsoleMixin(BaseTask[Config], Generic[Config]):
         options = composed(self.config).checkpoint
         return options.best_metric, options.best_mode == "max"
 
-    def announce_end(self, state: State, last_checkpoint: Path | None) -> None:
+    def announce_end(self, state: State, last_checkpoint: epath.Path | None) -> None:
         """The summary: steps, time, best validation metric and where the checkpoints are."""
         self.console.finish()
         wall = time.monotonic() - self._started

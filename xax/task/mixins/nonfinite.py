@@ -9,9 +9,9 @@ before it, deletes the later ones and skips the step's batch by its data positio
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from etils import epath
 from jaxtyping import PyTree
 from typing_extensions import override
 
@@ -81,7 +81,7 @@ class NonfiniteMixin(BaseTask[Config], Generic[Config]):
         train_feed: Feed | None
 
         def wait_for_checkpoint(self) -> None: ...
-        def latest_checkpoint(self, before_step: int | None = None) -> Path | None: ...
+        def latest_checkpoint(self, before_step: int | None = None) -> epath.Path | None: ...
         def discard_checkpoints_after(self, step: int) -> list[int]: ...
         def restore_latest(
             self, target: PyTree, before_step: int | None = None

@@ -13,13 +13,13 @@ import typing
 from abc import abstractmethod
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, PRNGKeyArray, PyTree
@@ -156,9 +156,9 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         def checkpoint_is_due(self, state: State) -> bool: ...
         def save_checkpoint(
             self, tree: PyTree, state: State, cursor: Cursor, mesh: Mesh | None = None, *, wait: bool = False
-        ) -> Path: ...
+        ) -> epath.Path: ...
         def announce_start(self, params: PyTree) -> None: ...
-        def announce_end(self, state: State, last_checkpoint: Path | None) -> None: ...
+        def announce_end(self, state: State, last_checkpoint: epath.Path | None) -> None: ...
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -166,7 +166,7 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         self.train_feed: Feed | None = None
         # (treedef, leaves, State, cursor) after the newest step: what is saved if the task fails.
         self._last_completed: tuple[Any, list[Array], State, Cursor] | None = None
-        self._last_checkpoint: Path | None = None
+        self._last_checkpoint: epath.Path | None = None
         # Known once the training data is open (for the progress of a max_epochs run).
         self._batches_per_epoch: int | None = None
         self._compiled = False

@@ -1,0 +1,210 @@
+"""Runs stored in an object store: trained into a real S3 API (moto's server, on localhost),
+stopped, resumed from the bucket on a machine without the local copy, and warm-started from it;
+URLs that cannot be used."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl
+from xax.checkpoint import checkpoint_steps
+from xax.task.mixins.artifacts import next_remote_run_dir
+
+BUCKET = "xax-runs"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """An S3 API served by moto on a free local port, with one bucket; stopped by its process id."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on {endpoint}") from None
+                time.sleep(0.2)
+        request = urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT")
+        urllib.request.urlopen(request, timeout=10).close()
+        yield endpoint
+    finally:
+        os.kill(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The AWS settings of the server for this test (the AWS tools' own variables), the local copy
+    of remote runs under ``tmp_path``, and the working directory there (so that a URL taken for a
+    local path would show as a folder in it)."""
+    import s3fs
+
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    s3fs.S3FileSystem.clear_instance_cache()  # made with another test's settings
+    yield f"s3://{BUCKET}/{tmp_path.name}"
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def launch(run_dir: str, *overrides: str, max_steps: int, learning_rate: float = 0.05) -> Regression:
+    tasks: list[Regression] = []
+
+    class Recorded(Regression):
+        def on_run_start(self) -> None:
+            tasks.append(self)
+            super().on_run_start()
+
+    Recorded.launch(
+        RegressionConfig(batch_size=32, max_steps=max_steps, learning_rate=learning_rate),
+        argv=[
+            f"artifacts.run_dir={run_dir}",
+            "log.every_n_steps=1",
+            "log.every_n_seconds=null",
+            "log.stdout=false",
+            "compile.cache=false",
+            "checkpoint.every_n_steps=3",
+            *overrides,
+        ],
+    )
+    return tasks[0]
+
+
+def assert_trees_equal(a: object, b: object) -> None:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def bucket_files(url: str) -> dict[str, bytes]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    root = url.removeprefix("s3://")
+    return {path.removeprefix(root + "/"): fs.cat_file(path) for path in fs.find(root)}
+
+
+def test_a_run_stopped_in_s3_resumes_there_bitwise_equal_to_a_local_run_and_warm_starts_another(
+    s3: str, tmp_path: Path
+) -> None:
+    straight = launch(str(tmp_path / "local"), max_steps=6)
+    url = f"{s3}/run"
+    launch(url, max_steps=3)
+    first = bucket_files(url)
+    assert {"config.yaml", "log.jsonl", "checkpoints/3/commit_success.txt"} <= set(first)
+    # Resumed on a machine that never saw the run: its local copy is gone, the bucket holds all.
+    mirror = tmp_path / "cache" / "xax" / "remote" / "s3" / url.removeprefix("s3://")
+    assert (mirror / "log.jsonl").read_bytes() == first["log.jsonl"]
+    for path in sorted(mirror.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    resumed = launch(url, "resume=auto", max_steps=6)
+
+    assert_trees_equal(final_params(straight).params, final_params(resumed).params)
+    assert_trees_equal(final_params(straight), final_params(resumed))
+    assert checkpoint_steps(f"{url}/checkpoints") == [3, 6]
+    files = bucket_files(url)
+    records = [json.loads(line) for line in files["log.jsonl"].decode().splitlines()]
+    train = [(r["step"], r["scalars"]["loss"]) for r in records if r.get("phase") == "train"]
+    local = read_jsonl(tmp_path / "local" / "log.jsonl")
+    assert train == [(r["step"], r["scalars"]["loss"]) for r in local if r.get("phase") == "train"]
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [3]
+    assert any(name.startswith("tensorboard/") for name in files)
+    assert not (tmp_path / "s3:").exists(), "nothing written under a local folder named after the URL"
+
+    # A new local run warm-started from the bucket, without learning: its weights stay those it
+    # started from.
+    started = launch(str(tmp_path / "new"), f"warm_start={url}/checkpoints/6", max_steps=1, learning_rate=0.0)
+    assert_trees_equal(final_params(resumed).params, final_params(started).params)
+
+
+def test_numbered_runs_in_a_bucket_claim_distinct_numbers(s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xax.task.mixins import artifacts
+
+    parent = epath.Path(f"{s3}/runs/task")
+    assert [next_remote_run_dir(parent).name for _ in range(2)] == ["run_000", "run_001"]
+
+    # Runs that claimed their numbers after this one listed the folder: the claim (a write only
+    # if absent) fails for those numbers, and the next free one is taken.
+    filesystem = artifacts.filesystem
+
+    def stale_listing(location: object) -> tuple[object, str]:
+        fs, key = filesystem(location)
+        monkeypatch.setattr(fs, "ls", lambda *args, **kwargs: [])
+        return fs, key
+
+    monkeypatch.setattr(artifacts, "filesystem", stale_listing)
+    assert next_remote_run_dir(parent).name == "run_002"
+
+
+@pytest.mark.parametrize(
+    ("key", "location", "message"),
+    [
+        (
+            "artifacts.run_dir",
+            "gs://bucket/exp",
+            "artifacts.run_dir=gs://bucket/exp: no filesystem for gs:// is installed; pip install gcsfs",
+        ),
+        ("artifacts.runs_root", "ftp://host/runs", "artifacts.runs_root=ftp://host/runs: ftp:// is not supported"),
+        (
+            "resume",
+            "gs://bucket/exp",
+            "resume=gs://bucket/exp: no filesystem for gs:// is installed; pip install gcsfs",
+        ),
+    ],
+)
+def test_an_unusable_url_is_one_line_before_anything_is_made(
+    key: str,
+    location: str,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as where gcsfs is not installed
+    monkeypatch.chdir(tmp_path)
+    argv = [f"{key}={location}", "log.stdout=false"]
+    if key == "resume":
+        argv.append(f"artifacts.run_dir={tmp_path / 'run'}")
+    with pytest.raises(SystemExit) as exit_info:
+        Regression.launch(RegressionConfig(batch_size=32, max_steps=1), argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [], "nothing is created"
