@@ -235,7 +235,7 @@ def test_two_processes_train_resume_and_match_one(tmp_path: Path) -> None:
     assert "devices=4 steps=4" in out_0 and "devices=4 steps=4" in out_1
     assert checkpoint_steps(run_dir / "checkpoints") == [2, 4]
     # Only process 0 logs and writes the run's metadata.
-    assert "train step=4" in out_0 and "train step=" not in out_1
+    assert "\nstep 4/4 (100%)" in out_0 and "\nstep " not in out_1
     assert "launcher.distributed.process_id=0" in (run_dir / "command.txt").read_text()
     assert sorted(losses(run_dir, "train")) == [1, 2, 3, 4]
     assert (run_dir / "versions.json").is_file() and (run_dir / "config.yaml").is_file()
@@ -291,7 +291,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path: Path) -> 
         procs = start_two_processes(run_dir, "max_steps=100000", "checkpoint.every_n_steps=100000", stdout=out)
     try:
         deadline = time.monotonic() + 120
-        while "train step=3 " not in log_0.read_text():
+        while "\nstep 3/100000 " not in log_0.read_text():
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), log_0.read_text()[-2000:]
             time.sleep(0.2)
         # Only process 1 is told to stop; process 0 must stop with it rather than wait in a collective.
