@@ -147,3 +147,13 @@ def test_texts_are_printed() -> None:
     logger = StdoutLogger(stream=stream, is_tty=False)
     logger.write(LogRecord(step=3, num_samples=3, elapsed_time_s=1.0, phase="valid", texts={"sample": "to be"}))
     assert "valid/sample:\nto be\n" in stream.getvalue()
+
+
+def test_activity_off_a_terminal_is_printed_only_after_a_quiet_spell() -> None:
+    stream = io.StringIO()
+    Console(out=stream, is_tty=False).activity("validating 1/79")
+    assert stream.getvalue() == ""  # just started: the progress lines are recent enough
+    quiet = Console(out=stream, is_tty=False, quiet_s=0.0)
+    quiet.activity("validating 40/79")
+    quiet.activity("")
+    assert stream.getvalue() == "validating 40/79\n"

@@ -137,7 +137,7 @@ def test_piped_run_prints_short_progress_lines(tmp_path: Path, capsys: pytest.Ca
     launch(tmp_path, "max_epochs=1", "num_train=256", "log.every_n_steps=3")
     out, err = capsys.readouterr()
     assert err == ""  # standard error holds only what went wrong
-    lines = [line for line in out.splitlines() if line.startswith(("step ", "valid "))]
+    lines = [line for line in out.splitlines() if line.startswith(("step ", "valid at "))]
     number = r"-?\d[\d.e+-]*"
     assert [line.split("  ")[0] for line in lines[:3]] == ["step 3/8 (38%)", "step 6/8 (75%)", "step 8/8 (100%)"]
     assert re.fullmatch(rf"valid at step 8: loss {number}  abs_error {number}", lines[3]), lines[3]

@@ -11,6 +11,7 @@ import logging
 import shutil
 import sys
 import threading
+import time
 from typing import Protocol, runtime_checkable
 
 from xax.utils.env import is_interactive_terminal
@@ -43,10 +44,16 @@ class Console:
         out: Where the status line and ``print`` go; standard output if None.
         err: Where ``print(..., err=True)`` goes (log messages); standard error if None.
         is_tty: Whether to draw the status line; detected from ``out`` (and ``TERM``) if None.
+        quiet_s: Off a terminal, an activity is printed as a line once ``out`` has been quiet this
+            long, so a long validation pass in a log file is not minutes of silence.
     """
 
     def __init__(
-        self, out: TextStream | None = None, err: TextStream | None = None, is_tty: bool | None = None
+        self,
+        out: TextStream | None = None,
+        err: TextStream | None = None,
+        is_tty: bool | None = None,
+        quiet_s: float = 30.0,
     ) -> None:
         self.out = sys.stdout if out is None else out
         self.err = sys.stderr if err is None else err
@@ -56,6 +63,8 @@ class Console:
         self._activity = ""
         # Width of the line drawn now, 0 when the cursor is at the start of an empty line.
         self._drawn = 0
+        self._quiet_s = quiet_s
+        self._last_line = time.monotonic()
 
     def _render(self) -> str:
         text = (
@@ -87,8 +96,10 @@ class Console:
 
     def activity(self, text: str) -> None:
         """Shows what the run is busy with (``validating 3/10``) before the status line; "" clears
-        it. Ignored off a terminal."""
+        it. Off a terminal, printed as a line only once the output has been quiet for ``quiet_s``."""
         if not self.is_tty:
+            if text and time.monotonic() - self._last_line >= self._quiet_s:
+                self.print(text)
             return
         with self._lock:
             self._activity = text
@@ -104,6 +115,7 @@ class Console:
                 self.out.flush()
             stream.write(text + "\n")
             stream.flush()
+            self._last_line = time.monotonic()
             if self.is_tty:
                 self._draw()
 
