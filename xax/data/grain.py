@@ -62,7 +62,8 @@ class GrainBatchSource(MapBatchSource):
         self._arrays = None
 
     def gather(self, indices: np.ndarray) -> Batch:
-        elements = [self._grain[int(i)] for i in indices]
+        # One batched read: Grain passes it to a source that reads many records at once (ArrayRecord files).
+        elements = self._grain._getitems([int(i) for i in indices])
         batch = {}
         for name in self.columns:
             values = [np.asarray(element[name]) for element in elements]

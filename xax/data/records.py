@@ -20,7 +20,7 @@ Examples:
 """
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,9 @@ import numpy as np
 from xax.core.errors import DataError
 
 MANIFEST_VERSION = 1
-# One record per chunk: random access (a shuffled epoch) decodes only the record it reads.
-WRITER_OPTIONS = "group_size:1"
+# One record per chunk, uncompressed: random access (a shuffled epoch) reads only the record it needs, and
+# arrays of floats hardly compress.
+WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
 def shard_name(name: str, index: int, num_shards: int) -> str:
@@ -172,18 +173,25 @@ class _CheckedSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        shard = self._paths[int(np.searchsorted(self._ends, index, side="right"))]
+        return self._getitems([index])[0]
+
+    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """The records at ``indices``, read together (Grain's batched read: the shards are read in parallel)."""
         try:
-            record = self._source[index]
+            records = self._source.__getitems__([int(i) for i in indices])
         except RuntimeError as error:
+            shards = sorted({self._paths[int(np.searchsorted(self._ends, i, side="right"))] for i in indices})
             raise DataError(
-                f"ArrayRecord shard {shard} cannot be read at record {index} ({str(error).splitlines()[0]}); "
-                "restore it or write the records again"
+                f"ArrayRecord shard {shards[0] if len(shards) == 1 else shards} cannot be read "
+                f"({str(error).splitlines()[0]}); restore it or write the records again"
             ) from None
-        if len(record) != self._dtype.itemsize:
-            raise DataError(f"record {index} of {shard} has {len(record)} bytes, not {self._dtype.itemsize}")
-        row = np.frombuffer(record, self._dtype)[0]
-        return {key: np.array(row[key]) for key in self._dtype.names or ()}
+        for index, record in zip(indices, records, strict=True):
+            if len(record) != self._dtype.itemsize:
+                shard = self._paths[int(np.searchsorted(self._ends, index, side="right"))]
+                raise DataError(f"record {index} of {shard} has {len(record)} bytes, not {self._dtype.itemsize}")
+        rows = np.frombuffer(b"".join(records), self._dtype)
+        columns = {key: rows[key] for key in self._dtype.names or ()}
+        return [{key: values[i].copy() for key, values in columns.items()} for i in range(len(rows))]
 
 
 def _as_descr(descr: Any) -> Any:
