@@ -181,7 +181,7 @@ class PerfMixin(BaseTask[Config], Generic[Config]):
             parts.append(f"temporaries {memory.temp_size_in_bytes / _BYTES_PER_GB:.3f} GB")
         if self._peak_flops is None and self._step_devices[0].platform != "cpu":
             parts.append(f"no peak FLOP/s known for {self._step_devices[0].device_kind!r} (set perf.peak_tflops)")
-        logger.info("Training step: %s", ", ".join(parts))
+        logger.info("training step: %s", ", ".join(parts))
 
     def perf_after_step(self, step: int, loss: jax.Array) -> None:
         """Called after step ``step`` (counted from 1) is dispatched; starts and stops the profiler trace.
