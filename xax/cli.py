@@ -360,6 +360,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--no-compile", action="store_true", help="skip compiling the step (shardings only)")
     plan.set_defaults(run=_plan_command)
+
+    repeat = commands.add_parser(
+        "repeat",
+        help="Run one config over several seeds; each final metric as mean ± 95% interval",
+        description="Run a task once per seed (one run after another, each in ROOT/seed_<s>), then print each "
+        "final train/valid metric as the mean over seeds ± the half-width of its 95%% Student t interval, "
+        "and write the table as ROOT/repeat.json. Example: xax repeat 5 examples.mnist:MnistClassification "
+        "max_steps=500 --compare optim.lr=1e-3",
+    )
+    repeat.add_argument(
+        "spec",
+        metavar="[N] MODULE:CLASS [KEY=VALUE ...]",
+        nargs="+",
+        help="how many seeds (0 .. N-1; or --seeds), the task class and config overrides as on its command line",
+    )
+    repeat.add_argument("--seeds", help="the seeds, comma-separated (e.g. 0,1,2), instead of N")
+    repeat.add_argument(
+        "--compare",
+        metavar="[MODULE:CLASS] KEY=VALUE",
+        nargs="+",
+        help="a second config, run over the same seeds: another task class and/or overrides in place of the "
+        "first's; the table notes per metric whether the two intervals overlap",
+    )
+    repeat.add_argument("--root", help="folder of the runs (default: runs/repeat/<CLASS>-<time>)")
+    repeat.set_defaults(run=_repeat_command)
     return parser
 
 
@@ -397,6 +422,39 @@ def _plan_command(args: argparse.Namespace) -> int:
     task = task_class(config)
     task.placement = placement
     print("\n".join(task.plan_report(compile_step=not args.no_compile).lines()))
+    return EXIT_OK
+
+
+def _repeat_command(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from xax.task.repeat import Arm, default_root, repeat
+
+    spec = list(args.spec)
+    count = int(spec.pop(0)) if spec and spec[0].isdigit() else None
+    if (count is None) == (args.seeds is None):
+        raise ConfigError("give the number of seeds (xax repeat N MODULE:CLASS ...) or --seeds, exactly one")
+    try:
+        seeds = list(range(count)) if count is not None else [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if not spec:
+        raise ConfigError(
+            "name the task after the number of seeds: MODULE:CLASS, e.g. examples.mnist:MnistClassification"
+        )
+    task_class = load_task_class(spec[0])
+    arms = [Arm("a" if args.compare else "runs", task_class, tuple(spec[1:]))]
+    if args.compare:
+        other = list(args.compare)
+        other_class = load_task_class(other.pop(0)) if "=" not in other[0] else task_class
+        arms = [Arm("a", task_class, tuple(spec[1:])), Arm("b", other_class, tuple(other))]
+    root = pathlib.Path(args.root) if args.root is not None else default_root(task_class)
+    lines, _ = repeat(arms, seeds, root)
+    for arm in arms:
+        shown = " ".join(arm.overrides) or "(defaults)"
+        print(f"{arm.label}: {arm.task_class.__module__}:{arm.task_class.__qualname__} {shown}")
+    print("\n".join(lines))
+    print(f"written: {root / 'repeat.json'}")
     return EXIT_OK
 
 

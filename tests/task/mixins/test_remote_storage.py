@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from etils import epath
 
+import xax
 from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl
 from xax.checkpoint import checkpoint_steps
 from xax.task.mixins.artifacts import next_remote_run_dir
@@ -143,6 +144,8 @@ def test_a_run_stopped_in_s3_resumes_there_bitwise_equal_to_a_local_run_and_warm
     train = [(r["step"], r["scalars"]["loss"]) for r in records if r.get("phase") == "train"]
     local = read_jsonl(tmp_path / "local" / "log.jsonl")
     assert train == [(r["step"], r["scalars"]["loss"]) for r in local if r.get("phase") == "train"]
+    history = xax.read_history(url, "train")  # read from the bucket
+    assert [(r["step"], r["scalars"]["loss"]) for r in history] == train
     assert [r["step"] for r in records if r.get("event") == "resume"] == [3]
     assert any(name.startswith("tensorboard/") for name in files)
     assert not (tmp_path / "s3:").exists(), "nothing written under a local folder named after the URL"
@@ -163,7 +166,7 @@ def test_numbered_runs_in_a_bucket_claim_distinct_numbers(s3: str, monkeypatch: 
     # if absent) fails for those numbers, and the next free one is taken.
     filesystem = artifacts.filesystem
 
-    def stale_listing(location: object) -> tuple[object, str]:
+    def stale_listing(location: epath.Path) -> tuple[object, str]:
         fs, key = filesystem(location)
         monkeypatch.setattr(fs, "ls", lambda *args, **kwargs: [])
         return fs, key

@@ -5,9 +5,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from etils import epath
 from typing_extensions import override
 
 from xax.task.loggers.base import LogEvent, Logger, LogRecord
+from xax.utils.storage import storage_path
 
 # Events after which training went back to an earlier step: the records already written for that
 # step and later belong to an abandoned trajectory.
@@ -84,7 +86,7 @@ class JsonlLogger(Logger):
             self._file.close()
 
 
-def read_history(path: str | Path, phase: str | None = None) -> list[dict[str, Any]]:
+def read_history(path: epath.PathLike, phase: str | None = None) -> list[dict[str, Any]]:
     """A run's logged records as its history finally stands.
 
     After a crash and resume (or a rewind past a non-finite step) ``log.jsonl`` holds the records of
@@ -93,13 +95,13 @@ def read_history(path: str | Path, phase: str | None = None) -> list[dict[str, A
     each step appears once, in order, as the run that continued computed it.
 
     Args:
-        path: A run directory or its ``log.jsonl``.
+        path: A run directory or its ``log.jsonl`` (a local path, or a ``gs://``/``s3://`` URL).
         phase: Only records of this phase ("train" or "valid"); all records when None.
 
     Returns:
         The records (the JSON objects ``JsonlLogger`` wrote), without the markers.
     """
-    path = Path(path)
+    path = storage_path(path)
     if path.is_dir():
         path = path / "log.jsonl"
     records: list[dict[str, Any]] = []
