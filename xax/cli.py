@@ -363,9 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     repeat = commands.add_parser(
         "repeat",
-        help="Run one config over several seeds; each final metric as mean ± 95% interval",
+        help="Run one config over several seeds; each final metric as mean ± 95%% interval",
         description="Run a task once per seed (one run after another, each in ROOT/seed_<s>), then print each "
-        "final train/valid metric as the mean over seeds ± the half-width of its 95%% Student t interval, "
+        "final train/valid metric as the mean over seeds ± the half-width of its 95% Student t interval, "
         "and write the table as ROOT/repeat.json. Example: xax repeat 5 examples.mnist:MnistClassification "
         "max_steps=500 --compare optim.lr=1e-3",
     )
@@ -429,6 +429,13 @@ def _repeat_command(args: argparse.Namespace) -> int:
     import pathlib
 
     from xax.task.repeat import Arm, default_root, repeat
+    from xax.task.task import Task
+
+    def task(spec: str) -> type[Task]:
+        task_class = load_task_class(spec)
+        if not issubclass(task_class, Task):
+            raise ConfigError(f"task {spec!r} is not a training task (an xax.Task subclass)")
+        return task_class
 
     spec = list(args.spec)
     count = int(spec.pop(0)) if spec and spec[0].isdigit() else None
@@ -442,11 +449,11 @@ def _repeat_command(args: argparse.Namespace) -> int:
         raise ConfigError(
             "name the task after the number of seeds: MODULE:CLASS, e.g. examples.mnist:MnistClassification"
         )
-    task_class = load_task_class(spec[0])
+    task_class = task(spec[0])
     arms = [Arm("a" if args.compare else "runs", task_class, tuple(spec[1:]))]
     if args.compare:
         other = list(args.compare)
-        other_class = load_task_class(other.pop(0)) if "=" not in other[0] else task_class
+        other_class = task(other.pop(0)) if "=" not in other[0] else task_class
         arms = [Arm("a", task_class, tuple(spec[1:])), Arm("b", other_class, tuple(other))]
     root = pathlib.Path(args.root) if args.root is not None else default_root(task_class)
     lines, _ = repeat(arms, seeds, root)
