@@ -2,6 +2,8 @@
 resume of a stage-2 run over its ArrayRecord shards, a shard missing at launch, and the sharded plans."""
 
 import io
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -16,10 +18,19 @@ from typing_extensions import override
 
 import xax
 from examples.latent_diffusion import Config, LatentDiffusion, TextToImage
-from examples.latent_text import caption_table, num_captions, word_tokenizer
+from examples.latent_text import (
+    build_encoder,
+    build_tokenizer,
+    caption_table,
+    captions_of,
+    num_captions,
+    word_tokenizer,
+)
 from tests.task.loggers.test_tensorboard import read_events, tag_values
 from tests.task.toy import read_jsonl
+from xax.arch import Transformer, TransformerConfig
 from xax.data import read_manifest, read_records
+from xax.interop import save_hf
 
 NUM_TRAIN, NUM_TEST = 256, 64
 COMMON = (
@@ -221,3 +232,27 @@ def test_stage2_trains_on_four_simulated_devices(stage1: Path, tmp_path: Path, p
     spec = tuple(qkv.sharding.spec)
     assert ("fsdp" in str(spec)) == (plan == "fsdp"), spec
     assert "samples" in tag_values(read_events(tmp_path / "tensorboard" / "valid"))
+
+
+def test_a_local_model_folder_encodes_the_captions(tmp_path: Path) -> None:
+    # A GPT-2-style model saved as save_pretrained does, with a word-level tokenizer.json: its hidden
+    # states of each caption are those of the model itself, after the model's begin-of-text token.
+    tokenizers = pytest.importorskip("tokenizers")
+    words = sorted({word for i in range(num_captions()) for word in captions_of([i])[0].split()})
+    vocab = {"<|endoftext|>": 0, **{word: i + 1 for i, word in enumerate(words)}}
+    model = Transformer(replace(TransformerConfig.gpt2_tiny(), vocab_size=len(vocab) + 3), key=jax.random.key(0))
+    save_hf(model, tmp_path, model_type="gpt2")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "bos_token_id": 0}))
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tokens, mask = caption_table(build_tokenizer(str(tmp_path)), 8)
+    seven = num_captions() - 3  # the last template's caption of a seven
+    assert captions_of([seven]) == ["seven written by hand"]
+    expected = [0, vocab["seven"], vocab["written"], vocab["by"], vocab["hand"]]
+    assert tokens[seven][mask[seven]].tolist() == expected
+    encoder = build_encoder(str(tmp_path), 16, 8, jax.random.key(1))
+    hidden, _ = encoder.hidden_states(jnp.asarray(tokens[seven : seven + 1, :5]))
+    reference, _ = model.hidden_states(jnp.asarray([expected]))
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(reference), atol=1e-5)
