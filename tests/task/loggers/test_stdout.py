@@ -2,6 +2,8 @@
 terminal emulator, which applies the carriage returns and erasures the way a screen does)."""
 
 import io
+import threading
+import time
 
 import pyte
 import pytest
@@ -151,9 +153,42 @@ def test_texts_are_printed() -> None:
 
 def test_activity_off_a_terminal_is_printed_only_after_a_quiet_spell() -> None:
     stream = io.StringIO()
-    Console(out=stream, is_tty=False).activity("validating 1/79")
+    console = Console(out=stream, is_tty=False)
+    console.activity("validating 1/79")
+    console.finish()
     assert stream.getvalue() == ""  # just started: the progress lines are recent enough
     quiet = Console(out=stream, is_tty=False, quiet_s=0.0)
     quiet.activity("validating 40/79")
     quiet.activity("")
+    quiet.finish()
     assert stream.getvalue() == "validating 40/79\n"
+
+
+def test_a_long_activity_keeps_saying_so_while_it_lasts() -> None:
+    stream = io.StringIO()
+    console = Console(out=stream, is_tty=False, quiet_s=0.05, tick_s=0.01)
+    console.activity("making media (log_media)")  # one call, then a long wait inside the task's code
+    deadline = time.monotonic() + 10
+    while stream.getvalue().count("\n") < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    console.activity("")
+    console.finish()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 3 and set(lines) == {"making media (log_media)"}
+    assert not any(thread.name == "xax-console" for thread in threading.enumerate())
+
+
+def test_activity_on_a_terminal_shows_its_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    stream = io.StringIO()
+    console = Console(out=stream, is_tty=True, tick_s=3600.0)
+    console.status("step 20/20")
+    console.activity("validating 1/79")
+    clock[0] += 12.0
+    console.activity("validating 40/79")  # the time counts from the first batch
+    assert screen_of(stream.getvalue()) == ["validating 40/79 (12 s) | step 20/20"]
+    console.activity("")
+    console.finish()
+    assert screen_of(stream.getvalue()) == ["step 20/20"]

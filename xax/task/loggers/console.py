@@ -44,8 +44,13 @@ class Console:
         out: Where the status line and ``print`` go; standard output if None.
         err: Where ``print(..., err=True)`` goes (log messages); standard error if None.
         is_tty: Whether to draw the status line; detected from ``out`` (and ``TERM``) if None.
-        quiet_s: Off a terminal, an activity is printed as a line once ``out`` has been quiet this
-            long, so a long validation pass in a log file is not minutes of silence.
+        quiet_s: Off a terminal, an activity is printed as a line (with the time it has taken so
+            far) whenever ``out`` has been quiet this long, so that a long validation or sampling
+            pass in a log file is not minutes of silence.
+        tick_s: How often a background thread, running while there is an activity, updates the
+            time shown on the status line or checks for quiet output.
+        progress: Whether to show the status line and activities at all (off in the processes
+            other than 0 of a multi-process run, which print their warnings only).
     """
 
     def __init__(
@@ -54,6 +59,8 @@ class Console:
         err: TextStream | None = None,
         is_tty: bool | None = None,
         quiet_s: float = 30.0,
+        tick_s: float = 1.0,
+        progress: bool = True,
     ) -> None:
         self.out = sys.stdout if out is None else out
         self.err = sys.stderr if err is None else err
@@ -64,12 +71,21 @@ class Console:
         # Width of the line drawn now, 0 when the cursor is at the start of an empty line.
         self._drawn = 0
         self._quiet_s = quiet_s
+        self._tick_s = tick_s
         self._last_line = time.monotonic()
+        self._activity_since = 0.0
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._progress = progress
+
+    def _activity_text(self) -> str:
+        """The activity with the seconds it has taken, once that is long enough to be worth saying."""
+        elapsed = time.monotonic() - self._activity_since
+        return f"{self._activity} ({elapsed:.0f} s)" if self._activity and elapsed >= 5 else self._activity
 
     def _render(self) -> str:
-        text = (
-            f"{self._activity} | {self._status}" if self._activity and self._status else self._activity or self._status
-        )
+        activity = self._activity_text()
+        text = f"{activity} | {self._status}" if activity and self._status else activity or self._status
         # A line longer than the terminal wraps, and '\r' would then redraw only its last part.
         return text[: max(terminal_width() - 1, 1)]
 
@@ -88,22 +104,39 @@ class Console:
 
     def status(self, text: str) -> None:
         """Replaces the status line (the progress bar); ignored off a terminal."""
-        if not self.is_tty:
+        if not (self.is_tty and self._progress):
             return
         with self._lock:
             self._status = text
             self._draw()
 
     def activity(self, text: str) -> None:
-        """Shows what the run is busy with (``validating 3/10``) before the status line; "" clears
-        it. Off a terminal, printed as a line only once the output has been quiet for ``quiet_s``."""
-        if not self.is_tty:
-            if text and time.monotonic() - self._last_line >= self._quiet_s:
-                self.print(text)
+        """Shows what the run is busy with (``validating 3/10``) before the status line, and after
+        a few seconds how long it has taken; "" clears it. Off a terminal, it is printed as a line
+        whenever the output has been quiet for ``quiet_s``."""
+        if not self._progress:
             return
         with self._lock:
+            if text and not self._activity:
+                self._activity_since = time.monotonic()
             self._activity = text
+            if text and self._ticker is None:
+                self._stop.clear()
+                self._ticker = threading.Thread(target=self._tick, daemon=True, name="xax-console")
+                self._ticker.start()
+            self._show_activity()
+
+    def _show_activity(self) -> None:
+        if self.is_tty:
             self._draw()
+        elif self._activity and time.monotonic() - self._last_line >= self._quiet_s:
+            self.print(self._activity_text())
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._tick_s):
+            with self._lock:
+                if self._activity:
+                    self._show_activity()
 
     def print(self, text: str, *, err: bool = False) -> None:
         """Prints ``text`` and a newline above the status line (on ``err`` with ``err``), then
@@ -121,7 +154,11 @@ class Console:
 
     def finish(self) -> None:
         """Ends the status line where it stands, so the last progress bar stays on screen; what is
-        printed next starts on a fresh line."""
+        printed next starts on a fresh line. Stops the background thread."""
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            self._stop.set()
+            ticker.join()
         with self._lock:
             if self._drawn:
                 self._activity = ""

@@ -116,10 +116,10 @@ class ConsoleMixin(BaseTask[Config], Generic[Config]):
     def on_run_start(self) -> None:
         self._started = time.monotonic()
         self._best_valid = None
-        self.console = Console()
+        is_main = jax.process_index() == 0
+        self.console = Console(progress=is_main)
         options = composed(self.config).log
         level = LOG_LEVELS[options.level]
-        is_main = jax.process_index() == 0
         run_log = self.run_dir / RUN_LOG if is_main else None
         self._log_setup = LogSetup(
             self.console, level if is_main else max(level, logging.WARNING), LOG_LEVELS[options.absl_level], run_log
@@ -131,6 +131,7 @@ class ConsoleMixin(BaseTask[Config], Generic[Config]):
         try:
             super().on_run_end()
         finally:
+            self.console.finish()
             if self._log_setup is not None:
                 self._log_setup.remove()
                 self._log_setup = None
