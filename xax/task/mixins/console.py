@@ -101,6 +101,7 @@ class ConsoleMixin(BaseTask[Config], Generic[Config]):
 
     if TYPE_CHECKING:  # from the mixins composed beside this one (xax/task/task.py)
         run_dir: Path
+        run_storage: epath.Path
         checkpoint_dir: epath.Path
 
         def get_mesh(self) -> Mesh: ...
@@ -139,7 +140,11 @@ class ConsoleMixin(BaseTask[Config], Generic[Config]):
     def announce_start(self, params: PyTree) -> None:
         """The banner: where the run writes, what it runs on, and the size of the model."""
         count, nbytes = count_parameters(params)
-        logger.info("run directory: %s", self.run_dir)
+        storage = self.run_storage
+        if str(storage) == str(self.run_dir):
+            logger.info("run directory: %s", self.run_dir)
+        else:
+            logger.info("run directory: %s (files written to %s first, then uploaded)", storage, self.run_dir)
         logger.info("devices: %s", describe_devices(self.get_mesh(), composed(self.config).parallel.plan))
         logger.info("model: %s parameters (%s)", f"{count:,}", human_bytes(nbytes))
 
