@@ -27,6 +27,7 @@ from xax.task.loggers.jsonl import JsonlLogger
 from xax.task.loggers.stdout import StdoutLogger
 from xax.task.loggers.tensorboard import TensorBoardLogger
 from xax.task.mixins.process import Closeable
+from xax.utils.layer_stats import PREFIX as LAYER_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class LogOptions:
     wandb_tags: list[str] = field([], help="W&B run tags, e.g. [baseline,bf16]")
     wandb_group: str | None = field(None, help="W&B group, e.g. one experiment's seeds or processes")
     wandb_notes: str | None = field(None, help="W&B run notes: a longer description")
+    layer_stats: bool = field(
+        False,
+        help="Log per module (top-level blocks, leaf modules) the gradient and parameter norms, the "
+        "update-to-parameter ratio and the non-finite gradient count, computed in the step (layers/<module>/...)",
+    )
     level: str = field(
         "info",
         help="Messages shown on the console and copied to run.log in the run directory",
@@ -101,6 +107,9 @@ def _to_record(item: LogItem) -> tuple[LogRecord, Health | None]:
     count = float(sums.pop("count", 1.0))
     scalars = {name: float(value) / max(count, 1.0) for name, value in sums.items()}
     scalars.update(item.host_scalars)
+    # The per-module statistics (log.layer_stats) are the framework's measurements, not the task's
+    # metrics: marked as such, the console line leaves them out.
+    layers = {name: scalars.pop(name) for name in [n for n in scalars if n.startswith(LAYER_PREFIX)]}
     state = item.state
     record = LogRecord.from_metrics(
         item.media,
@@ -109,7 +118,7 @@ def _to_record(item: LogItem) -> tuple[LogRecord, Health | None]:
         elapsed_time_s=state.elapsed_time_s,
         phase=item.phase,
         scalars=scalars,
-        system=item.system_scalars,
+        system={**layers, **item.system_scalars},
     )
     return record, None if health is None else health.on_host()
 

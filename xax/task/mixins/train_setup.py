@@ -9,6 +9,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from xax.checkpoint import named_leaves
 from xax.core.health import Health
 from xax.core.metric import Metric
 from xax.core.state import Phase, State
@@ -19,6 +20,7 @@ from xax.parallel import Plan, PlanReport, axis_sizes, gathered_shardings, make_
 from xax.task.base import BaseTask
 from xax.task.mixins.train import InitParams, TrainConfig, composed
 from xax.task.mixins.train_step import TrainState, empty_sums, make_eval_step, make_train_step
+from xax.utils.layer_stats import layer_groups
 from xax.utils.pytree import cast_floating
 
 if TYPE_CHECKING:
@@ -147,6 +149,9 @@ class TrainSetupMixin(BaseTask[Config], Generic[Config]):
             grad_accum_steps=self.config.grad_accum_steps,
             ema_decay=self.config.ema.decay,
             grad_shardings=shardings.params,
+            layer_groups=layer_groups(list(named_leaves(shardings.params)))
+            if composed(self.config).log.layer_stats
+            else (),
             compute_shardings=gathered_shardings(shardings.params) if "fsdp" in self.plan.parts else None,
         )
 

@@ -1,6 +1,6 @@
 """The pure, jittable pieces of a training step: precision casts, gradient accumulation, EMA."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -12,6 +12,7 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree, UInt32
 from xax.core.health import Health, NonfiniteCause
 from xax.core.metric import Scalar
 from xax.core.state import State
+from xax.utils.layer_stats import group_statistics
 from xax.utils.pytree import cast_floating
 
 # (model, batch, state, key) -> (loss, metrics); the model is already cast to the compute dtype.
@@ -88,6 +89,7 @@ def make_train_step(
     ema_decay: float | None,
     grad_shardings: PyTree | None = None,
     compute_shardings: PyTree | None = None,
+    layer_groups: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> Callable[
     [TrainState, dict[str, Array], Health, PyTree, State], tuple[TrainState, dict[str, Array], Health, Array]
 ]:
@@ -99,6 +101,8 @@ def make_train_step(
     ``grad_shardings`` (the parameters' shardings) lays the gradients out like the parameters, so
     that a sharded plan reduce-scatters them instead of all-reducing whole copies;
     ``compute_shardings`` is the layout the cast parameters are used in (FSDP gathers them there).
+    ``layer_groups`` (``xax.utils.layer_stats.layer_groups``; empty: off, at no cost) adds each group's
+    gradient norm, parameter norm, update-to-parameter ratio and non-finite count to the metric sums.
     """
 
     def forward(params: PyTree, frozen: PyTree, batch: PyTree, state: State, key: PRNGKeyArray) -> Any:
@@ -139,7 +143,7 @@ def make_train_step(
         grad_norm = jnp.sqrt(jnp.sum(squares))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def update(_: None) -> tuple[PyTree, optax.OptState, PyTree | None, Array]:
+        def update(_: None) -> tuple[Any, ...]:
             # optax's internals (e.g. Adam's bias correction, float ** int32 count) rely on standard
             # promotion; the user's own code keeps whatever promotion mode they run with.
             with jax.numpy_dtype_promotion("standard"):
@@ -155,13 +159,19 @@ def make_train_step(
             ema = None
             if ema_decay is not None and ts.ema is not None:
                 ema = optax.incremental_update(params, ts.ema, step_size=1.0 - ema_decay)
-            return params, opt_state, ema, params_ok
+            if not layer_groups:
+                return params, opt_state, ema, params_ok
+            # The applied update's squared size per leaf, for the layer statistics.
+            pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ts.params), strict=True)
+            return params, opt_state, ema, params_ok, jnp.stack([jnp.sum(jnp.square(p - q)) for p, q in pairs])
 
-        def keep(_: None) -> tuple[PyTree, optax.OptState, PyTree | None, Array]:
-            return ts.params, ts.opt_state, ts.ema, jnp.ones(len(jax.tree.leaves(ts.params)), bool)
+        def keep(_: None) -> tuple[Any, ...]:
+            num_leaves = len(jax.tree.leaves(ts.params))
+            kept = (ts.params, ts.opt_state, ts.ema, jnp.ones(num_leaves, bool))
+            return (*kept, jnp.zeros(num_leaves, jnp.float32)) if layer_groups else kept
 
         # A non-finite step never touches the weights; the host learns of it at the next log.
-        params, opt_state, ema, params_ok = jax.lax.cond(finite, update, keep, None)
+        params, opt_state, ema, params_ok, *update_squares = jax.lax.cond(finite, update, keep, None)
         applied = finite & jnp.all(params_ok)
         streak = jnp.where(applied, 0, ts.nonfinite_streak + 1).astype(jnp.int32)
         step_number = state.num_steps + 1
@@ -186,6 +196,16 @@ def make_train_step(
         health = health.record(step=step_number, applied=applied, cause=cause, leaf=bad_leaf, streak=streak)
 
         values = {"loss": loss, "grad_norm": grad_norm, **metrics}
+        if layer_groups:
+            values.update(
+                group_statistics(
+                    layer_groups,
+                    squares,
+                    jnp.stack([jnp.sum(~jnp.isfinite(g)).astype(jnp.float32) for g in jax.tree.leaves(grads)]),
+                    jnp.stack([jnp.sum(jnp.square(p)) for p in jax.tree.leaves(ts.params)]),
+                    update_squares[0],
+                )
+            )
         learning_rate = find_learning_rate(opt_state)
         if learning_rate is not None:
             values["learning_rate"] = learning_rate

@@ -1,0 +1,99 @@
+"""``log.layer_stats``: per-module statistics from a real run equal the norms computed by hand."""
+
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tests.task.loggers.test_tensorboard import read_events, tag_values
+from tests.task.toy import Digits, DigitsConfig, final_params, read_jsonl
+from xax.core.health import Health
+from xax.core.state import State
+from xax.task.mixins.train_step import TrainState, empty_sums, make_train_step
+from xax.utils.layer_stats import layer_groups
+
+LR = 0.1
+STARTED: list["PlainSGD"] = []
+
+
+class PlainSGD(Digits):
+    """The small CNN (conv, head) under plain SGD, so that a step's gradient is (before - after) / LR."""
+
+    def get_optimizer(self) -> optax.GradientTransformation:
+        return optax.sgd(LR)
+
+    def on_run_start(self) -> None:
+        STARTED.append(self)
+        super().on_run_start()
+
+
+def launch(run_dir: Path, *overrides: str) -> PlainSGD:
+    argv = [f"artifacts.run_dir={run_dir}", "log.stdout=false", "log.every_n_steps=1", "log.every_n_seconds=null"]
+    PlainSGD.launch(DigitsConfig(batch_size=32, max_steps=1, num_train=64), argv=[*argv, *overrides])
+    return STARTED[-1]
+
+
+def norm(*arrays: jax.Array) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in arrays)))
+
+
+def test_logged_statistics_equal_the_norms_of_the_step(tmp_path: Path) -> None:
+    task = launch(tmp_path, "log.layer_stats=true")
+    after = final_params(task).params
+    before = task.fresh_train_state(task.full_optimizer())[0].params  # the same seed: the same start
+    grads = jax.tree.map(lambda b, a: (np.asarray(b, np.float64) - np.asarray(a, np.float64)) / LR, before, after)
+    (record,) = [r["scalars"] for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "train"]
+    for module in ("conv", "head"):
+        p0, p1, g = getattr(before, module), getattr(after, module), getattr(grads, module)
+        expected = {
+            "grad_norm": norm(g.weight, g.bias),
+            "param_norm": norm(p0.weight, p0.bias),
+            "update_ratio": norm(p1.weight - p0.weight, p1.bias - p0.bias) / norm(p0.weight, p0.bias),
+        }
+        for name, value in expected.items():
+            np.testing.assert_allclose(record[f"layers/{module}/{name}"], value, rtol=2e-4, err_msg=name)
+        assert record[f"layers/{module}/nonfinite"] == 0.0
+    # The groups partition the model here, so they add up to the step's global gradient norm.
+    total = np.hypot(record["layers/conv/grad_norm"], record["layers/head/grad_norm"])
+    np.testing.assert_allclose(total, record["grad_norm"], rtol=1e-5)
+    # Every logger gets them: TensorBoard too.
+    tags = tag_values(read_events(tmp_path / "tensorboard" / "train"))
+    assert {"layers/conv/grad_norm", "layers/head/update_ratio"} <= set(tags)
+
+
+def test_off_by_default_nothing_is_computed_or_logged(tmp_path: Path) -> None:
+    launch(tmp_path)
+    (record,) = [r["scalars"] for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "train"]
+    assert not [name for name in record if name.startswith("layers/")]
+
+    # The step built without groups has none of their reductions.
+    model = {"a": {"w": jnp.ones((3, 2))}, "b": {"w": jnp.ones((2,))}}
+    params, static = eqx.partition(model, eqx.is_array)
+    frozen = jax.tree.map(lambda _: None, params)
+
+    def loss_fn(model: Any, batch: jax.Array, state: State, key: jax.Array) -> tuple[jax.Array, dict]:
+        return jnp.sum((batch @ model["a"]["w"] * model["b"]["w"][None, :]) ** 2), {}
+
+    def equations(groups: list) -> int:
+        optimizer = optax.sgd(0.1)
+        step = make_train_step(
+            loss_fn,
+            static,
+            optimizer,
+            compute_dtype=jnp.dtype(jnp.float32),
+            grad_accum_steps=1,
+            ema_decay=None,
+            layer_groups=groups,
+        )
+        key = jax.random.key_data(jax.random.key(0))
+        ts = TrainState(params, frozen, optimizer.init(params), None, key, jnp.zeros((), jnp.int32))
+        with jax.numpy_dtype_promotion("standard"):
+            jaxpr = jax.make_jaxpr(step)(ts, empty_sums(), Health.zeros(), jnp.ones((4, 3)), State())
+        return len(jaxpr.eqns)
+
+    off, on = equations([]), equations(layer_groups(["a.w", "b.w"]))
+    assert on > off
