@@ -30,7 +30,7 @@ from xax.checkpoint.renames import (
 from xax.checkpoint.tree import abstract_like, named_leaves, tree_differences
 from xax.core.errors import CheckpointError
 from xax.utils.pytree import path_name
-from xax.utils.storage import is_remote, storage_path, url_scheme
+from xax.utils.storage import filesystem, is_remote, storage_path, url_scheme
 
 # Where a run's unreadable checkpoints go when resuming falls back past them (inside `checkpoints/`).
 CORRUPT_DIR = "corrupt"
@@ -343,8 +343,16 @@ def _move_aside(step_dir: epath.Path) -> epath.Path | None:
     while destination.exists():
         destination, suffix = corrupt / f"{step_dir.name}.{suffix}", suffix + 1
     try:
-        corrupt.mkdir(exist_ok=True)
-        step_dir.rename(destination)
+        if is_remote(step_dir):
+            # An object store has no folders to rename: each object is copied, then all deleted.
+            fs, source = filesystem(step_dir)
+            target = filesystem(destination)[1]
+            objects = fs.find(source)
+            fs.copy(objects, [target + name.removeprefix(source) for name in objects])
+            fs.rm(source, recursive=True)
+        else:
+            corrupt.mkdir(exist_ok=True)
+            step_dir.rename(destination)
     except OSError:
         return None
     return destination

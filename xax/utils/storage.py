@@ -89,10 +89,15 @@ def check_location(location: str, key: str) -> None:
 
 
 def filesystem(location: str | epath.PathLike) -> tuple[Any, str]:
-    """The fsspec filesystem of a URL and the path inside it (``("s3fs...", "bucket/key")``)."""
-    import fsspec
+    """The fsspec filesystem of a URL and the path inside it (``(S3FileSystem, "bucket/key")``).
 
-    return fsspec.core.url_to_fs(str(location))
+    It is the very instance ``etils.epath`` (and so orbax) uses, so that what one changes, the
+    other's cached listings show.
+    """
+    from etils.epath import backend
+
+    fs = backend.fsspec_backend.fs(str(location))
+    return fs, fs._strip_protocol(str(location))
 
 
 def local_mirror(location: epath.Path) -> Path:

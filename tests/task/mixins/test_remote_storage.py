@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
 
 import xax
 from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl
-from xax.checkpoint import checkpoint_steps
+from xax.checkpoint import CheckpointManager, CheckpointOptions, checkpoint_steps, restore_latest
 from xax.task.mixins.artifacts import next_remote_run_dir
 
 BUCKET = "xax-runs"
@@ -154,6 +155,32 @@ def test_a_run_stopped_in_s3_resumes_there_bitwise_equal_to_a_local_run_and_warm
     # started from.
     started = launch(str(tmp_path / "new"), f"warm_start={url}/checkpoints/6", max_steps=1, learning_rate=0.0)
     assert_trees_equal(final_params(resumed).params, final_params(started).params)
+
+
+def test_checkpoints_in_a_bucket_skip_an_unfinished_write_and_fall_back_past_a_corrupt_one(s3: str) -> None:
+    import s3fs
+
+    directory = f"{s3}/checkpoints"
+    manager = CheckpointManager(directory, CheckpointOptions(keep_last=5))
+    for step in (1, 2, 3):
+        manager.save(step, {"w": jnp.full(4, float(step))}, {"step": step})
+    manager.wait()
+    manager.close()
+    assert checkpoint_steps(directory) == [1, 2, 3]
+    # A write cut short (no commit file yet) is no checkpoint: not listed, not restored.
+    (epath.Path(directory) / "3" / "commit_success.txt").unlink()
+    assert checkpoint_steps(directory) == [1, 2]
+    # A checkpoint whose array data changed: the restore falls back to the one before and moves
+    # the damaged one aside, inside the bucket.
+    fs = s3fs.S3FileSystem()
+    key = directory.removeprefix("s3://")
+    data = sorted(path for path in fs.find(f"{key}/2/state") if "/d/" in path)[0]
+    fs.pipe_file(data, bytes(len(fs.cat_file(data))))
+    restored = restore_latest(directory, {"w": jnp.zeros(4)})
+    assert restored is not None
+    assert (restored.step, restored.tree["w"].tolist()) == (1, [1.0] * 4)
+    assert checkpoint_steps(directory) == [1]
+    assert fs.exists(f"{key}/corrupt/2/commit_success.txt")
 
 
 def test_numbered_runs_in_a_bucket_claim_distinct_numbers(s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
