@@ -380,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         metavar="[MODULE:CLASS] KEY=VALUE",
         nargs="+",
-        help="a second config, run over the same seeds: another task class and/or overrides in place of the "
-        "first's; the table notes per metric whether the two intervals overlap",
+        help="a second config, run over the same seeds: the first with these overrides on top (and another task "
+        "class, if given); the table notes per metric whether the two intervals overlap",
     )
     repeat.add_argument("--root", help="folder of the runs (default: runs/repeat/<CLASS>-<time>)")
     repeat.set_defaults(run=_repeat_command)
@@ -454,7 +454,8 @@ def _repeat_command(args: argparse.Namespace) -> int:
     if args.compare:
         other = list(args.compare)
         other_class = task(other.pop(0)) if "=" not in other[0] else task_class
-        arms = [Arm("a", task_class, tuple(spec[1:])), Arm("b", other_class, tuple(other))]
+        # The second config is the first with these overrides on top (later ones win).
+        arms = [Arm("a", task_class, tuple(spec[1:])), Arm("b", other_class, (*spec[1:], *other))]
     root = pathlib.Path(args.root) if args.root is not None else default_root(task_class)
     lines, _ = repeat(arms, seeds, root)
     for arm in arms:

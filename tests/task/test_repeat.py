@@ -71,3 +71,22 @@ def test_a_bad_request_is_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_compare_runs_the_second_config_over_the_same_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "repeat"
+    argv = ["repeat", "3", "tests.task.toy:Regression", "max_steps=8", "batch_size=32", "log.stdout=false"]
+    assert main([*argv, "--root", str(root), "--compare", "learning_rate=0.0"]) == 0
+    out = capsys.readouterr().out
+    document = json.loads((root / "repeat.json").read_text())
+    # The second config is the first with the override on top: 8 steps, no learning.
+    assert document["configs"]["b"]["overrides"][-1] == "learning_rate=0.0"
+    for label in ("a", "b"):
+        for seed in range(3):
+            assert len(xax.read_history(root / label / f"seed_{seed}", phase="train")) > 0
+    a, b = (document["configs"][label]["metrics"]["valid/loss"] for label in ("a", "b"))
+    separate = a["high"] < b["low"] or b["high"] < a["low"]
+    assert document["overlap"]["valid/loss"] is not separate
+    row = next(line for line in out.splitlines() if line.startswith("valid/loss"))
+    assert row.endswith("separate" if separate else "overlap")
