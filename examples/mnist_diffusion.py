@@ -26,7 +26,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 from PIL import Image as PILImage
 from typing_extensions import override
@@ -157,10 +156,6 @@ class Config(xax.Config):
     schedule: str = xax.field("cosine", help="Noise schedule: cosine (Nichol & Dhariwal 2021), linear or sigmoid")
     diffusion_steps: int = xax.field(1000, help="Steps T of the discrete schedule (Ho et al. 2020's 1,000)")
     label_drop_prob: float = xax.field(0.1, help="Training labels replaced by the null label (Ho & Salimans 2022)")
-    learning_rate: float = xax.field(5e-4, help="Peak learning rate of the warmup-cosine schedule")
-    min_learning_rate: float = xax.field(5e-5, help="Learning rate at the end of the cosine decay (peak / 10)")
-    warmup_steps: int = xax.field(500, help="Linear warmup steps before the cosine decay")
-    weight_decay: float = xax.field(1e-4, help="AdamW weight decay")
     guidance_scale: float = xax.field(
         1.5,
         help="Guidance s of f_u + s (f_c - f_u) when sampling; 1: none. On the default run 1.5 gave 99.9% of "
@@ -180,6 +175,10 @@ class Config(xax.Config):
     max_grad_norm: float | None = xax.field(1.0, help="Clip gradients to this global norm, against rare spikes")
     precision: PrecisionOptions = xax.field(
         PrecisionOptions(compute_dtype="bfloat16"), help="Mixed precision: bfloat16 compute, made for GPUs"
+    )
+    optim: xax.OptimOptions = xax.field(
+        xax.OptimOptions(lr=5e-4, schedule="cosine", warmup_steps=500, min_lr=5e-5, weight_decay=1e-4),
+        help="AdamW, 500 warmup steps then a cosine decay from 5e-4 to 5e-5 (peak / 10), weight decay 1e-4",
     )
     ema: EMAOptions = xax.field(
         EMAOptions(decay=0.999), help="Moving average of the weights (a ~1,000-step window), used for sampling"
@@ -256,15 +255,6 @@ class MnistDiffusion(xax.Task[Config]):
     @override
     def get_model(self, params: xax.InitParams) -> Denoiser:
         return build_model(self.config, params.key)
-
-    @override
-    def get_optimizer(self) -> optax.GradientTransformation:
-        config = self.config
-        total = self.expected_total_steps() or 12_000
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, config.learning_rate, min(config.warmup_steps, total // 2), total, end_value=config.min_learning_rate
-        )
-        return optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=config.weight_decay)
 
     @override
     def compute_loss_and_metrics(

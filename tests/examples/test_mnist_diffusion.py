@@ -25,8 +25,8 @@ TINY = (
     "valid_batch_size=64",
     "max_steps=30",
     "valid_every_n_steps=30",
-    "learning_rate=2e-3",
-    "warmup_steps=5",
+    "optim.lr=2e-3",
+    "optim.warmup_steps=5",
     "ema.decay=0.8",
     "precision.compute_dtype=float32",
     "sampling_steps=4",
@@ -53,7 +53,7 @@ TINY_DIT = (
     "dit.d_model=32",
     "dit.num_layers=2",
     "dit.num_heads=2",
-    "learning_rate=5e-3",
+    "optim.lr=5e-3",
 )
 
 
