@@ -173,7 +173,7 @@ _RUNS = textwrap.dedent(
     from tests.task.toy import Regression, RegressionConfig
 
     root = sys.argv[1]
-    common = ["log.wandb=true", "log.stdout=false", "log.tensorboard=false", "log.every_n_steps=1"]
+    common = ["log.wandb=true", "log.stdout=false", "log.level=warning", "log.tensorboard=false", "log.every_n_steps=1"]
     try:
         Regression.launch(RegressionConfig(batch_size=32), argv=[f"artifacts.runs_root={root}/online", *common,
                           "log.wandb_mode=online", "max_steps=2"])
