@@ -16,7 +16,10 @@ from xax.task.mixins.train import TrainConfig
 
 @dataclass
 class OptimConfig(BaseConfig):
-    optim: OptimOptions = field(OptimOptions(), help="Optimizer, learning-rate schedule and weight decay")
+    optim: OptimOptions = field(
+        OptimOptions(),
+        help="Optimizer, learning-rate schedule and weight decay (unused by a task with its own get_optimizer)",
+    )
 
 
 Config = TypeVar("Config", bound=OptimConfig)
