@@ -33,6 +33,7 @@ from xax.checkpoint import (
     read_checksums,
     resolve_checkpoint,
 )
+from xax.checkpoint.remote import prepare_orbax
 from xax.core.errors import CheckpointError, ConfigError, XaxError
 from xax.utils.storage import storage_path
 from xax.utils.text import human_bytes
@@ -105,6 +106,7 @@ def open_checkpoint(path: epath.PathLike) -> Checkpoint:
         CheckpointError: Naming the file that is missing or unreadable.
     """
     path = storage_path(path)
+    prepare_orbax(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a run directory, a checkpoints directory or a step")
     directory, steps = resolve_checkpoint(path)

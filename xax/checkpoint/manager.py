@@ -23,10 +23,10 @@ from orbax.checkpoint import checkpoint_managers
 
 from xax.checkpoint.checksums import ChecksumHandler, ChecksumSave, array_checksums, compile_checksums
 from xax.checkpoint.quiet import OrbaxWriteErrors, drop_abandoned_io_reports, one_line, quiet_orbax
-from xax.checkpoint.remote import is_committed, temporary_path_class, use_s3_arrays
+from xax.checkpoint.remote import is_committed, prepare_orbax, temporary_path_class
 from xax.core.config import field
 from xax.core.errors import CheckpointWriteError, ConfigError
-from xax.utils.storage import filesystem, is_remote, storage_path, url_scheme
+from xax.utils.storage import filesystem, forget_listings, is_remote, storage_path
 from xax.utils.text import human_bytes
 
 BEST_MODES = ("min", "max")
@@ -67,8 +67,7 @@ def open_orbax_manager(
     items (``state``, ``meta``, ``checksums``) and ``options``' retention."""
     # Orbax refuses relative paths ("Checkpoint path should be absolute").
     directory = storage_path(directory)
-    if url_scheme(str(directory)) == "s3":
-        use_s3_arrays()
+    prepare_orbax(directory)
     policies: list[Any] = [checkpoint_managers.LatestN(n=options.keep_last)]
     best_fn = None
     if options.keep_best > 0:
@@ -119,6 +118,7 @@ def open_orbax_manager(
 def checkpoint_steps(directory: epath.PathLike) -> list[int]:
     """Steps of the complete checkpoints in ``directory``, in numeric order (never by string)."""
     directory = epath.Path(directory)
+    forget_listings(directory)
     if not directory.is_dir():
         return []
     return sorted(

@@ -51,6 +51,12 @@ def _s3_spec(spec: Any) -> Any:
     return converted
 
 
+def prepare_orbax(directory: epath.PathLike) -> None:
+    """Readies orbax for a checkpoint at ``directory``: for an ``s3://`` URL, its arrays' S3 store."""
+    if str(directory).startswith("s3://"):
+        use_s3_arrays()
+
+
 @functools.cache
 def use_s3_arrays() -> None:
     """Makes orbax write and read the arrays of an ``s3://`` checkpoint through TensorStore's S3

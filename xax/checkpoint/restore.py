@@ -18,7 +18,7 @@ from xax.checkpoint.errors import CheckpointMismatchError, CorruptCheckpointErro
 from xax.checkpoint.manager import CheckpointManager, CheckpointOptions, checkpoint_steps, open_orbax_manager
 from xax.checkpoint.metadata import config_drift, read_metadata
 from xax.checkpoint.quiet import drop_abandoned_io_reports, one_line, quiet_orbax, root_cause, tell
-from xax.checkpoint.remote import is_committed, use_s3_arrays
+from xax.checkpoint.remote import is_committed, prepare_orbax
 from xax.checkpoint.renames import (
     Rename,
     RenamePlan,
@@ -30,7 +30,7 @@ from xax.checkpoint.renames import (
 from xax.checkpoint.tree import abstract_like, named_leaves, tree_differences
 from xax.core.errors import CheckpointError
 from xax.utils.pytree import path_name
-from xax.utils.storage import filesystem, is_remote, storage_path, url_scheme
+from xax.utils.storage import filesystem, forget_listings, is_remote, storage_path
 
 # Where a run's unreadable checkpoints go when resuming falls back past them (inside `checkpoints/`).
 CORRUPT_DIR = "corrupt"
@@ -60,6 +60,7 @@ def resolve_checkpoint(path: epath.PathLike) -> tuple[epath.Path, list[int]]:
     each a local path or a ``gs://``/``s3://`` URL.
     """
     path = storage_path(path)
+    forget_listings(path)
     if not is_remote(path):
         path = path.resolve()
     if path.name.isdigit() and path.is_dir():
@@ -119,8 +120,7 @@ def load_checkpoint(directory: epath.PathLike, step: int, target: PyTree | None)
 def saved_array_metadata(directory: epath.PathLike, step: int) -> PyTree:
     """The saved arrays' shapes and dtypes (no data read), as nested dicts."""
     directory = storage_path(directory)
-    if url_scheme(str(directory)) == "s3":
-        use_s3_arrays()
+    prepare_orbax(directory)
     try:
         with quiet_orbax():
             return ocp.StandardCheckpointer().metadata(directory / str(step) / "state").item_metadata
@@ -158,6 +158,7 @@ def restore_latest(
     # Every step directory, complete or not: one damaged so far as to have lost an item is
     # fallen back past (and set aside) like any unreadable one, so that its step is written anew.
     directory = storage_path(directory)
+    forget_listings(directory)
     names = [path.name for path in directory.iterdir() if path.name.isdigit()] if directory.is_dir() else []
     if is_remote(directory):
         # Written in place there: a step without its commit file is a write that never finished

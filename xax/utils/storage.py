@@ -100,6 +100,14 @@ def filesystem(location: str | epath.PathLike) -> tuple[Any, str]:
     return fs, fs._strip_protocol(str(location))
 
 
+def forget_listings(location: str | epath.PathLike) -> None:
+    """Drops the cached listings of ``location`` and below, for a URL (fsspec keeps a folder's
+    listing for the life of the process: another process's writes would stay unseen)."""
+    if is_remote(location):
+        fs, key = filesystem(location)
+        fs.invalidate_cache(key)
+
+
 def local_mirror(location: epath.Path) -> Path:
     """The local folder that holds the files of a run stored at a URL until they are uploaded:
     ``<user cache>/remote/<scheme>/<bucket>/<key>``.

@@ -20,8 +20,9 @@ import pytest
 from etils import epath
 
 import xax
-from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl
+from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl, start_toy
 from xax.checkpoint import CheckpointManager, CheckpointOptions, checkpoint_steps, restore_latest
+from xax.cli import open_checkpoint, read_arrays
 from xax.task.mixins.artifacts import next_remote_run_dir
 
 BUCKET = "xax-runs"
@@ -155,6 +156,43 @@ def test_a_run_stopped_in_s3_resumes_there_bitwise_equal_to_a_local_run_and_warm
     # started from.
     started = launch(str(tmp_path / "new"), f"warm_start={url}/checkpoints/6", max_steps=1, learning_rate=0.0)
     assert_trees_equal(final_params(resumed).params, final_params(started).params)
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_training_into_s3_resumes_there_bitwise_equal(s3: str, tmp_path: Path) -> None:
+    import s3fs
+
+    url = f"{s3}/killed"
+    common = [
+        "valid_every_n_steps=null",
+        "checkpoint.every_n_steps=10",
+        "log.every_n_steps=1",
+        "log.every_n_seconds=null",
+    ]
+    proc = start_toy(url, *common, "max_steps=100000", "artifacts.upload_every_n_seconds=1", "log.stdout=false")  # ty: ignore[invalid-argument-type]
+    bucket = s3fs.S3FileSystem(use_listings_cache=False)  # sees what the other process writes
+    try:
+        deadline = time.monotonic() + 240
+        while not bucket.exists(f"{url.removeprefix('s3://')}/checkpoints/20/commit_success.txt"):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)  # mid-step, perhaps mid-save
+    finally:
+        proc.wait(timeout=60)
+    last = checkpoint_steps(f"{url}/checkpoints")[-1]
+    assert last >= 20
+    # Resumed and uninterrupted, each in its own process as the killed run was.
+    for run_dir, resume in ((url, ["resume=auto"]), (str(tmp_path / "local"), [])):
+        proc = start_toy(run_dir, *common, *resume, f"max_steps={last + 12}", "log.stdout=false")  # ty: ignore[invalid-argument-type]
+        assert proc.wait(timeout=300) == 0, proc.communicate()[1][-3000:]
+    checkpoints = [open_checkpoint(run_dir) for run_dir in (url, tmp_path / "local")]
+    assert [checkpoint.step for checkpoint in checkpoints] == [last + 12] * 2
+    resumed, straight = (read_arrays(checkpoint) for checkpoint in checkpoints)
+    assert sorted(resumed) == sorted(straight)
+    for name, value in straight.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+    history = xax.read_history(url, "train")
+    assert [record["step"] for record in history] == list(range(1, last + 13))
 
 
 def test_checkpoints_in_a_bucket_skip_an_unfinished_write_and_fall_back_past_a_corrupt_one(s3: str) -> None:
