@@ -263,7 +263,9 @@ class LatentDiffusion(xax.Task[Config]):
             values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
             config = VAEConfig(**values)
             vae = restore_weights(VAE(config, key=jax.random.key(0)), directory, steps[0])
-            self._vae = eqx.nn.inference_mode(cast_floating(vae, self.compute_dtype))
+            arrays, static = eqx.partition(eqx.nn.inference_mode(cast_floating(vae, self.compute_dtype)), eqx.is_array)
+            # On every device of the mesh, beside the model it decodes for.
+            self._vae = eqx.combine(jax.device_put(arrays, self.replicated_sharding()), static)
         return self._vae
 
     # ---- the model and the loss -----------------------------------------------------------------

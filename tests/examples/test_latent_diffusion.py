@@ -85,8 +85,16 @@ class SmallLatentDiffusion(LatentDiffusion):
         super().on_run_start()
 
 
-def launch(run_dir: Path, *overrides: str) -> LatentDiffusion:
-    SmallLatentDiffusion.launch(Config(), argv=[f"artifacts.run_dir={run_dir}", *COMMON, *overrides])
+class NineStepSchedule(SmallLatentDiffusion):
+    """The learning-rate schedule of a 9-step run, whatever step this launch stops at."""
+
+    @override
+    def expected_total_steps(self) -> int | None:
+        return 9
+
+
+def launch(run_dir: Path, *overrides: str, task: type[LatentDiffusion] = SmallLatentDiffusion) -> LatentDiffusion:
+    task.launch(Config(), argv=[f"artifacts.run_dir={run_dir}", *COMMON, *overrides])
     return TASKS[-1]
 
 
@@ -209,9 +217,9 @@ def test_a_resumed_stage2_run_equals_a_straight_one_bit_for_bit(stage1: Path, tm
     # Checkpoints every 3 steps; stopped at 5 and resumed from 3, it must read the same records in the
     # same order (the cursor over the ArrayRecord shards) and draw the same keys.
     args = (*STAGE2, f"latents={stage1 / 'latents'}", "checkpoint.every_n_steps=3", "valid_every_n_steps=null")
-    straight = launch(tmp_path / "straight", *args, "max_steps=9")
-    launch(tmp_path / "resumed", *args, "max_steps=5")
-    resumed = launch(tmp_path / "resumed", *args, "max_steps=9", "resume=auto")
+    straight = launch(tmp_path / "straight", *args, "max_steps=9", task=NineStepSchedule)
+    launch(tmp_path / "resumed", *args, "max_steps=5", task=NineStepSchedule)
+    resumed = launch(tmp_path / "resumed", *args, "max_steps=9", "resume=auto", task=NineStepSchedule)
     for a, b in zip(jax.tree.leaves(final_params(straight)), jax.tree.leaves(final_params(resumed)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     straight_losses = dict(_train_losses(tmp_path / "straight"))
