@@ -214,8 +214,9 @@ def test_captions_tokenize_into_a_table_with_the_empty_caption_last() -> None:
 
 @pytest.mark.slow
 def test_a_resumed_stage2_run_equals_a_straight_one_bit_for_bit(stage1: Path, tmp_path: Path) -> None:
-    # Checkpoints every 3 steps; stopped at 5 and resumed from 3, it must read the same records in the
-    # same order (the cursor over the ArrayRecord shards) and draw the same keys.
+    # Stopped after step 5 (mid-epoch of the 256 latents: 8 batches of 32) and resumed from its checkpoint,
+    # the run must read the same records in the same order (the cursor over the ArrayRecord shards) and
+    # draw the same keys as one that never stopped.
     args = (*STAGE2, f"latents={stage1 / 'latents'}", "checkpoint.every_n_steps=3", "valid_every_n_steps=null")
     straight = launch(tmp_path / "straight", *args, "max_steps=9", task=NineStepSchedule)
     launch(tmp_path / "resumed", *args, "max_steps=5", task=NineStepSchedule)
