@@ -181,12 +181,21 @@ def next_remote_run_dir(parent: epath.Path) -> epath.Path:
     number = max(numbers, default=-1) + 1
     for _ in range(_MAX_RUN_DIR_ATTEMPTS):
         candidate = parent / f"run_{number:03d}"
+        claim = f"{key.rstrip('/')}/run_{number:03d}/.claimed"
+        holder = f"process {os.getpid()} on {socket.gethostname()}\n".encode()
         try:
-            with fs.open(f"{key.rstrip('/')}/run_{number:03d}/.claimed", "xb") as claim:
-                claim.write(f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+            with fs.open(claim, "xb") as file:
+                file.write(holder)
         except FileExistsError:
             number += 1
             continue
+        except (ValueError, NotImplementedError):
+            # A filesystem without conditional writes: a check, then a write (two runs starting
+            # in the same instant may then share a number).
+            if fs.exists(claim):
+                number += 1
+                continue
+            fs.pipe_file(claim, holder)
         return candidate
     raise FileExistsError(
         f"Could not claim a new run folder in {parent} after {_MAX_RUN_DIR_ATTEMPTS} attempts; "
