@@ -11,11 +11,11 @@ every checkpoint saves. Needs the ``grain`` extra (``array_record`` comes with i
 Examples:
     >>> import tempfile, numpy as np
     >>> from xax.data import read_records, write_records
-    >>> folder = tempfile.mkdtemp()
     >>> columns = {"x": np.arange(6, dtype=np.float32).reshape(3, 2), "label": np.array([4, 5, 6])}
-    >>> _ = write_records(folder, "train", columns, num_shards=2)
-    >>> dataset = read_records(folder, "train")
-    >>> len(dataset), dataset[1]["x"].tolist(), int(dataset[2]["label"])
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     _ = write_records(folder, "train", columns, num_shards=2)
+    ...     dataset = read_records(folder, "train")
+    ...     len(dataset), dataset[1]["x"].tolist(), int(dataset[2]["label"])
     (3, [2.0, 3.0], 6)
 """
 
