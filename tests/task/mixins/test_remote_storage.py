@@ -255,6 +255,7 @@ def test_numbered_runs_in_a_bucket_claim_distinct_numbers(s3: str, monkeypatch: 
             "resume=gs://bucket/exp: no filesystem for gs:// is installed; pip install gcsfs",
         ),
     ],
+    ids=["gs-without-gcsfs", "unsupported-scheme", "resume-gs-without-gcsfs"],
 )
 def test_an_unusable_url_is_one_line_before_anything_is_made(
     key: str,
