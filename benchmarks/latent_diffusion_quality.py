@@ -46,7 +46,10 @@ STAGE2 = ("stage=2", "batch_size=256", "max_steps=8000", "valid_every_n_steps=20
 # The configuration `python -m examples.mnist` runs: 4 epochs at batch 128.
 CLASSIFIER = ClassifierConfig(batch_size=128, max_steps=1875, valid_every_n_steps=625)
 # The CPU check: tiny models on the first digits, a few steps each.
-TINY_COMMON = ("precision.compute_dtype=float32", "batch_size=32", "valid_batch_size=64", "warmup_steps=2")
+TINY_COMMON = (
+    "precision.compute_dtype=float32", "batch_size=32", "valid_batch_size=64", "warmup_steps=2",
+    "launcher.kind=single_device",
+)  # fmt: skip
 TINY_STAGE1 = (
     "stage=1",
     "max_steps=6",
@@ -99,7 +102,9 @@ def trained_model(task: LatentDiffusion) -> TextToImage:
     template = task.get_model(xax.InitParams(key=jax.random.key(0)))
     model = restore_weights(template, directory, steps[0])
     assert isinstance(model, TextToImage)
-    return eqx.nn.inference_mode(cast_floating(model, task.compute_dtype))
+    arrays, static = eqx.partition(eqx.nn.inference_mode(cast_floating(model, task.compute_dtype)), eqx.is_array)
+    # On the devices of the run's mesh, as the VAE that decodes its samples.
+    return eqx.combine(jax.device_put(arrays, task.replicated_sharding()), static)
 
 
 def caption_ids(per_class: int) -> np.ndarray:
