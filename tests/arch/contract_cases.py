@@ -1,5 +1,4 @@
-"""Contract cases of the model families other than the transformer: SSM, DiT, mmDiT (whole and one block),
-UNet, VAE.
+"""Contract cases of the model families other than the transformer: SSM, DiT, mmDiT, UNet, VAE.
 
 The denoisers and the VAE start with zero-initialized branches (adaLN-Zero, zero output convolutions),
 where most gradients are exactly zero, so their cases redraw every weight from the model's key. Their
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 
 from tests.arch.contracts import ContractCase, Equivalence
 from xax.arch.dit import DiT, dit_config
-from xax.arch.mmdit import MMDiT, MMDiTBlock, MMDiTConfig
+from xax.arch.mmdit import MMDiT, MMDiTConfig
 from xax.arch.ssm import SSMConfig, SSMLanguageModel
 from xax.arch.unet import UNet, UNetConfig
 from xax.arch.vae import VAE, VAEConfig, vae_loss
@@ -113,7 +112,7 @@ def ssm_cases() -> list[ContractCase]:
     ]
 
 
-# ---- denoisers: DiT, UNet, and the mmDiT block ---------------------------------------------------------
+# ---- denoisers: DiT, UNet, mmDiT -----------------------------------------------------------------------
 
 
 def _image_inputs(channels: int, size: int) -> Callable[[jax.Array], tuple]:
@@ -180,33 +179,6 @@ def _denoiser_case(name: str, build: Callable[..., Any], config: Any, channels: 
         output_dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16,
         equivalences=_denoiser_equivalences(build, config, scans, make_inputs),
-    )
-
-
-def _mmdit_apply(block: MMDiTBlock, inputs: tuple) -> jax.Array:
-    dtype = weight_dtype(block)
-    x, context, vec = (a.astype(dtype) for a in inputs)
-    out_x, out_context = block(x, context, vec)
-    return jnp.concatenate([out_context, out_x], axis=0)  # (Tc + Tx, D)
-
-
-def _mmdit_case() -> ContractCase:
-    config = MMDiTConfig(d_model=16, num_heads=2)
-    make_model = lambda key: redrawn(MMDiTBlock(config, key=key), key)  # noqa: E731
-
-    def make_inputs(key: jax.Array) -> tuple:
-        kx, kc, kv = jax.random.split(key, 3)
-        return jax.random.normal(kx, (6, 16)), jax.random.normal(kc, (4, 16)), jax.random.normal(kv, (16,))
-
-    return ContractCase(
-        name="mmdit-block",
-        make_model=make_model,
-        make_inputs=make_inputs,
-        apply=_mmdit_apply,
-        loss=lambda block, inputs: jnp.mean(_mmdit_apply(block, inputs).astype(jnp.float32) ** 2),
-        make_low_precision_model=lambda key: in_bfloat16(make_model(key)),
-        output_dtype=jnp.bfloat16,
-        param_dtype=jnp.bfloat16,
     )
 
 
@@ -297,7 +269,7 @@ def _mmdit_model_case() -> ContractCase:
 
 
 def denoiser_cases() -> list[ContractCase]:
-    """A tiny class-conditional DiT and UNet, a text-conditioned mmDiT and one mmDiT block."""
+    """A tiny class-conditional DiT and UNet, and a text-conditioned mmDiT (made of mmDiT blocks)."""
     dit = dit_config(
         "DiT-S/2", input_size=8, in_channels=2, d_model=16, num_layers=2, num_heads=2, num_classes=NUM_CLASSES
     )
@@ -315,7 +287,6 @@ def denoiser_cases() -> list[ContractCase]:
         _denoiser_case("dit", DiT, dit, channels=2, size=8, scans=True),
         _denoiser_case("unet", UNet, unet, channels=1, size=8, scans=False),
         _mmdit_model_case(),
-        _mmdit_case(),
     ]
 
 

@@ -1,5 +1,5 @@
 """The contract battery applied to every model family at tiny sizes: each transformer preset, the SSM
-language models, DiT, UNet, the mmDiT block and the VAE (their cases are in ``contract_cases``)."""
+language models, DiT, UNet, the mmDiT and the VAE (their cases are in ``contract_cases``)."""
 
 from collections.abc import Callable
 
