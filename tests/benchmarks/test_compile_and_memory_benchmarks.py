@@ -9,6 +9,7 @@ from benchmarks import compile_time, remat_memory
 from benchmarks.__main__ import main as suite_main
 
 
+@pytest.mark.slow  # a whole benchmark run (--tiny): with the long runs
 def test_second_launch_loads_from_the_persistent_cache(tmp_path: Path) -> None:
     compile_time.main(["--tiny", "--out", str(tmp_path)])
     cold, warm = json.loads((tmp_path / "compile_time_tiny.json").read_text())["results"]
@@ -17,6 +18,7 @@ def test_second_launch_loads_from_the_persistent_cache(tmp_path: Path) -> None:
     assert warm["speedup"] == cold["first_step_s"] / warm["first_step_s"]
 
 
+@pytest.mark.slow  # a whole benchmark run (--tiny): with the long runs
 def test_remat_recomputes_the_forward_pass(tmp_path: Path) -> None:
     remat_memory.main(["--tiny", "--policies", "none,full", "--steps", "2", "--out", str(tmp_path)])
     none, full = json.loads((tmp_path / "remat_memory_tiny.json").read_text())["results"]

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from benchmarks import gpt2_ablation
 from benchmarks.profile_tools import aggregate_trace, format_breakdown, kernel_breakdown
 from tests.benchmarks.results import read_results
 
 
+@pytest.mark.slow  # a whole benchmark run (--tiny): with the long runs
 def test_gpt2_ablation_tiny(tmp_path: Path) -> None:
     gpt2_ablation.main(["--tiny", "--which", "base,projected", "--profile-steps", "0", "--out", str(tmp_path)])
     base, projected = read_results(tmp_path, "gpt2_ablation_tiny")

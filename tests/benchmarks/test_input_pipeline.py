@@ -3,10 +3,13 @@ ratio is that of its rates."""
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks import input_pipeline
 from tests.benchmarks.results import read_results
 
 
+@pytest.mark.slow  # a whole benchmark run (--tiny): with the long runs
 def test_input_pipeline_tiny(tmp_path: Path) -> None:
     input_pipeline.main(["--tiny", "--out", str(tmp_path)])
     rows = {row["measure"]: row["value"] for row in read_results(tmp_path, "input_pipeline_tiny")}

@@ -3,10 +3,13 @@ ratios are those of its rates."""
 
 from pathlib import Path
 
+import pytest
+
 from benchmarks import mnist_overhead
 from tests.benchmarks.results import read_results
 
 
+@pytest.mark.slow  # a whole benchmark run (--tiny): with the long runs
 def test_mnist_overhead_tiny(tmp_path: Path) -> None:
     mnist_overhead.main(["--tiny", "--out", str(tmp_path)])
     rows = read_results(tmp_path, "mnist_overhead_tiny")

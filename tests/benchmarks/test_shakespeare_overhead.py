@@ -4,10 +4,13 @@ whose ratios are those of its rates."""
 import math
 from pathlib import Path
 
+import pytest
+
 from benchmarks import shakespeare_overhead
 from tests.benchmarks.results import read_results
 
 
+@pytest.mark.slow  # a whole benchmark run (--tiny): with the long runs
 def test_shakespeare_overhead_tiny(tmp_path: Path) -> None:
     shakespeare_overhead.main(["--tiny", "--out", str(tmp_path)])
     hand, every_100, every_step = read_results(tmp_path, "shakespeare_overhead_tiny")
