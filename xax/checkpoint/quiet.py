@@ -47,13 +47,15 @@ class ClosedLoopFilter:
 
 
 class _AbandonedIoErrors(logging.Filter):
-    """Drops asyncio's "Future exception was never retrieved" reports of tensorstore reads and
-    writes that failed alongside one that was already reported (a read's holds its whole JSON spec)."""
+    """Drops asyncio's "Future (or Task) exception was never retrieved" reports of tensorstore reads
+    and writes that failed alongside one that was already reported (a read's holds its whole JSON
+    spec; a write's task names orbax's serialization and the OCDBT file it could not write)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         ours = any(word in message for word in ("tensorstore", "OCDBT", "orbax"))
-        return not (message.startswith("Future exception was never retrieved") and ours)
+        unretrieved = message.startswith(("Future exception was never retrieved", "Task exception was never retrieved"))
+        return not (unretrieved and ours)
 
 
 def drop_abandoned_io_reports() -> None:
