@@ -31,12 +31,18 @@ from typing_extensions import override
 
 import xax
 from benchmarks.common import write_results
-from benchmarks.mnist_diffusion_quality import classify, frechet_distance, gaussian_statistics, log_records
+from benchmarks.mnist_diffusion_quality import (
+    classify,
+    frechet_distance,
+    gaussian_statistics,
+    log_records,
+    test_reference,
+)
 from examples.latent_diffusion import Config, LatentDiffusion, TextToImage, reconstruct
 from examples.latent_text import DIGIT_WORDS, TEMPLATES
 from examples.mnist import CNN, MnistClassification
 from examples.mnist import Config as ClassifierConfig
-from examples.mnist_data import NUM_CLASSES, load_mnist
+from examples.mnist_data import NUM_CLASSES
 from xax.checkpoint import resolve_checkpoint, restore_weights
 from xax.nn import cast_floating
 
@@ -159,14 +165,7 @@ def launch_stage(run_dir: Path, config: Config, *overrides: str) -> tuple[Latent
 def references(task: LatentDiffusion, classifier: CNN, classifier_accuracy: float) -> tuple[tuple, float, float]:
     """The test set's feature statistics, and the Fréchet distances of training digits and of the VAE's
     reconstructions of the test set to it."""
-    test = load_mnist("test").with_format("numpy")[:]
-    test_features, test_predictions = classify(classifier, test["image"])
-    check = float(np.mean(test_predictions == test["label"]))
-    if abs(check - classifier_accuracy) > 1e-3:  # the feature path must be the classifier itself
-        raise RuntimeError(f"feature path accuracy {check:.4f} != logged test accuracy {classifier_accuracy:.4f}")
-    test_stats = gaussian_statistics(test_features)
-    train = load_mnist("train").with_format("numpy")[: len(test_features)]["image"]
-    fd_train = frechet_distance(*gaussian_statistics(classify(classifier, train)[0]), *test_stats)
+    test, test_stats, fd_train = test_reference(classifier, classifier_accuracy)
     vae = task.stage1_vae()
     recon = np.concatenate(
         [

@@ -130,6 +130,23 @@ def log_records(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return train, valid
 
 
+def test_reference(
+    classifier: CNN, classifier_accuracy: float
+) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray], float]:
+    """The MNIST test set, its feature statistics, and the Fréchet distance of as many training digits
+    to them (the floor a generator can reach), after checking that the feature path classifies the
+    test set as the trained classifier did."""
+    test = load_mnist("test").with_format("numpy")[:]
+    test_features, test_predictions = classify(classifier, test["image"])
+    check = float(np.mean(test_predictions == test["label"]))
+    if abs(check - classifier_accuracy) > 1e-3:  # the feature path must be the classifier itself
+        raise RuntimeError(f"feature path accuracy {check:.4f} != logged test accuracy {classifier_accuracy:.4f}")
+    test_stats = gaussian_statistics(test_features)
+    train = load_mnist("train").with_format("numpy")[: len(test_features)]["image"]
+    fd_train = frechet_distance(*gaussian_statistics(classify(classifier, train)[0]), *test_stats)
+    return test, test_stats, fd_train
+
+
 def train_classifier(run_dir: Path) -> tuple[CNN, float, float]:
     """Trains examples/mnist.py's classifier; returns it (from its final checkpoint), its test accuracy and
     the seconds the launch took."""
@@ -212,21 +229,14 @@ def main() -> None:
         classifier, classifier_accuracy, classifier_seconds = train_classifier(runs / "mnist_classifier")
         model, config = load_trained(diffusion_dir, config)
 
-    test = load_mnist("test").with_format("numpy")[:]
-    test_features, test_predictions = classify(classifier, test["image"])
-    check = float(np.mean(test_predictions == test["label"]))
-    if abs(check - classifier_accuracy) > 1e-3:  # the feature path must be the classifier itself
-        raise RuntimeError(f"feature path accuracy {check:.4f} != logged test accuracy {classifier_accuracy:.4f}")
-    test_stats = gaussian_statistics(test_features)
-    reference = load_mnist("train").with_format("numpy")[: len(test_features)]["image"]
-    fd_reference = frechet_distance(*gaussian_statistics(classify(classifier, reference)[0]), *test_stats)
+    test, test_stats, fd_reference = test_reference(classifier, classifier_accuracy)
     scales = [config.guidance_scale, *(s for s in args.guidance_scales if s != config.guidance_scale)]
     rows = [sample_quality(model, config, classifier, test_stats, args.samples_per_class, s) for s in scales]
     first = train[0]["scalars"]["time_to_first_step_s"]
     notes = (
         f"{args.samples_per_class} samples per digit, {config.sampling_steps}-step DDIM from the EMA weights; the "
         f"first row is the config's guidance scale. Fréchet distance on the 128-d penultimate features of "
-        f"examples/mnist.py's CNN (test accuracy {classifier_accuracy:.4f}); {len(reference)} training digits "
+        f"examples/mnist.py's CNN (test accuracy {classifier_accuracy:.4f}); {len(test['image'])} training digits "
         f"against the test set give {fd_reference:.2f}, the value of samples as good as real data.\n\n"
         f"Diffusion run: model={config.model}, batch {config.batch_size}, {train[-1]['step']} steps, "
         f"{config.precision.compute_dtype}, EMA {config.ema.decay}; overrides: {' '.join(overrides) or 'none'}. "
