@@ -7,7 +7,8 @@ The step reduces every leaf to four numbers and sums them per group (a few small
 (leaves, 4) array), and the groups' statistics join the other metric sums on the device.
 """
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,18 @@ from jaxtyping import Array, Float
 # Logged names: ``layers/<group>/<statistic>``.
 PREFIX = "layers/"
 STATISTICS = ("grad_norm", "param_norm", "update_ratio", "nonfinite")
+# Parameter values drawn per top-level block for its histogram (an even stride over its leaves).
+HISTOGRAM_VALUES = 4096
+
+
+def top_level_name(name: str) -> str:
+    """The top-level block of a dotted parameter name: its first part, with the index that follows
+    it in a list of blocks (``blocks.3.attn.q_proj.weight`` -> ``blocks.3``); ``root`` for a leaf of
+    the model itself."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        return "root"
+    return ".".join(parts[: 2 if len(parts) > 2 and parts[1].isdigit() else 1])
 
 
 def layer_groups(names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
@@ -36,12 +49,8 @@ def layer_groups(names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
     """
     groups: dict[str, list[int]] = {}
     for index, name in enumerate(names):
-        parts = name.split(".")
-        if len(parts) == 1:
-            owners = ["root"]
-        else:
-            top = 2 if len(parts) > 2 and parts[1].isdigit() else 1
-            owners = [".".join(parts[:top]), ".".join(parts[:-1])]
+        top = top_level_name(name)
+        owners = [top] if top == "root" else [top, name.rsplit(".", 1)[0]]
         for owner in dict.fromkeys(owners):
             groups.setdefault(owner, []).append(index)
     return [(name, tuple(indices)) for name, indices in groups.items()]
@@ -81,3 +90,59 @@ def group_statistics(
         for statistic, column in zip(STATISTICS, (grad_norm, param_norm, ratio, totals[:, 3]), strict=True):
             values[f"{PREFIX}{name}/{statistic}"] = column[row]
     return values
+
+
+def parameter_samples(named: Mapping[str, Array], per_group: int = HISTOGRAM_VALUES) -> dict[str, Array]:
+    """Values of each top-level block's parameters for a histogram, taken on the device.
+
+    Every ``stride``-th entry of each leaf of the block, the stride chosen so that the block gives
+    about ``per_group`` values (all of them for a smaller block): the histogram's shape without
+    copying a large model to the host.
+
+    Args:
+        named: The parameter leaves by dotted name (``xax.checkpoint.named_leaves``).
+        per_group: About how many values each block gives.
+
+    Returns:
+        ``layers/<block>/params`` -> a float32 vector.
+    """
+    blocks: dict[str, list[Array]] = {}
+    for name, leaf in named.items():
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            blocks.setdefault(top_level_name(name), []).append(leaf)
+    samples: dict[str, Array] = {}
+    for block, leaves in blocks.items():
+        stride = max(1, math.ceil(sum(leaf.size for leaf in leaves) / per_group))
+        parts = [jnp.ravel(leaf)[::stride].astype(jnp.float32) for leaf in leaves]
+        samples[f"{PREFIX}{block}/params"] = jnp.concatenate(parts)
+    return samples
+
+
+def module_histograms(layers: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """Each statistic over the leaf modules, for a histogram (how the gradient norms or update
+    ratios spread across the model).
+
+    Args:
+        layers: Logged statistics, ``layers/<group>/<statistic>`` -> value.
+
+    Returns:
+        ``layers/<statistic>`` -> the values of the leaf modules: the groups no other group lies
+        inside (``blocks.0.attn.q_proj``, not ``blocks.0``).
+
+    Examples:
+        >>> hist = module_histograms({"layers/blocks.0/grad_norm": 5.0, "layers/blocks.0.mlp/grad_norm": 3.0,
+        ...                           "layers/blocks.0.attn/grad_norm": 4.0})
+        >>> hist["layers/grad_norm"].tolist()
+        [3.0, 4.0]
+    """
+    by_group: dict[str, dict[str, float]] = {}
+    for key, value in layers.items():
+        group, _, statistic = key.removeprefix(PREFIX).rpartition("/")
+        if key.startswith(PREFIX) and group and statistic in STATISTICS:
+            by_group.setdefault(group, {})[statistic] = value
+    leaves = [g for g in by_group if not any(other.startswith(g + ".") for other in by_group)]
+    return {
+        f"{PREFIX}{statistic}": np.asarray([by_group[g][statistic] for g in leaves if statistic in by_group[g]])
+        for statistic in STATISTICS
+        if any(statistic in by_group[g] for g in leaves)
+    }

@@ -34,6 +34,9 @@ def test_writes_one_object_per_record(tmp_path: Path) -> None:
         )
     )
     logger.write(LogRecord(step=6, num_samples=10, elapsed_time_s=2.0, phase="valid"))
+    # Media alone (kept by the other loggers) writes no line.
+    histogram = {"weights": np.ones(3, dtype=np.float32)}
+    logger.write(LogRecord(step=7, num_samples=12, elapsed_time_s=2.5, phase="train", histograms=histogram))
     # Line-buffered: the first record is on disk before flush() or close().
     assert _read(path)[0]["step"] == 5
     logger.close()

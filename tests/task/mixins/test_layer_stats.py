@@ -14,7 +14,7 @@ from tests.task.toy import Digits, DigitsConfig, final_params, read_jsonl
 from xax.core.health import Health
 from xax.core.state import State
 from xax.task.mixins.train_step import TrainState, empty_sums, make_train_step
-from xax.utils.layer_stats import layer_groups
+from xax.utils.layer_stats import HISTOGRAM_VALUES, layer_groups
 
 LR = 0.1
 STARTED: list["PlainSGD"] = []
@@ -97,3 +97,32 @@ def test_off_by_default_nothing_is_computed_or_logged(tmp_path: Path) -> None:
 
     off, on = equations([]), equations(layer_groups(["a.w", "b.w"]))
     assert on > off
+
+
+def test_histograms_at_the_media_cadence_hold_the_parameters_and_the_modules_statistics(tmp_path: Path) -> None:
+    """A run longer than the media cadence (every 2 steps, 5 steps): TensorBoard gets each block's
+    parameter values and each statistic over the modules at steps 2, 4 and the last, and the last
+    ones describe the final parameters and the last logged statistics exactly."""
+    overrides = ("log.layer_stats=true", "log.heavy_every_n_steps=2", "log.heavy_every_n_seconds=null")
+    argv = [f"artifacts.run_dir={tmp_path}", "log.stdout=false", "log.every_n_steps=1", "log.every_n_seconds=null"]
+    PlainSGD.launch(DigitsConfig(batch_size=32, max_steps=5, num_train=64), argv=[*argv, *overrides])
+    after = final_params(STARTED[-1]).params
+    tags = tag_values(read_events(tmp_path / "tensorboard" / "train"))
+    for tag in ("layers/conv/params", "layers/head/params", "layers/grad_norm", "layers/update_ratio"):
+        assert [step for step, _ in tags[tag]] == [2, 4, 5], tag
+    for module in ("conv", "head"):
+        leaves = [np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(getattr(after, module))]
+        stride = -(-sum(leaf.size for leaf in leaves) // HISTOGRAM_VALUES)  # every stride-th value of each leaf
+        values = np.concatenate([leaf[::stride] for leaf in leaves])
+        histo = tags[f"layers/{module}/params"][-1][1].histo
+        assert histo.num == values.size
+        np.testing.assert_allclose(
+            [histo.min, histo.max, histo.sum], [values.min(), values.max(), values.sum()], rtol=1e-5
+        )
+    (last,) = [r["scalars"] for r in read_jsonl(tmp_path / "log.jsonl") if r["phase"] == "train" and r["step"] == 5]
+    grad_norms = [last["layers/conv/grad_norm"], last["layers/head/grad_norm"]]
+    histo = tags["layers/grad_norm"][-1][1].histo
+    assert histo.num == 2
+    np.testing.assert_allclose(histo.sum, sum(grad_norms), rtol=1e-6)
+    # The histogram records write no line of their own to log.jsonl.
+    assert all(r["scalars"] for r in read_jsonl(tmp_path / "log.jsonl") if "phase" in r)

@@ -28,6 +28,7 @@ from xax.task.loggers.stdout import StdoutLogger
 from xax.task.loggers.tensorboard import TensorBoardLogger
 from xax.task.mixins.process import Closeable
 from xax.utils.layer_stats import PREFIX as LAYER_PREFIX
+from xax.utils.layer_stats import module_histograms
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class LogItem:
     host_scalars: dict[str, float] = dataclass_field(default_factory=dict)
     system_scalars: dict[str, float] = dataclass_field(default_factory=dict)
     media: dict[str, Metric] = dataclass_field(default_factory=dict)
+    # With log.layer_stats: add each statistic's histogram over the leaf modules, from the latest
+    # statistics logged (at the media cadence).
+    layer_histograms: bool = False
 
 
 def _to_record(item: LogItem) -> tuple[LogRecord, Health | None]:
@@ -131,6 +135,7 @@ class LogWorker:
         self._on_health = on_health
         self._queue: queue.Queue[LogItem | LogEvent | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._last_layers: dict[str, float] = {}
         self._thread = threading.Thread(target=self._loop, daemon=True, name="xax-log")
         self._thread.start()
 
@@ -170,6 +175,10 @@ class LogWorker:
                         sink.write_event(item)
                 else:
                     record, health = _to_record(item)
+                    layers = {name: record.scalars[name] for name in record.system if name.startswith(LAYER_PREFIX)}
+                    self._last_layers = layers or self._last_layers
+                    if item.layer_histograms:
+                        record.histograms.update(module_histograms(self._last_layers))
                     if health is not None:
                         self._on_health(item.state, health)
                     for sink in self._loggers:

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding
 from jaxtyping import Array, PRNGKeyArray, PyTree
 from typing_extensions import override
 
-from xax.core.metric import Metric
+from xax.checkpoint import named_leaves
+from xax.core.metric import Histogram, Metric
 from xax.core.state import Phase, State
 from xax.data.prefetch import DevicePrefetcher
 from xax.data.sources import BatchSource
@@ -22,6 +23,7 @@ from xax.task.loggers.console import Console
 from xax.task.mixins.logger import Cadence, LogItem
 from xax.task.mixins.train import TrainConfig, composed
 from xax.task.mixins.train_step import TrainState, zero_sums_fn
+from xax.utils.layer_stats import parameter_samples
 from xax.utils.pytree import cast_floating
 
 Config = TypeVar("Config", bound=TrainConfig)
@@ -94,7 +96,7 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
         """Validation and media, when due; both wait for the training step in flight first."""
         valid_due = self.valid_is_due(state) or over
         heavy_due = self.heavy_log_is_due(state) or over
-        if heavy_due and not self.has_media():
+        if heavy_due and not (self.has_media() or composed(self.config).log.layer_stats):
             self.mark_heavy_logged(state)
             heavy_due = False
         if not (valid_due or heavy_due):
@@ -157,8 +159,25 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
             self.log_item(LogItem(state=state, phase="valid", host_scalars=metrics))
 
     def log_heavy(self, ts: TrainState, state: State) -> None:
-        """Logs media for the first validation batch."""
+        """Logs media for the first validation batch, and with ``log.layer_stats`` the histograms of
+        the training dynamics."""
         self.mark_heavy_logged(state)
+        if composed(self.config).log.layer_stats:
+            self.log_layer_histograms(ts, state)
+        if self.has_media():
+            self.log_media_batch(ts, state)
+
+    def log_layer_histograms(self, ts: TrainState, state: State) -> None:
+        """Histograms of each top-level block's parameter values (sampled on the device) and of each
+        per-module statistic over the leaf modules (from the latest statistics logged)."""
+        samples = parameter_samples(named_leaves(ts.params))
+        if jax.process_count() > 1:
+            samples = jax.tree.map(_addressable, samples)
+        media: dict[str, Metric] = {name: Histogram(values) for name, values in samples.items()}
+        self.log_item(LogItem(state=state, phase="train", media=media, layer_histograms=True))
+
+    def log_media_batch(self, ts: TrainState, state: State) -> None:
+        """The task's media for the first validation batch."""
         source = self._valid_source()
         source.restore(type(source.cursor)(epoch=0, index=0))
         batch_np = next(iter(source))
