@@ -386,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
         "class, if given); the table notes per metric whether the two intervals overlap",
     )
     repeat.add_argument("--root", help="folder of the runs (default: runs/repeat/<CLASS>-<time>)")
+    repeat.add_argument(
+        "--jobs",
+        default="1",
+        help="runs at once, each in a process of its own pinned to one GPU (at most one per GPU); auto: one per "
+        "GPU; 1 (default): one after another in this process",
+    )
     repeat.set_defaults(run=_repeat_command)
     return parser
 
@@ -430,7 +436,7 @@ def _plan_command(args: argparse.Namespace) -> int:
 def _repeat_command(args: argparse.Namespace) -> int:
     import pathlib
 
-    from xax.task.repeat import Arm, default_root, repeat
+    from xax.task.repeat import Arm, default_root, repeat, resolve_jobs, visible_gpus
     from xax.task.task import Task
 
     def task(spec: str) -> type[Task]:
@@ -458,8 +464,10 @@ def _repeat_command(args: argparse.Namespace) -> int:
         other_class = task(other.pop(0)) if "=" not in other[0] else task_class
         # The second config is the first with these overrides on top (later ones win).
         arms = [Arm("a", task_class, tuple(spec[1:])), Arm("b", other_class, (*spec[1:], *other))]
+    gpus = visible_gpus() if args.jobs != "1" else []
+    jobs = resolve_jobs(args.jobs, gpus)
     root = pathlib.Path(args.root) if args.root is not None else default_root(task_class)
-    lines, _ = repeat(arms, seeds, root)
+    lines, _ = repeat(arms, seeds, root, jobs, gpus)
     for arm in arms:
         shown = " ".join(arm.overrides) or "(defaults)"
         print(f"{arm.label}: {arm.task_class.__module__}:{arm.task_class.__qualname__} {shown}")

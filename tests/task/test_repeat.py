@@ -90,3 +90,41 @@ def test_compare_runs_the_second_config_over_the_same_seeds(tmp_path: Path, caps
     assert document["overlap"]["valid/loss"] is not separate
     row = next(line for line in out.splitlines() if line.startswith("valid/loss"))
     assert row.endswith("separate" if separate else "overlap")
+
+
+@pytest.mark.slow
+def test_jobs_run_the_seeds_at_once_in_processes_of_their_own_with_the_same_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two seeds at once, each in a process of its own: they overlap in time and give bitwise the
+    final metrics of the same seeds run one after another in this process."""
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")  # the processes see the devices this one has
+    argv = ["repeat", "--seeds", "0,1", "tests.task.toy:Regression", "max_steps=8", "batch_size=32", "log.stdout=false"]
+    assert main([*argv, "--root", str(tmp_path / "serial")]) == 0
+    assert main([*argv, "--root", str(tmp_path / "jobs"), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    serial = json.loads((tmp_path / "serial" / "repeat.json").read_text())["configs"]["runs"]["metrics"]
+    jobs = json.loads((tmp_path / "jobs" / "repeat.json").read_text())["configs"]["runs"]["metrics"]
+    assert serial["valid/loss"]["values"] == jobs["valid/loss"]["values"]
+    assert "seed 0 started" in out and "seed 1 ended (exit code 0)" in out
+    spans = []
+    for seed in (0, 1):
+        run_dir = tmp_path / "jobs" / f"seed_{seed}"
+        assert "done: 8 steps" in (tmp_path / "jobs" / f"seed_{seed}.log").read_text()
+        spans.append(((run_dir / "config.yaml").stat().st_mtime, (run_dir / "log.jsonl").stat().st_mtime))
+    (start_a, end_a), (start_b, end_b) = spans
+    assert start_a < end_b and start_b < end_a  # the two runs were alive at the same time
+
+
+def test_jobs_requests_are_checked_before_any_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from xax.task.repeat import resolve_jobs, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert visible_gpus() == ["2", "5"] and resolve_jobs("auto", ["2", "5"]) == 2
+    with pytest.raises(xax.ConfigError, match="with 2 GPUs: one run per GPU"):
+        resolve_jobs("3", ["2", "5"])
+    with pytest.raises(xax.ConfigError, match="found no GPU"):
+        resolve_jobs("auto", [])
+    assert resolve_jobs("3", []) == 3  # on the CPU, as many as asked
+    failing = ["repeat", "2", "tests.task.toy:Regression", "--jobs", "0", "--root", str(tmp_path / "r")]
+    assert main(failing) == 2 and not (tmp_path / "r").exists()
