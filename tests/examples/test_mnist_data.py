@@ -1,9 +1,11 @@
 """Tests for the MNIST loader and the data shipped with the examples."""
 
 import time
+from pathlib import Path
 
 import datasets
 import datasets.config
+import huggingface_hub
 import numpy as np
 import PIL.Image
 import pytest
@@ -62,9 +64,12 @@ def test_hub_format_converts_to_the_same_arrays() -> None:
     assert converted.features == load_mnist("test").features
 
 
-def test_the_hub_source_without_network_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_hub_source_without_network_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with pytest.raises(
-        HubError, match=r"^dataset 'ylecun/mnist' is not in the Hugging Face cache .* data_files=\.\.\.\)$"
-    ):
+    # An empty cache, whatever this machine has downloaded before.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    message = r"^dataset 'ylecun/mnist' is not in the Hugging Face cache .* data_files=\.\.\.\)$"
+    with pytest.raises(HubError, match=message) as error:
         load_mnist("test", source="hub")
+    assert str(tmp_path / "datasets") in str(error.value)
