@@ -20,6 +20,7 @@ import pyte
 import pytest
 
 from tests.task.toy import Regression, RegressionConfig
+from xax.task.loggers.jsonl import read_history
 
 ROOT = Path(__file__).resolve().parents[3]
 COLUMNS, ROWS = 120, 60
@@ -186,3 +187,23 @@ def test_handlers_levels_and_jax_settings_are_put_back(tmp_path: Path, capsys: p
     assert "run directory" not in capsys.readouterr().out
     assert not (tmp_path / "second" / "run.log").exists()  # made at the first message
     assert (tmp_path / "first" / "run.log").read_text().count("run directory: ") == 1
+
+
+def test_the_summary_after_a_resume_names_the_best_validation_of_the_whole_run(tmp_path: Path) -> None:
+    """Ranked by the largest loss, the best validation is the first (step 2), before the resume at
+    step 4: the resumed run's summary names it, from the run's history."""
+    argv = [
+        f"artifacts.run_dir={tmp_path}",
+        "log.stdout=false",
+        "valid_every_n_steps=2",
+        "valid_every_n_seconds=null",
+        "checkpoint.best_mode=max",
+    ]
+    Regression.launch(RegressionConfig(batch_size=32, max_steps=4), argv=argv)
+    Regression.launch(RegressionConfig(batch_size=32, max_steps=8), argv=[*argv, "resume=auto"])
+    valid = {record["step"]: record["scalars"]["loss"] for record in read_history(tmp_path, phase="valid")}
+    assert sorted(valid) == [2, 4, 6, 8] and max(valid, key=valid.__getitem__) == 2
+    summaries = re.findall(r"best validation loss: (\S+) \(step (\d+)\)", (tmp_path / "run.log").read_text())
+    assert len(summaries) == 2  # one per launch
+    value, step = summaries[-1]
+    assert int(step) == 2 and float(value) == pytest.approx(valid[2], rel=1e-3)

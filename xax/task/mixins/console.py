@@ -16,6 +16,7 @@ from typing_extensions import override
 from xax.core.state import State
 from xax.task.base import BaseTask
 from xax.task.loggers.console import Console, ConsoleHandler
+from xax.task.loggers.jsonl import read_history
 from xax.task.mixins.train import TrainConfig, composed
 from xax.utils.text import human_bytes
 
@@ -157,6 +158,29 @@ class ConsoleMixin(BaseTask[Config], Generic[Config]):
         best = self._best_valid
         if best is None or (value > best[0] if maximize else value < best[0]):
             self._best_valid = (value, step)
+
+    @override
+    def resume_cadences(self, step: int) -> None:
+        """On a resume (or a rewind), the best validation so far is the best of the run's history up
+        to ``step`` (``log.jsonl``), not only of the validations this process will run."""
+        super().resume_cadences(step)
+        self._best_valid = None
+        path = self.run_dir / "log.jsonl"
+        if not path.is_file():
+            return
+        try:
+            history = read_history(path, phase="valid")
+        except (OSError, ValueError, KeyError):  # unreadable: the summary counts this process's validations
+            logger.warning(
+                "could not read the validation history in %s; the final summary's best counts only "
+                "the validations from step %d on",
+                path,
+                step,
+            )
+            return
+        for record in history:
+            if record["step"] <= step:
+                self.note_validation(record["step"], record["scalars"])
 
     def _best_metric(self) -> tuple[str, bool]:
         options = composed(self.config).checkpoint
