@@ -127,3 +127,19 @@ def test_mnist_help_in_a_terminal_of_80_columns() -> None:
     assert lines[0].startswith("usage: python -m examples.mnist [--config FILE.yaml]")
     assert max(len(line) for line in lines) <= 80
     assert option_lines(result.stdout)["max_steps"].lstrip().startswith("max_steps=1875 ")
+
+
+def test_groups_a_task_redefines_are_listed_with_its_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """mnist_diffusion has groups of its own (unet, dit) and its own defaults for ema, precision, optim
+    and log: --help folds them first among the groups, --help-all lists their options with the task's
+    values."""
+    from examples.mnist_diffusion import Config as DiffusionConfig
+
+    folded = help_of(capsys, DiffusionConfig, DiffusionConfig(), "--help")
+    groups = [line.split()[0] for line in folded.split("Option groups")[1].splitlines()[1:] if line[2] != " "]
+    assert set(groups[:6]) == {"log.*", "precision.*", "ema.*", "optim.*", "unet.*", "dit.*"}, groups
+    assert groups[6:9] == ["nan.*", "checkpoint.*", "data.*"], groups
+    lines = option_lines(help_of(capsys, DiffusionConfig, DiffusionConfig(), "--help-all"))
+    assert lines["ema.decay"].lstrip().startswith("ema.decay=0.999 ")
+    assert lines["optim.lr"].lstrip().startswith("optim.lr=0.0005 ")
+    assert {"precision.compute_dtype", "log.heavy_every_n_steps", "unet.base_channels", "nan.policy"} <= set(lines)

@@ -107,9 +107,12 @@ def format_help(
     own = [e for e in entries if not _is_framework(e) and e.group is None]
     framework = [e for e in entries if _is_framework(e)]
     top = [e for e in framework if "." not in e.key and e.group is None]
-    # The config's bases run from the last group to the first: listed the other way, the training
+    # The groups the task redefines (its own defaults for ema, optim, ...) first; then the framework's:
+    # the config's bases run from the last group to the first, so listed the other way the training
     # groups (nan, ema, precision, log, checkpoint, data) come before the launcher's.
-    groups = list(reversed(_groups(framework)))
+    every_group = _groups(entries)
+    groups = [g for g in every_group if not _is_framework(g[0])]
+    groups += reversed([g for g in every_group if _is_framework(g[0])])
     name = (type(config) if config is not None else config_class).__name__
     wrap = textwrap.TextWrapper(width=max(width - 1, 40))
     lines = [
