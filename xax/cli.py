@@ -1,4 +1,5 @@
-"""The ``xax`` console command: ``xax ckpt inspect PATH``, ``xax ckpt diff A B`` and ``xax plan MODULE:CLASS``.
+"""The ``xax`` console command: ``xax ckpt inspect PATH``, ``xax ckpt diff A B``, ``xax runs diff A B``,
+``xax plan MODULE:CLASS`` and ``xax repeat``.
 
 Checkpoints are read through orbax metadata, orbax array restores and JSON only: nothing in a
 checkpoint is unpickled or executed, and the model class is never needed.
@@ -12,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -35,6 +37,7 @@ from xax.checkpoint import (
 )
 from xax.checkpoint.remote import prepare_orbax
 from xax.core.errors import CheckpointError, ConfigError, XaxError
+from xax.task.runs import DEFAULT_RTOL, diff_runs
 from xax.utils.storage import storage_path
 from xax.utils.text import human_bytes
 
@@ -316,6 +319,14 @@ def _diff_command(args: argparse.Namespace) -> int:
     return EXIT_DIFFERENT if lines else EXIT_OK
 
 
+def _runs_diff_command(args: argparse.Namespace) -> int:
+    if not args.rtol >= 0:
+        raise ConfigError(f"--rtol {args.rtol} must be a number >= 0, e.g. --rtol 1e-6")
+    lines, differ = diff_runs(Path(args.a), Path(args.b), rtol=args.rtol)
+    print("\n".join(lines))
+    return EXIT_DIFFERENT if differ else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``xax`` argument parser, one subcommand per tool."""
     parser = argparse.ArgumentParser(prog="xax", description="Tools for xax runs.")
@@ -347,6 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("b", metavar="B", type=storage_path, help="the checkpoint compared with it")
     diff.add_argument("--arrays-only", action="store_true", help="compare only the arrays")
     diff.set_defaults(run=_diff_command)
+
+    runs = commands.add_parser("runs", help="Compare runs", description="Run tools.")
+    run_actions = runs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    runs_diff = run_actions.add_parser(
+        "diff",
+        help="Compare two runs' provenance and metric curves (exit 0: same, 1: different, 2: error)",
+        description="Compare two runs: what differs in their provenance.json, most likely to change the "
+        "numbers first (1 compiled step, 2 data, 3 versions/backend/devices/flags/environment, 4 config, 5 git), "
+        "then each logged metric's curve: the first step where they differ and the final values. "
+        "Exit code 0 if the same, 1 if they differ, 2 on errors.",
+    )
+    runs_diff.add_argument("a", metavar="A", help="the reference run directory")
+    runs_diff.add_argument("b", metavar="B", help="the run directory compared with it")
+    runs_diff.add_argument(
+        "--rtol",
+        type=float,
+        default=DEFAULT_RTOL,
+        help=f"logged values a, b are the same when |a - b| <= rtol * max(|a|, |b|) (default {DEFAULT_RTOL:g})",
+    )
+    runs_diff.set_defaults(run=_runs_diff_command)
 
     plan = commands.add_parser(
         "plan",

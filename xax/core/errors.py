@@ -35,3 +35,7 @@ class TrainingStopped(XaxError):  # noqa: N818 (a request, not a failure)
 
 class HubError(XaxError):
     """A Hugging Face hub name cannot be resolved: no network, offline and not cached, or no such repository."""
+
+
+class ProvenanceError(XaxError):
+    """A run's provenance cannot be read: no such run directory, or no readable provenance.json in it."""

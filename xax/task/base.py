@@ -105,6 +105,9 @@ class BaseTask(Generic[Config]):
         """After the first step: time-based cadences count from the end of start-up and compilation,
         so a slow start does not make them fire at step 1."""
 
+    def on_dataset(self, phase: str, dataset: object) -> None:
+        """Called with each dataset ``get_dataset`` returned, as a phase's batch source is made from it."""
+
     def on_health(self, state: State, health: Health) -> None:
         """Called on the logging thread with each training window's ``Health``, read on the host;
         ``state`` is where training stood at the end of the window."""

@@ -21,6 +21,7 @@ from xax.task.mixins.nonfinite import NonfiniteConfig, NonfiniteMixin
 from xax.task.mixins.optim import OptimConfig, OptimMixin
 from xax.task.mixins.perf import PerfConfig, PerfMixin
 from xax.task.mixins.process import ProcessConfig, ProcessMixin
+from xax.task.mixins.provenance import ProvenanceMixin
 from xax.task.mixins.runnable import RunnableConfig, RunnableMixin
 from xax.task.mixins.sharding import ShardingConfig, ShardingMixin
 from xax.task.mixins.step_context import StepContextConfig, StepContextMixin
@@ -75,6 +76,7 @@ class Task(
     CompileMixin[ConfigT],
     StepContextMixin[ConfigT],
     PerfMixin[ConfigT],
+    ProvenanceMixin[ConfigT],  # inside ArtifactsMixin: writes into the run directory it makes
     ArtifactsMixin[ConfigT],
     ProcessMixin[ConfigT],
     ShardingMixin[ConfigT],

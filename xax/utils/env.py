@@ -104,3 +104,37 @@ def aws_region() -> str | None:
 def aws_keys_in_environment() -> bool:
     """Whether AWS credentials are given by ``AWS_ACCESS_KEY_ID`` (and its secret) in the environment."""
     return bool(os.environ.get("AWS_ACCESS_KEY_ID", "").strip())
+
+
+# Variables that change what a run computes or how: compiler and runtime switches, device
+# visibility, thread counts, hash seeds. Never the whole environment, which holds credentials.
+_RECORDED_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TPU_", "TF_CPP_", "NCCL_", "CUDA_", "CUDNN_", "ROCR_", "HIP_")
+_RECORDED_NAMES = frozenset(
+    {
+        "NVIDIA_TF32_OVERRIDE",
+        "PYTHONHASHSEED",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "TF_FORCE_GPU_ALLOW_GROWTH",
+    }
+)
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
+
+
+def is_secret_looking(name: str) -> bool:
+    """Whether an environment variable's name suggests it holds a credential (``WANDB_API_KEY``)."""
+    upper = name.upper()
+    return any(word in upper for word in _SECRET_WORDS)
+
+
+def recorded_environment() -> dict[str, str]:
+    """The environment variables a run's provenance records, by name: those of an allow-list that can
+    change its numbers or its devices (``XLA_FLAGS``, ``JAX_*``, ``CUDA_VISIBLE_DEVICES``,
+    ``NVIDIA_TF32_OVERRIDE``, ``OMP_NUM_THREADS``, ...), leaving out any whose name looks like a
+    credential's (KEY, TOKEN, SECRET, PASSWORD, ...)."""
+    return {
+        name: value
+        for name, value in sorted(os.environ.items())
+        if (name in _RECORDED_NAMES or name.startswith(_RECORDED_PREFIXES)) and not is_secret_looking(name)
+    }

@@ -44,7 +44,9 @@ VERSIONED_PACKAGES: tuple[str, ...] = (
     "optax",
     "orbax-checkpoint",
     "datasets",
+    "grain",
     "numpy",
+    "ml_dtypes",
     "xax",
 )
 

@@ -109,8 +109,10 @@ class DataLoaderMixin(BaseTask[Config], Generic[Config]):
         key = "batch_size" if train or config.valid_batch_size is None else "valid_batch_size"
         if batch_size < 1:
             raise ConfigError(f"{key}={batch_size} must be at least 1")
+        dataset = self._dataset_of(phase)
+        self.on_dataset(phase, dataset)
         source = make_batch_source(
-            self._dataset_of(phase),
+            dataset,
             phase,
             batch_size,
             seed=seed,
