@@ -71,8 +71,10 @@ def _show(value: Any) -> str:
 def _section(entry: dict[str, Any], name: str) -> dict[str, Any]:
     """The flat values of one ranked section of an entry."""
     if name == "step":
-        step = entry.get("step") or {}
-        return {"sha256": step.get("sha256", "not recorded (the run stopped before its first step)")}
+        step = entry.get("step")
+        if step is None:
+            return {"sha256": "not recorded (the run stopped before its first step)"}
+        return {"sha256": step["sha256"][:16] if step.get("sha256") else step.get("note", "not recorded")}
     if name == "environment":
         return flatten_dict({key: entry.get(key) or {} for key in ENVIRONMENT_KEYS})
     if name == "config":
