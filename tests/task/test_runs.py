@@ -3,6 +3,8 @@ provenance and their logged curves."""
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,3 +194,32 @@ def test_a_missing_run_or_provenance_is_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is unreadable (JSONDecodeError" in err and "rerun the task" in err
     assert json.loads((base / PROVENANCE_NAME).read_text())["format"] == 1
+
+
+@pytest.mark.slow
+def test_xla_flags_given_to_a_process_show_with_the_devices_they_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two command-line runs of one config, the second with XLA_FLAGS giving the CPU backend two devices."""
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(PYTHONPATH=str(root), GIT_CEILING_DIRECTORIES=str(tmp_path))
+    flags = "--xla_force_host_platform_device_count=2"
+    for name, extra in (("one", {}), ("two", {"XLA_FLAGS": flags})):
+        argv = [f"artifacts.run_dir={tmp_path / name}", "max_steps=4", "log.stdout=false"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.task.toy_main", *argv],
+            cwd=tmp_path,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+    code, lines = diff(capsys, tmp_path / "one", tmp_path / "two")
+    assert code == 1
+    section = lines.index("3 versions, backend, devices, flags, environment")
+    assert f"    env.XLA_FLAGS: (absent) -> {flags}" in lines[section:]
+    assert "    jax.device_count: 1 -> 2" in lines[section:]
+    assert not any(line.startswith(("2 ", "4 ", "5 ")) for line in lines)
