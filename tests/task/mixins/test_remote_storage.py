@@ -149,6 +149,9 @@ def test_a_run_stopped_in_s3_resumes_there_bitwise_equal_to_a_local_run_and_warm
     history = xax.read_history(url, "train")  # read from the bucket
     assert [(r["step"], r["scalars"]["loss"]) for r in history] == train
     assert [r["step"] for r in records if r.get("event") == "resume"] == [3]
+    # The provenance of the first start came back from the bucket: the resume appended its own.
+    starts = json.loads(files["provenance.json"])["starts"]
+    assert [start["start_step"] for start in starts] == [0, 3]
     assert any(name.startswith("tensorboard/") for name in files)
     assert not (tmp_path / "s3:").exists(), "nothing written under a local folder named after the URL"
 
