@@ -13,7 +13,6 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -322,7 +321,7 @@ def _diff_command(args: argparse.Namespace) -> int:
 def _runs_diff_command(args: argparse.Namespace) -> int:
     if not args.rtol >= 0:
         raise ConfigError(f"--rtol {args.rtol} must be a number >= 0, e.g. --rtol 1e-6")
-    lines, differ = diff_runs(Path(args.a), Path(args.b), rtol=args.rtol)
+    lines, differ = diff_runs(args.a, args.b, rtol=args.rtol)
     print("\n".join(lines))
     return EXIT_DIFFERENT if differ else EXIT_OK
 
@@ -369,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         "then each logged metric's curve: the first step where they differ and the final values. "
         "Exit code 0 if the same, 1 if they differ, 2 on errors.",
     )
-    runs_diff.add_argument("a", metavar="A", help="the reference run directory")
-    runs_diff.add_argument("b", metavar="B", help="the run directory compared with it")
+    runs_diff.add_argument("a", metavar="A", type=storage_path, help="the reference run directory (or URL)")
+    runs_diff.add_argument("b", metavar="B", type=storage_path, help="the run directory compared with it")
     runs_diff.add_argument(
         "--rtol",
         type=float,

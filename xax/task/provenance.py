@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from xax.core.errors import ProvenanceError
 from xax.task.mixins.artifacts import GitState, package_versions
 from xax.utils.env import recorded_environment
+from xax.utils.storage import storage_path
 
 PROVENANCE_NAME = "provenance.json"
 FORMAT = 1
@@ -188,12 +190,16 @@ def step_fingerprint(lowered: Any) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "dialect": "stablehlo", "chars": len(text)}
 
 
-def read_provenance(run_dir: Path) -> list[dict[str, Any]]:
+def read_provenance(run_dir: epath.PathLike) -> list[dict[str, Any]]:
     """The entries of a run's ``provenance.json``, one per start, oldest first.
+
+    Args:
+        run_dir: The run directory: a local folder, or a ``gs://``/``s3://`` URL.
 
     Raises:
         ProvenanceError: Naming the folder or file that is missing or unreadable, and the fix.
     """
+    run_dir = storage_path(run_dir)
     path = run_dir / PROVENANCE_NAME
     if not run_dir.is_dir():
         raise ProvenanceError(f"{run_dir} is not a folder; pass a run directory (the folder holding {PROVENANCE_NAME})")

@@ -12,13 +12,15 @@ step: the first step where the runs differ beyond a relative tolerance, and the 
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 from xax.checkpoint.metadata import flatten_dict
 from xax.task.loggers.jsonl import read_history
 from xax.task.loggers.sections import dashboard_tag
 from xax.task.provenance import ENVIRONMENT_KEYS, SECTIONS, read_provenance
+from xax.utils.storage import storage_path
 
 # Config keys that name where a run is stored: different for any two runs, never a cause.
 OWN_LOCATION_KEYS = frozenset({"artifacts.run_dir", "artifacts.runs_root"})
@@ -49,14 +51,16 @@ class Difference:
 class Run:
     """A run's folder and its provenance: the entry it began with and its later starts (resumes)."""
 
-    path: Path
+    path: epath.Path
     opening: dict[str, Any]
     resumes: list[dict[str, Any]]
     total_starts: int
 
 
-def open_run(path: Path) -> Run:
-    """Reads a run's ``provenance.json`` (``ProvenanceError`` naming the path and the fix if it cannot)."""
+def open_run(path: epath.PathLike) -> Run:
+    """Reads the ``provenance.json`` of a run (a local folder or a ``gs://``/``s3://`` URL); raises
+    ``ProvenanceError`` naming the path and the fix when it cannot."""
+    path = storage_path(path)
     starts = read_provenance(path)
     fresh = [i for i, entry in enumerate(starts) if entry.get("start_step") == 0]
     first = fresh[-1] if fresh else 0
@@ -142,7 +146,7 @@ def resume_lines(label: str, run: Run) -> list[str]:
     return lines
 
 
-def _curves(path: Path) -> dict[str, dict[int, float]] | None:
+def _curves(path: epath.Path) -> dict[str, dict[int, float]] | None:
     """Each task metric's logged values by step (``train/<name>``, ``valid/<name>``); None without a log."""
     if not (path / "log.jsonl").is_file():
         return None
@@ -204,11 +208,11 @@ def _compare_curve(a: dict[int, float], b: dict[int, float], rtol: float) -> tup
     return f"same at all {len(shared)} logged steps; {final}", False
 
 
-def diff_runs(a: Path, b: Path, *, rtol: float = DEFAULT_RTOL) -> tuple[list[str], bool]:
+def diff_runs(a: epath.PathLike, b: epath.PathLike, *, rtol: float = DEFAULT_RTOL) -> tuple[list[str], bool]:
     """The report ``xax runs diff`` prints and whether the runs differ.
 
     Args:
-        a: The reference run's directory.
+        a: The reference run's directory (a local folder, or a ``gs://``/``s3://`` URL).
         b: The run compared with it.
         rtol: Two logged values are the same when ``|a - b| <= rtol * max(|a|, |b|)``.
 

@@ -22,7 +22,7 @@ from etils import epath
 import xax
 from tests.task.toy import Regression, RegressionConfig, final_params, read_jsonl, start_toy
 from xax.checkpoint import CheckpointManager, CheckpointOptions, checkpoint_steps, restore_latest
-from xax.cli import open_checkpoint, read_arrays
+from xax.cli import main, open_checkpoint, read_arrays
 from xax.task.mixins.artifacts import next_remote_run_dir
 
 BUCKET = "xax-runs"
@@ -124,7 +124,7 @@ def bucket_files(url: str) -> dict[str, bytes]:
 
 
 def test_a_run_stopped_in_s3_resumes_there_bitwise_equal_to_a_local_run_and_warm_starts_another(
-    s3: str, tmp_path: Path
+    s3: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     straight = launch(str(tmp_path / "local"), max_steps=6)
     url = f"{s3}/run"
@@ -152,6 +152,13 @@ def test_a_run_stopped_in_s3_resumes_there_bitwise_equal_to_a_local_run_and_warm
     # The provenance of the first start came back from the bucket: the resume appended its own.
     starts = json.loads(files["provenance.json"])["starts"]
     assert [start["start_step"] for start in starts] == [0, 3]
+    assert main(["runs", "diff", str(tmp_path / "local"), url]) == 1  # read from the bucket too
+    report = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert report[report.index("4 config") + 1] == "max_steps: 6 -> 3"
+    assert "B changed at its start 2 (resumed at step 3):" in report and "max_steps: 3 -> 6" in report
+    assert next(line for line in report if line.startswith("train/loss ")).startswith(
+        "train/loss same at all 6 logged steps; final "
+    )
     assert any(name.startswith("tensorboard/") for name in files)
     assert not (tmp_path / "s3:").exists(), "nothing written under a local folder named after the URL"
 
