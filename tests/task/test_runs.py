@@ -196,6 +196,18 @@ def test_a_missing_run_or_provenance_is_one_line(
     assert json.loads((base / PROVENANCE_NAME).read_text())["format"] == 1
 
 
+def test_an_unreadable_provenance_is_kept_aside_when_a_run_starts_in_its_folder(
+    outside_git: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = outside_git / "run"
+    run.mkdir()
+    (run / PROVENANCE_NAME).write_text("{cut short")
+    train(run, "max_steps=1")
+    assert (run / f"{PROVENANCE_NAME}.unreadable").read_text() == "{cut short"
+    assert [entry["start_step"] for entry in read_provenance(run)] == [0]
+    assert f"kept it as {run / PROVENANCE_NAME}.unreadable" in caplog.text
+
+
 @pytest.mark.slow
 def test_xla_flags_given_to_a_process_show_with_the_devices_they_made(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

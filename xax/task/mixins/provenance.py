@@ -55,6 +55,13 @@ class ProvenanceMixin(BaseTask[Config], Generic[Config]):
         self._provenance = [*self._previous_starts(), entry]
         self._write_provenance()
 
+    @override
+    def on_run_end(self) -> None:
+        try:
+            super().on_run_end()
+        finally:
+            self._provenance = None  # complete: datasets opened after the run are not part of it
+
     def _previous_starts(self) -> list[dict[str, Any]]:
         """The entries of earlier starts in this run directory; an unreadable file is set aside, not lost."""
         path = self.run_dir / PROVENANCE_NAME
@@ -62,10 +69,10 @@ class ProvenanceMixin(BaseTask[Config], Generic[Config]):
             return []
         try:
             return read_provenance(self.run_dir)
-        except ProvenanceError as error:
+        except ProvenanceError:
             aside = path.with_name(f"{PROVENANCE_NAME}.unreadable")
             os.replace(path, aside)
-            logger.warning("%s; kept it as %s and started a new one", error, aside)
+            logger.warning("%s is unreadable; kept it as %s and started a new one", path, aside)
             return []
 
     def _write_provenance(self) -> None:
