@@ -30,6 +30,7 @@ from xax.task.mixins.supervised import SupervisedMixin
 from xax.task.mixins.train import TrainConfig, TrainMixin
 from xax.task.mixins.train_setup import TrainSetupMixin
 from xax.task.mixins.validation import ValidationMixin
+from xax.task.mixins.watchdog import WatchdogConfig, WatchdogMixin
 
 
 # Fields are ordered by the bases from last to first (``--help`` and the saved config.yaml show them so).
@@ -45,6 +46,7 @@ class Config(
     StepContextConfig,
     PerfConfig,
     ArtifactsConfig,
+    WatchdogConfig,
     ProcessConfig,
     ShardingConfig,
     CPUStatsConfig,
@@ -65,6 +67,7 @@ SupervisedConfigT = TypeVar("SupervisedConfigT", bound=SupervisedConfig)
 
 class Task(
     ConsoleMixin[ConfigT],  # outermost: its log handler is the first thing a run sets up and the last it takes off
+    WatchdogMixin[ConfigT],  # next: it watches every other mixin's start and end as well as the loop
     OptimMixin[ConfigT],  # before TrainMixin: its get_optimizer is the default of TrainMixin's abstract one
     TrainMixin[ConfigT],
     TrainSetupMixin[ConfigT],

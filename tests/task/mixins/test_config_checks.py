@@ -23,6 +23,8 @@ BAD = [
     ("launcher.num_cpu_devices=0", "launcher.num_cpu_devices=0 must be >= 1"),
     ("nan.max_rewinds=-1", "nan.max_rewinds=-1 must be >= 0"),
     ("process.shutdown_timeout_s=0", "process.shutdown_timeout_s=0.0 must be > 0"),
+    ("watchdog.step_s=0", "watchdog.step_s=0.0 must be > 0"),
+    ("watchdog.startup_s=-1", "watchdog.startup_s=-1.0 must be > 0"),
 ]
 
 

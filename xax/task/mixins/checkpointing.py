@@ -66,12 +66,14 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
     """Saves and restores the training state: every array of the model, optimizer state, EMA,
     PRNG key, State, data cursor, the resolved config, library version, git commit and mesh."""
 
-    if TYPE_CHECKING:  # from ArtifactsMixin, composed beside this one (xax/task/task.py)
+    if TYPE_CHECKING:  # from the mixins composed beside this one (xax/task/task.py)
         run_storage: epath.Path
 
         def upload_run_files(self) -> None: ...
 
         def git_state(self) -> GitState | None: ...
+
+        def note_progress(self, what: str, *, compiles: bool = False) -> None: ...
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -151,6 +153,7 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
         self.upload_run_files()  # the logs up to this checkpoint, for a run stored at a URL
         if wait:
             manager.wait()
+        self.note_progress(f"the checkpoint of step {step}")
         return path
 
     def wait_for_checkpoint(self) -> None:

@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_SAVE_FAILED = 3
+EXIT_HUNG = 124  # as timeout(1): the watchdog ended a run that made no progress in time
 EXIT_INTERRUPTED = 130
 
 
@@ -53,7 +54,8 @@ class RunnableMixin(BaseTask[Config], Generic[Config]):
         """Resolves the config (defaults < ``config`` < ``--config`` YAML files < ``key=value``) and runs.
 
         A mistake in the config or launch settings ends the program with exit code 2 and one line
-        naming the key; Ctrl-C ends it with 130 after the background workers have stopped.
+        naming the key; Ctrl-C ends it with 130 after the background workers have stopped; a run
+        that makes no progress in time is ended by the watchdog with 124 (``watchdog.*``).
         """
         # Before anything slow: a SIGUSR1 or SIGTERM while JAX starts or the step compiles would
         # otherwise kill the process; the task takes these requests over when its run starts.

@@ -160,6 +160,7 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
         ) -> epath.Path: ...
         def announce_start(self, params: PyTree) -> None: ...
         def announce_end(self, state: State, last_checkpoint: epath.Path | None) -> None: ...
+        def note_progress(self, what: str, *, compiles: bool = False) -> None: ...
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -292,8 +293,15 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
             rewinds += 1
             self.check_rewind_budget(rewind, rewinds, skipped)
             ts, state, cursor = self.rewind_to(template, rewind)
+            self.note_progress(f"the rewind to step {state.num_steps}")
             if rewind.position is not None:
                 skipped.add(rewind.position)
+
+    def training_position(self) -> tuple[State, Cursor] | None:
+        """Where training stands: the State after the newest completed step of this run and the
+        data position of the batch after it; None before the first step. Safe to read from any thread."""
+        done = self._last_completed
+        return None if done is None else (done[2], done[3])
 
     def _save_after_error(self) -> None:
         """Saves the state after the last completed step, when it is newer than the last checkpoint.
@@ -388,6 +396,7 @@ class TrainMixin(BaseTask[Config], Generic[Config]):
             )
             window.steps += 1
             self._last_completed = (treedef, leaves, state, feed.cursor)
+            self.note_progress(f"training step {state.num_steps}")
             over = self.is_training_over(state)
             if self.light_log_is_due(state) or over:
                 host = {

@@ -61,6 +61,7 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
         def heavy_log_is_due(self, state: State) -> bool: ...
         def mark_heavy_logged(self, state: State) -> None: ...
         def note_validation(self, step: int, metrics: dict[str, float]) -> None: ...
+        def note_progress(self, what: str, *, compiles: bool = False) -> None: ...
 
         console: Console
 
@@ -69,6 +70,7 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
         self._valid_batches: BatchSource | None = None
         self._valid_zeros: Callable[[], dict[str, Array]] | None = None
         self._valid_cadence = Cadence(config.valid_every_n_steps, config.valid_every_n_seconds)
+        self._media_compiled = False
 
     def log_media(self, model: PyTree, batch: PyTree, state: State) -> dict[str, Metric]:
         """Heavy media (images, text) for one validation batch, at the heavy-logging cadence."""
@@ -136,6 +138,8 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
         serial = self._max_inflight_steps() == 0
         sums: dict[str, Array] | None = None
         total = source.num_batches_per_epoch
+        # The first pass compiles the evaluation step: allowed as long as the training step's compilation.
+        self.note_progress(f"the start of the validation of step {state.num_steps}", compiles=self._valid_zeros is None)
         with DevicePrefetcher(source, self.place_batch, composed(self.config).data.prefetch) as batches:
             for index, batch in enumerate(batches):
                 self.console.activity(f"validating {index + 1}" + ("" if total is None else f"/{total}"))
@@ -146,6 +150,7 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
                 sums = self._eval_step(params, ts.frozen, sums, batch, packed, self._valid_key)
                 if serial:
                     jax.block_until_ready(sums)
+                self.note_progress(f"validation batch {index + 1} of step {state.num_steps}")
         self.console.activity("")
         if sums is not None:
             # Read here rather than on the logging thread: the checkpoint of this step ranks itself
@@ -178,6 +183,8 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
 
     def log_media_batch(self, ts: TrainState, state: State) -> None:
         """The task's media for the first validation batch."""
+        # The first pass compiles the task's media code: allowed as long as the training step's compilation.
+        self.note_progress(f"the start of the media of step {state.num_steps}", compiles=not self._media_compiled)
         source = self._valid_source()
         source.restore(type(source.cursor)(epoch=0, index=0))
         batch_np = next(iter(source))
@@ -187,9 +194,11 @@ class ValidationMixin(BaseTask[Config], Generic[Config]):
             media = self.log_media(self.eval_model(ts), batch, state.replace(phase="valid"))
         finally:
             self.console.activity("")
+        self._media_compiled = True
         if jax.process_count() > 1:
             # The logging thread can read only this process's shards; every process gathers the
             # rest here, together (heavy logging is step-based in multi-process runs).
             media = jax.tree.map(_addressable, media)
         if media:
             self.log_item(LogItem(state=state, phase="valid", media=media))
+        self.note_progress(f"the media of step {state.num_steps}")
