@@ -10,17 +10,19 @@ from pathlib import Path
 from typing import ClassVar
 
 import datasets
+import pytest
 
 import xax
+from tests.task.launchers.test_multi_host import free_port
 from tests.task.toy import ROOT, RegressionBase, RegressionConfig, read_jsonl
 from xax.utils.watchdog import Stall, Watchdog
 
 # ---- real runs ---------------------------------------------------------------------------------
 
 
-def start(run_dir: Path, *overrides: str) -> subprocess.Popen[str]:
+def start(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Starts the streamed regression of ``watchdog_main`` (8 rows a batch) in its own process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))} | (env or {})
     argv = [
         f"artifacts.run_dir={run_dir}",
         "compile.cache=false",
@@ -98,6 +100,40 @@ def test_runs_blocked_in_their_data_exit_124_and_a_slow_one_finishes(tmp_path: P
     assert [r["step"] for r in records if r["phase"] == "valid"] == [5]
     assert slow_wall > 7 * 1.0  # the data did crawl: 5 training and 2 validation batches
     assert "watchdog" not in slow_err and "watchdog" not in (slow_dir / "run.log").read_text()
+
+
+@pytest.mark.slow  # about 10 s: the default suite's share goes to the single-process runs above
+def test_every_process_of_a_multi_process_run_exits_124(tmp_path: Path) -> None:
+    # Process 1's data blocks; process 0 waits for it in the next step's collective. Each process's
+    # own watchdog ends it, with its own report.
+    run_dir = tmp_path / "two"
+    port = free_port()
+    procs = [
+        start(
+            run_dir,
+            "block_after_rows=40",
+            "blocking_process=1",
+            "watchdog.step_s=3",
+            "max_steps=1000",
+            "valid_every_n_steps=null",
+            "launcher.kind=multi_host",
+            f"launcher.distributed.coordinator_address=localhost:{port}",
+            "launcher.distributed.num_processes=2",
+            f"launcher.distributed.process_id={rank}",
+            "launcher.distributed.init_timeout_s=60",
+            env={"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"},
+        )
+        for rank in range(2)
+    ]
+    errors = [finish(proc)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [124, 124], errors[0][-2000:] + errors[1][-2000:]
+    reports = [(errors[0], run_dir / "run.log"), (errors[1], run_dir / "run.1.log")]
+    for rank, (err, log) in enumerate(reports):
+        for text in (err, log.read_text()):
+            assert f"process {rank} of 2" in text and "(watchdog.step_s=3; phase: training)" in text
+            assert "in _train_loop" in text and "exiting with code 124" in text
+    # The process that hung names the frame it hung in; the other waits for it in the loop.
+    assert "in block_forever" in errors[1] and "in block_forever" not in errors[0]
 
 
 # ---- the thread's life in a run ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import datasets
+import jax
 import numpy as np
 
 import xax
@@ -19,6 +20,7 @@ from tests.task.toy import RegressionBase, RegressionConfig, regression_arrays
 class StallingConfig(RegressionConfig):
     block_after_rows: int | None = xax.field(None, help="The training data blocks forever after this many rows")
     seconds_per_batch: float = xax.field(0.0, help="Seconds the training and validation data take per batch")
+    blocking_process: int | None = xax.field(None, help="Only this process's data blocks (default: every process's)")
 
 
 def block_forever() -> None:
@@ -31,7 +33,8 @@ class StallingRegression(RegressionBase[StallingConfig]):
         config = self.config
         num, seed = (config.num_train, 0) if phase == "train" else (config.num_valid, 1)
         x, y = regression_arrays(num, seed)
-        limit = config.block_after_rows if phase == "train" else None
+        blocks = phase == "train" and config.blocking_process in (None, jax.process_index())
+        limit = config.block_after_rows if blocks else None
         batch_size, seconds = config.batch_size, config.seconds_per_batch
 
         def rows() -> Iterator[dict[str, np.ndarray]]:
