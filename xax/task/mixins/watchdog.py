@@ -124,10 +124,8 @@ class WatchdogMixin(BaseTask[Config], Generic[Config]):
         super().__init__(config)
         self._watchdog: Watchdog | None = None
         self._watchdog_log: Path | None = None
-        self._watchdog_process = (
-            0,
-            1,
-        )  # (index, count), read at run start: the report asks JAX nothing it may block on
+        # (index, count), read at run start: the report asks JAX nothing it may block on.
+        self._watchdog_process = (0, 1)
 
     @override
     def validate_config(self) -> None:
