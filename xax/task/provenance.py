@@ -113,21 +113,39 @@ def jax_facts() -> dict[str, Any]:
 
 
 @functools.cache
-def _module_sha256(name: str, path: Path) -> str:
-    """A short sha256 of a module's file, read the first time this process records the module (close
-    to when it was imported: an edit to the file after that did not change the running code)."""
+def _module_file(file: str, root: Path) -> tuple[bool, str]:
+    """Whether a module's file lies under ``root``, and then a short sha256 of it, else its resolved
+    path. Read the first time this process records the module, close to when it was imported: an
+    edit to the file after that did not change the running code."""
+    path = Path(file).resolve()
+    if not path.is_relative_to(root):
+        return False, str(path)
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return True, hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     except OSError:
-        return "unreadable"
+        return True, "unreadable"
 
 
+@functools.cache
+def _package_root(init_file: str) -> Path:
+    return Path(init_file).resolve().parent
+
+
+@functools.cache
 def _from_source_tree(root: Path) -> bool:
     """Whether the package at ``root`` was imported from a source tree (an editable install, or a
     checkout on ``sys.path``) rather than from an installed copy in site-packages."""
     paths = sysconfig.get_paths()
     installed = {Path(paths[key]).resolve() for key in ("purelib", "platlib") if key in paths}
     return not any(root.is_relative_to(folder) for folder in installed)
+
+
+@functools.cache
+def _xax_version() -> str:
+    try:
+        return importlib.metadata.version("xax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def xax_origin() -> dict[str, Any]:
@@ -137,20 +155,17 @@ def xax_origin() -> dict[str, Any]:
     elsewhere (a copy shadowing the package)."""
     import xax
 
-    root = Path(xax.__file__).resolve().parent
+    root = _package_root(xax.__file__)
     modules: dict[str, str] = {}
     outside: dict[str, str] = {}
     for name, module in sorted(list(sys.modules.items())):
         file = getattr(module, "__file__", None)
         if not (name == "xax" or name.startswith("xax.")) or not file:
             continue
-        path = Path(file).resolve()
-        if path.is_relative_to(root):
-            modules[name] = _module_sha256(name, path)
-        else:
-            outside[name] = str(path)
+        inside, value = _module_file(file, root)
+        (modules if inside else outside)[name] = value
     return {
-        "version": package_versions().get("xax", "unknown"),
+        "version": _xax_version(),
         "root": str(root),
         "source_tree": _from_source_tree(root),
         "module_sha256": modules,

@@ -74,12 +74,12 @@ class Task(
     ValidationMixin[ConfigT],
     NonfiniteMixin[ConfigT],
     DataLoaderMixin[ConfigT],
+    ProvenanceMixin[ConfigT],  # outside LoggerMixin: starts once the run's directory and config.yaml are written
     LoggerMixin[ConfigT],
     CheckpointingMixin[ConfigT],
     CompileMixin[ConfigT],
     StepContextMixin[ConfigT],
     PerfMixin[ConfigT],
-    ProvenanceMixin[ConfigT],  # inside ArtifactsMixin: writes into the run directory it makes
     ArtifactsMixin[ConfigT],
     ProcessMixin[ConfigT],
     ShardingMixin[ConfigT],

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import jax
+import yaml
 from typing_extensions import override
 
-from xax.core.config_io import config_to_dict
 from xax.core.errors import ProvenanceError
 from xax.data.fingerprint import dataset_fingerprint
 from xax.task.base import BaseConfig, BaseTask
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from xax.task.mixins.artifacts import GitState
 
 logger = logging.getLogger(__name__)
+
+# LibYAML's loader where PyYAML was built with it (a few times faster), else the pure-Python one.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 Config = TypeVar("Config", bound=BaseConfig)
 
@@ -51,7 +54,9 @@ class ProvenanceMixin(BaseTask[Config], Generic[Config]):
         self._provenance = None
         if jax.process_index() != 0:
             return
-        entry = start_entry(config_to_dict(self.config), self.git_state())
+        # The resolved config as this start saved it (ArtifactsMixin.write_run_metadata, called by LoggerMixin).
+        config = yaml.load((self.run_dir / "config.yaml").read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+        entry = start_entry(config, self.git_state())
         self._provenance = [*self._previous_starts(), entry]
         self._write_provenance()
 
