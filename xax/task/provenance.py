@@ -9,8 +9,8 @@ likely they are to change the numbers:
 2. ``data``: each phase's dataset fingerprint (``xax.data.fingerprint``);
 3. ``versions`` (packages, GPU/TPU plugins and NVIDIA libraries), ``python``, ``jax`` (backend,
    device kind and count, processes, options that change numerics), ``env`` (an allow-list of
-   variables, ``xax.utils.env.recorded_environment``: never credentials) and ``xax`` (where the
-   package was imported from, whether from a source tree (an editable install), a hash of each imported module);
+   variables, ``xax.utils.env.recorded_environment``: never credentials) and ``xax`` (the folder
+   the package was imported from, whether it is a source tree, a hash of each imported module);
 4. ``config``: the resolved config, as ``config.yaml`` holds it;
 5. ``git``: commit, branch, whether the tree was dirty and a hash of its diff (``git.diff`` holds it).
 """
