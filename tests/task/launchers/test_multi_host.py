@@ -1,6 +1,7 @@
 """The multi-host launcher: settings from the config or SLURM, and a real two-process CPU run."""
 
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -248,6 +249,11 @@ def test_two_processes_train_resume_and_match_one(tmp_path: Path) -> None:
     assert checkpoint_steps(run_dir / "checkpoints") == [4, 6, 7]
     two_train, two_valid = losses(run_dir, "train"), losses(run_dir, "valid")
     assert sorted(two_train) == list(range(1, 8))  # resumed at step 5, not restarted
+    # Process 0 recorded each start's provenance: the second ran the step taking whole batches.
+    first, second = json.loads((run_dir / "provenance.json").read_text())["starts"]
+    assert (first["start_step"], second["start_step"]) == (0, 4)
+    assert [start["jax"]["process_count"] for start in (first, second)] == [2, 2]
+    assert first["step"]["sha256"] != second["step"]["sha256"]
 
     one_dir = tmp_path / "one"
     Regression.launch(
