@@ -16,28 +16,44 @@ from typing import Any
 import jax
 
 
-def environment() -> dict[str, Any]:
-    """Device, driver and library versions of this run."""
-    device = jax.devices()[0]
-    driver = ""
-    with contextlib.suppress(OSError):
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+def _nvidia_smi(query: str) -> list[str]:
+    """One line per GPU of ``nvidia-smi --query-gpu=QUERY``; empty without NVIDIA's driver."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=10,
             check=False,
-        ).stdout.strip()
+        ).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+    return []
+
+
+def environment() -> dict[str, Any]:
+    """Device, driver and library versions of this run.
+
+    On an NVIDIA machine the GPUs are described by ``nvidia-smi``, not JAX: a benchmark's parent
+    process writes its results between its children's runs, and JAX, started there, would take most
+    of the GPU's memory from the next child.
+    """
+    gpus = _nvidia_smi("name,driver_version")
+    if gpus:
+        name, _, driver = gpus[0].rpartition(", ")
+        device, device_count = name, len(gpus)
+    else:
+        jax_device = jax.devices()[0]
+        device, device_count, driver = getattr(jax_device, "device_kind", jax_device.platform), jax.device_count(), ""
     versions = {}
-    for name in ("jax", "jaxlib", "equinox", "optax", "numpy", "datasets", "torch"):
+    for package in ("jax", "jaxlib", "equinox", "optax", "numpy", "datasets", "torch"):
         try:
-            versions[name] = importlib.metadata.version(name)
+            versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             continue
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": getattr(device, "device_kind", device.platform),
-        "device_count": jax.device_count(),
+        "device": device,
+        "device_count": device_count,
         "driver": driver,
         "python": platform.python_version(),
         "versions": versions,
