@@ -105,6 +105,10 @@ class BaseTask(Generic[Config]):
         """After the first step: time-based cadences count from the end of start-up and compilation,
         so a slow start does not make them fire at step 1."""
 
+    def note_progress(self, what: str, *, compiles: bool = False) -> None:
+        """Reports progress to the hang watchdog (``WatchdogMixin``); nothing without one, so a task
+        composed of a few mixins (a checkpointer alone) runs their code as it is."""
+
     def on_dataset(self, phase: str, dataset: object) -> None:
         """Called with each dataset ``get_dataset`` returned, as a phase's batch source is made from it."""
 

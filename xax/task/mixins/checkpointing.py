@@ -73,8 +73,6 @@ class CheckpointingMixin(BaseTask[Config], Generic[Config]):
 
         def git_state(self) -> GitState | None: ...
 
-        def note_progress(self, what: str, *, compiles: bool = False) -> None: ...
-
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self._checkpoints: CheckpointManager | None = None

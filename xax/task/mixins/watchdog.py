@@ -161,6 +161,7 @@ class WatchdogMixin(BaseTask[Config], Generic[Config]):
                 self._watchdog.stop()
                 self._watchdog = None
 
+    @override
     def note_progress(self, what: str, *, compiles: bool = False) -> None:
         """Tells the watchdog the run made progress (a no-op when it is off).
 
