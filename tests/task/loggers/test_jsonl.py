@@ -34,9 +34,12 @@ def test_writes_one_object_per_record(tmp_path: Path) -> None:
         )
     )
     logger.write(LogRecord(step=6, num_samples=10, elapsed_time_s=2.0, phase="valid"))
-    # Media alone (kept by the other loggers) writes no line.
+    # Histograms alone (kept by the other loggers) write no line.
     histogram = {"weights": np.ones(3, dtype=np.float32)}
     logger.write(LogRecord(step=7, num_samples=12, elapsed_time_s=2.5, phase="train", histograms=histogram))
+    # An image alone writes its line: the mark of a media pass (benchmarks/long_run.py counts them).
+    image = {"grid": LogImage(np.zeros((2, 2, 3), dtype=np.uint8))}
+    logger.write(LogRecord(step=8, num_samples=14, elapsed_time_s=3.0, phase="valid", images=image))
     # Line-buffered: the first record is on disk before flush() or close().
     assert _read(path)[0]["step"] == 5
     logger.close()
@@ -51,6 +54,7 @@ def test_writes_one_object_per_record(tmp_path: Path) -> None:
             "texts": {"sample": "hi"},
         },
         {"step": 6, "num_samples": 10, "elapsed_time_s": 2.0, "phase": "valid", "scalars": {}, "texts": {}},
+        {"step": 8, "num_samples": 14, "elapsed_time_s": 3.0, "phase": "valid", "scalars": {}, "texts": {}},
     ]
 
 

@@ -45,7 +45,8 @@ class JsonlLogger(Logger):
     Each line is ``{"step", "num_samples", "elapsed_time_s", "phase", "scalars": {...},
     "texts": {...}}``. Non-finite scalars are written as the strings "nan", "inf" and "-inf", so
     every line is valid JSON. The file is opened for appending: a resumed run adds to the lines of
-    the run it continues. Images and histograms are ignored (a record of media alone writes no line).
+    the run it continues. Images and histograms are ignored (a record of other media writes its line, the
+    mark of a media pass; one of histograms alone writes none).
 
     Args:
         path: The file to append to; its parent directory is created if missing.
@@ -60,9 +61,9 @@ class JsonlLogger(Logger):
 
     @override
     def write(self, record: LogRecord) -> None:
-        media = record.images or record.histograms or record.audio or record.videos
-        if media and not record.scalars and not record.texts:
-            return  # media only (images, histograms): nothing this file keeps
+        others = record.scalars or record.texts or record.images or record.audio or record.videos
+        if record.histograms and not others:
+            return  # histograms alone (log.layer_stats): nothing this file keeps
         line = {
             "step": int(record.step),
             "num_samples": int(record.num_samples),
