@@ -287,3 +287,21 @@ def test_an_unusable_url_is_one_line_before_anything_is_made(
     assert message in err
     assert len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == [], "nothing is created"
+
+
+@pytest.mark.slow
+def test_a_run_that_hangs_in_a_bucket_uploads_its_report_before_exiting_124(s3: str) -> None:
+    """The watchdog's report is what a cluster user reads after a hang: for a run stored at a URL it
+    must reach the bucket (run.log, log.jsonl) before the process ends."""
+    from tests.task.mixins.test_watchdog import finish, start
+
+    run = start(s3, "block_after_rows=40", "watchdog.step_s=2", "max_steps=1000", "valid_every_n_steps=null")
+    _, err = finish(run)
+    assert run.returncode == 124, err[-3000:]
+    assert f"watchdog: uploaded the run's files (this report in run.log) to {s3}" in err
+    files = bucket_files(s3)
+    run_log = files["run.log"].decode()
+    assert "watchdog: no progress for" in run_log and "block_forever" in run_log
+    assert "watchdog: exiting with code 124" in run_log
+    steps = [json.loads(line)["step"] for line in files["log.jsonl"].decode().splitlines() if "phase" in line]
+    assert steps and f"last completed step: {steps[-1]} " in run_log

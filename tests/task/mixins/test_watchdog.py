@@ -20,7 +20,7 @@ from xax.utils.watchdog import Stall, Watchdog
 # ---- real runs ---------------------------------------------------------------------------------
 
 
-def start(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start(run_dir: Path | str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Starts the streamed regression of ``watchdog_main`` (8 rows a batch) in its own process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))} | (env or {})
     argv = [

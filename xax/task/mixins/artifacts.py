@@ -385,6 +385,18 @@ class ArtifactsMixin(BaseTask[Config], Generic[Config]):
         if self._mirror is not None:
             self._mirror.request()
 
+    def upload_run_files_now(self) -> str | None:
+        """Uploads the run's changed files now and waits (a run stored at a URL; nothing otherwise):
+        the last thing a process about to end abruptly does. Returns where they went, or None.
+
+        Raises:
+            OSError: When an upload fails (the files stay in the local copy).
+        """
+        if self._mirror is None:
+            return None
+        self._mirror.sync()
+        return str(self.run_storage)
+
     @property
     def run_dir(self) -> Path:
         """The run's local folder, made on first access and the same afterwards: where its files

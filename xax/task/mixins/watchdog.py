@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 # How long the report waits on things that may themselves hang (the devices, the logging thread,
 # a full pipe) before going on without them.
 _BOUNDED_S = 5.0
+# The longest the report waits for the run's files to reach their bucket (a run stored at a URL).
+_UPLOAD_S = 60.0
 _STDERR = 2
 
 
@@ -119,6 +121,7 @@ class WatchdogMixin(BaseTask[Config], Generic[Config]):
 
         def training_position(self) -> tuple[State, Cursor] | None: ...
         def flush_logs(self) -> None: ...
+        def upload_run_files_now(self) -> str | None: ...
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -205,6 +208,19 @@ class WatchdogMixin(BaseTask[Config], Generic[Config]):
         )
         for fd in fds[1:]:
             os.close(fd)
+        # A run stored at a URL: this report (run.log) and the logs reach the bucket before the exit.
+        finished, outcome = _bounded(self._upload_quietly, _UPLOAD_S)
+        if not finished:
+            _write([_STDERR], f"watchdog: the run's files were not uploaded within {_UPLOAD_S:.0f} s\n")
+        elif outcome is not None:
+            _write([_STDERR], f"watchdog: {outcome}\n")
+
+    def _upload_quietly(self) -> str | None:
+        try:
+            where = self.upload_run_files_now()
+        except Exception as error:  # the report is on stderr already
+            return f"the run's files were not uploaded: {type(error).__name__}: {error}"
+        return None if where is None else f"uploaded the run's files (this report in run.log) to {where}"
 
     def _stall_lines(self, stall: Stall) -> list[str]:
         if stall.last_progress is None:
