@@ -3,7 +3,7 @@
 import re
 import typing
 from dataclasses import dataclass, is_dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from xax.core.config import check_choices
 from xax.core.health import Health
@@ -104,6 +104,9 @@ class BaseTask(Generic[Config]):
     def restart_cadence_clocks(self) -> None:
         """After the first step: time-based cadences count from the end of start-up and compilation,
         so a slow start does not make them fire at step 1."""
+
+    def check_resumed_optimizer(self, opt_state: Any, step: int) -> None:
+        """Called after a resume with the restored optimizer state and the step it was saved at."""
 
     def note_progress(self, what: str, *, compiles: bool = False) -> None:
         """Reports progress to the hang watchdog (``WatchdogMixin``); nothing without one, so a task

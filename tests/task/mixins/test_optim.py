@@ -90,3 +90,28 @@ def test_a_decaying_schedule_without_a_length_is_refused(tmp_path: Path, capsys:
         launch(FromConfig, tmp_path / "run", "max_steps=null", "max_seconds=5", "optim.schedule=wsd")
     assert exit_info.value.code == 2
     assert "optim.schedule=wsd decays to a last step, but the run has no length" in capsys.readouterr().err
+
+
+def test_a_resume_that_stretches_a_decaying_schedule_says_the_rate_jumps(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cosine over 12 steps, resumed with max_steps=24: at step 12 the run trained near the end of
+    its cosine, the new config's cosine is at its middle there. Resumed with the same length, or with
+    optim.total_steps fixing the schedule's length, nothing is said."""
+    schedule = ("optim.schedule=cosine", "optim.lr=0.01", "optim.min_lr=0.0", "checkpoint.every_n_steps=12")
+    launch(FromConfig, tmp_path / "a", *schedule)
+    caplog.set_level("WARNING", logger="xax")
+    with caplog.at_level("WARNING"):
+        launch(FromConfig, tmp_path / "a", *schedule, "resume=auto", "max_steps=24")
+    jumps = [r.getMessage() for r in caplog.records if "so the rate jumps" in r.getMessage()]
+    old, new = 0.005 * (1 + math.cos(math.pi * 11 / 12)), 0.005 * (1 + math.cos(math.pi * 11 / 24))
+    assert jumps == [
+        f"optim: step 12 trained at learning rate {old:.4g}; this config's cosine schedule (over 24 steps) gives "
+        f"{new:.4g} there, so the rate jumps; set optim.total_steps to the length the run started with to continue "
+        "its schedule"
+    ]
+    caplog.clear()
+    launch(FromConfig, tmp_path / "b", *schedule)
+    with caplog.at_level("WARNING"):
+        launch(FromConfig, tmp_path / "b", *schedule, "resume=auto", "max_steps=24", "optim.total_steps=12")
+    assert not [r for r in caplog.records if "so the rate jumps" in r.getMessage()]

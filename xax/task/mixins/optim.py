@@ -1,17 +1,24 @@
 """The ``optim`` config group and the default ``get_optimizer`` built from it."""
 
+import logging
+import math
 import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import jax.numpy as jnp
 import optax
 from typing_extensions import override
 
 from xax.core.config import field
 from xax.optim import OptimOptions, check_options, make_optimizer
 from xax.optim.options import check_length
+from xax.optim.schedules import make_schedule
 from xax.task.base import BaseConfig, BaseTask
 from xax.task.mixins.train import TrainConfig
+from xax.task.mixins.train_step import find_learning_rate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +49,40 @@ class OptimMixin(BaseTask[Config], Generic[Config]):
         steps = self.schedule_steps()
         check_length(self.config.optim, steps)
         return make_optimizer(self.config.optim, steps)
+
+    @override
+    def check_resumed_optimizer(self, opt_state: Any, step: int) -> None:
+        """Warns when this config's schedule gives the resumed step another learning rate than the
+        run used (a decaying schedule's length follows the run's: resuming with a larger
+        ``max_steps`` stretches it, and the rate jumps back up)."""
+        super().check_resumed_optimizer(opt_state, step)
+        if type(self).get_optimizer is not OptimMixin.get_optimizer or step < 1:
+            return  # the task's own optimizer: its schedule is unknown here
+        used = find_learning_rate(opt_state)
+        if used is None:
+            return
+        options, steps = self.config.optim, self.schedule_steps()
+        schedule = make_schedule(
+            options.schedule,
+            options.lr,
+            warmup_steps=options.warmup_steps,
+            total_steps=steps,
+            min_lr=options.min_lr,
+            decay_fraction=options.decay_fraction,
+        )
+        # The state holds the rate of the last update: the schedule at count step - 1.
+        was, now = float(used), float(jnp.asarray(schedule(step - 1)))
+        if not math.isclose(was, now, rel_tol=1e-4, abs_tol=1e-12):
+            logger.warning(
+                "optim: step %d trained at learning rate %.4g; this config's %s schedule (over %s steps) gives %.4g "
+                "there, so the rate jumps; set optim.total_steps to the length the run started with to continue "
+                "its schedule",
+                step,
+                was,
+                options.schedule,
+                steps,
+                now,
+            )
 
     @override
     def validate_config(self) -> None:

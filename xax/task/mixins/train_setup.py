@@ -125,6 +125,7 @@ class TrainSetupMixin(BaseTask[Config], Generic[Config]):
         self.prewarm_checkpoints(ts)
         self.log_event(info.state.num_steps, "resume", checkpoint=str(info.path))
         self.resume_cadences(info.state.num_steps)
+        self.check_resumed_optimizer(ts.opt_state, info.state.num_steps)
         return ts, info.state, info.cursor
 
     def build_steps(
