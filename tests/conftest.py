@@ -1,5 +1,6 @@
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import pytest
@@ -30,3 +31,14 @@ def _caplog_sees_runs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
         yield
     finally:
         logging.getLogger("xax").removeHandler(forward)
+
+
+@pytest.fixture
+def outside_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory git will not search above, so it is in no repository (runs made there
+    have the same git state)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.chdir(work)
+    return work

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+import pytest
 
 from tests.parallel.eight_devices import start
 from xax.testing.plan_parity import PlanCase, run_parity
@@ -28,6 +29,7 @@ def test_plans_on_two_and_four_devices_match_one_device(tmp_path: Path) -> None:
     assert base.loss[0] != base.loss[-1]  # the weights change, so the comparison is not of constants
 
 
+@pytest.mark.slow  # about 30 s; the 2- and 4-device parity above stays in the default suite
 def test_all_three_axes_on_eight_devices_match_one_device(tmp_path: Path) -> None:
     out = tmp_path / "parity.json"
     proc = start("parity", str(out))

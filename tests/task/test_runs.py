@@ -71,16 +71,6 @@ def curve(lines: list[str], name: str) -> str:
     return next(" ".join(line.split()) for line in lines if line.split()[:1] == [name])
 
 
-@pytest.fixture
-def outside_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory in no git repository, so both runs of a comparison have the same git state."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    monkeypatch.chdir(work)
-    return work
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("base")

@@ -45,16 +45,6 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 @pytest.fixture
-def outside_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory git will not search above, so it is in no repository."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    monkeypatch.chdir(work)
-    return work
-
-
-@pytest.fixture
 def git_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
