@@ -144,14 +144,21 @@ def read_jsonl(path: "object") -> list[dict]:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_toy(run_dir: Path, *overrides: str, **popen: Any) -> subprocess.Popen[str]:
-    """Starts ``python -m tests.task.toy_main`` (the regression task) in its own process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+def start_toy(
+    run_dir: "Path | str",
+    *overrides: str,
+    module: str = "tests.task.toy_main",
+    env: dict[str, str] | None = None,
+    **popen: Any,
+) -> subprocess.Popen[str]:
+    """Starts ``python -m MODULE`` (by default the regression task of ``toy_main``) in its own process,
+    without this process's JAX, XLA and SLURM settings (``env`` added on top)."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))}
     argv = [f"artifacts.run_dir={run_dir}", "compile.cache=false", "log.tensorboard=false", *overrides]
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.task.toy_main", *argv],
+        [sys.executable, "-m", module, *argv],
         cwd=ROOT,
-        env=env,
+        env=inherited | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

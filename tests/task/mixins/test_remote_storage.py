@@ -179,7 +179,7 @@ def test_a_run_killed_while_training_into_s3_resumes_there_bitwise_equal(s3: str
         "log.every_n_steps=1",
         "log.every_n_seconds=null",
     ]
-    proc = start_toy(url, *common, "max_steps=100000", "artifacts.upload_every_n_seconds=1", "log.stdout=false")  # ty: ignore[invalid-argument-type]
+    proc = start_toy(url, *common, "max_steps=100000", "artifacts.upload_every_n_seconds=1", "log.stdout=false")
     bucket = s3fs.S3FileSystem(use_listings_cache=False)  # sees what the other process writes
     try:
         deadline = time.monotonic() + 240
@@ -193,7 +193,7 @@ def test_a_run_killed_while_training_into_s3_resumes_there_bitwise_equal(s3: str
     assert last >= 20
     # Resumed and uninterrupted, each in its own process as the killed run was.
     for run_dir, resume in ((url, ["resume=auto"]), (str(tmp_path / "local"), [])):
-        proc = start_toy(run_dir, *common, *resume, f"max_steps={last + 12}", "log.stdout=false")  # ty: ignore[invalid-argument-type]
+        proc = start_toy(run_dir, *common, *resume, f"max_steps={last + 12}", "log.stdout=false")
         assert proc.wait(timeout=300) == 0, proc.communicate()[1][-3000:]
     checkpoints = [open_checkpoint(run_dir) for run_dir in (url, tmp_path / "local")]
     assert [checkpoint.step for checkpoint in checkpoints] == [last + 12] * 2

@@ -1,9 +1,7 @@
 """The hang watchdog: real runs that block or crawl (in their own processes, since a hung run ends
 its process), and the watchdog thread's life."""
 
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 import xax
 from tests.task.launchers.test_multi_host import free_port
-from tests.task.toy import ROOT, RegressionBase, RegressionConfig, read_jsonl
+from tests.task.toy import RegressionBase, RegressionConfig, read_jsonl, start_toy
 from xax.utils.watchdog import Stall, Watchdog
 
 # ---- real runs ---------------------------------------------------------------------------------
@@ -22,23 +20,8 @@ from xax.utils.watchdog import Stall, Watchdog
 
 def start(run_dir: Path | str, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Starts the streamed regression of ``watchdog_main`` (8 rows a batch) in its own process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))} | (env or {})
-    argv = [
-        f"artifacts.run_dir={run_dir}",
-        "compile.cache=false",
-        "log.tensorboard=false",
-        "log.every_n_steps=1",
-        "data.shuffle_buffer=1",
-        *overrides,
-    ]
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.task.mixins.watchdog_main", *argv],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    settings = ("log.every_n_steps=1", "data.shuffle_buffer=1")
+    return start_toy(run_dir, *settings, *overrides, module="tests.task.mixins.watchdog_main", env=env)
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
