@@ -44,6 +44,19 @@ def _sgd(
     return optax.chain(optax.add_decayed_weights(weight_decay, mask), optax.sgd(learning_rate, momentum, nesterov))  # ty: ignore[invalid-argument-type]
 
 
+def schedule_of(options: OptimOptions, total_steps: int | None = None) -> optax.Schedule:
+    """The learning-rate schedule ``options`` names (``make_schedule``); ``total_steps`` is its last
+    step when ``options.total_steps`` is None (the run's length)."""
+    return make_schedule(
+        options.schedule,
+        options.lr,
+        warmup_steps=options.warmup_steps,
+        total_steps=options.total_steps if options.total_steps is not None else total_steps,
+        min_lr=options.min_lr,
+        decay_fraction=options.decay_fraction,
+    )
+
+
 def make_optimizer(options: OptimOptions, total_steps: int | None = None) -> optax.GradientTransformation:
     """The optimizer ``options`` names, with its schedule, behind ``optax.inject_hyperparams`` (so the
     learning rate is logged each step).
@@ -62,14 +75,7 @@ def make_optimizer(options: OptimOptions, total_steps: int | None = None) -> opt
     Returns:
         The optax optimizer.
     """
-    schedule = make_schedule(
-        options.schedule,
-        options.lr,
-        warmup_steps=options.warmup_steps,
-        total_steps=options.total_steps if options.total_steps is not None else total_steps,
-        min_lr=options.min_lr,
-        decay_fraction=options.decay_fraction,
-    )
+    schedule = schedule_of(options, total_steps)
     mask = decay_mask(options.decay_pattern)
     # Options left unset (None) take the optimizer's own default.
     betas: dict[str, Any] = {name: value for name in ("b1", "b2") if (value := getattr(options, name)) is not None}

@@ -12,8 +12,8 @@ from typing_extensions import override
 
 from xax.core.config import field
 from xax.optim import OptimOptions, check_options, make_optimizer
+from xax.optim.optimizers import schedule_of
 from xax.optim.options import check_length
-from xax.optim.schedules import make_schedule
 from xax.task.base import BaseConfig, BaseTask
 from xax.task.mixins.train import TrainConfig
 from xax.task.mixins.train_step import find_learning_rate
@@ -62,14 +62,7 @@ class OptimMixin(BaseTask[Config], Generic[Config]):
         if used is None:
             return
         options, steps = self.config.optim, self.schedule_steps()
-        schedule = make_schedule(
-            options.schedule,
-            options.lr,
-            warmup_steps=options.warmup_steps,
-            total_steps=steps,
-            min_lr=options.min_lr,
-            decay_fraction=options.decay_fraction,
-        )
+        schedule = schedule_of(options, steps)
         # The state holds the rate of the last update: the schedule at count step - 1.
         was, now = float(used), float(jnp.asarray(schedule(step - 1)))
         if not math.isclose(was, now, rel_tol=1e-4, abs_tol=1e-12):
