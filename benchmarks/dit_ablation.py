@@ -25,7 +25,10 @@ device. Each is compiled ahead of time (``compile_s``), warmed up, then timed.
   ``_residual_f32`` (a float32 residual stream), ``_patch_linear`` (patchify as a reshape and one
   matmul instead of a strided convolution);
 - ``combined``: ``batched`` with every option whose variant beat ``batched`` by more than 1%;
-- ``reference``: ``benchmarks.dit_reference`` (written without xax's model code).
+- ``reference``: ``benchmarks.dit_reference`` (written without xax's model code);
+- ``VARIANT+SET`` (e.g. ``xax+cublaslt``): the variant compiled under XLA options
+  (``XLA_FLAG_SETS``), each in a child process started before this one touches the GPU;
+  ``xax+default`` is the same child process with no extra flag, their control.
 
 ``over_xax`` is a variant's speed over ``xax``'s. A variant that lowers to the same program as
 one timed before it is reported as such and not compiled again; with ``--budget-s``, variants that
@@ -77,6 +80,8 @@ import argparse
 import dataclasses
 import functools
 import gc
+import json
+import os
 import sys
 import tempfile
 import time
@@ -93,7 +98,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from benchmarks import dit_reference
-from benchmarks.common import write_results
+from benchmarks.common import run_child_processes, write_results
 from benchmarks.dit_throughput import (
     LABEL_DROP,
     Setup,
@@ -176,6 +181,25 @@ VARIANTS: dict[str, Variant] = {
     "xax_remat_dots": Variant("xax", config=(("remat", "dots_saveable"),)),
 }
 assert {f"batched_{name}" for name in BATCHED_CHANGES} <= set(VARIANTS)
+
+# XLA options, timed as ``VARIANT+SET`` (``xax+cublaslt``): the variant's step compiled in a process
+# of its own whose ``XLA_FLAGS`` end with the set's flags (XLA reads them once, when it starts).
+# ``default`` adds nothing: the same separate process, the control for the others.
+XLA_FLAG_SETS: dict[str, str] = {
+    "default": "",
+    "cublaslt": "--xla_gpu_enable_cublaslt=true",
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+    "cudnn_layer_norm": "--xla_gpu_enable_cudnn_layer_norm=true",
+    "exhaustive_tiling": "--xla_gpu_exhaustive_tiling_search=true",
+}
+
+
+def split_name(name: str) -> tuple[Variant, str | None]:
+    """The variant and XLA flag set of a ``--which`` name (``xax`` or ``xax+cublaslt``)."""
+    base, plus, flag_set = name.partition("+")
+    if base not in VARIANTS or (plus and flag_set not in XLA_FLAG_SETS):
+        raise KeyError(name)
+    return VARIANTS[base], flag_set if plus else None
 
 
 # ---- the batched forward over xax's weights ------------------------------------------------------
@@ -441,7 +465,7 @@ def combined_variant(results: dict[str, dict[str, Any]]) -> Variant | None:
 def report(
     args: argparse.Namespace, setup: Setup, results: dict[str, dict[str, Any]], breakdowns: dict[str, str]
 ) -> None:
-    base = results.get("xax", {}).get("steps_per_s")
+    base = results.get("xax", results.get("xax+default", {})).get("steps_per_s")
     rows = []
     for name, result in results.items():
         rate = result.get("steps_per_s")
@@ -455,6 +479,7 @@ def report(
                 "over_xax": rate / base if measured and isinstance(base, float) else "",
                 "compile_s": result.get("compile_s", ""),
                 "last_loss": result.get("last_loss", ""),
+                "xla_flags": result.get("xla_flags", ""),
             }
         )
     combined = results.get("combined", {}).get("options", "")
@@ -471,12 +496,33 @@ def report(
     write_results(args.out, "dit_ablation", rows, notes, tiny=args.tiny)
 
 
-def run(args: argparse.Namespace, names: Sequence[str]) -> None:
-    start = time.monotonic()
+def run_flag_sets(args: argparse.Namespace, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Times each ``VARIANT+SET`` in a child process with the set's XLA flags. Run before this
+    process touches the GPU, so that its allocator holds nothing a child needs."""
+    flags = ["--steps", str(args.steps), "--warmup", str(args.warmup), *(["--tiny"] if args.tiny else [])]
+    finished = run_child_processes(
+        "benchmarks.dit_ablation", names, flags, extra_xla_flags=lambda name: XLA_FLAG_SETS[split_name(name)[1] or ""]
+    )
+    return {name: result if result is not None else {"status": "failed"} for name, result in finished.items()}
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """``--child NAME``: times one variant (under the XLA flags its parent set) and writes its row as JSON."""
     setup = make_setup(args.tiny, "auto" if args.tiny else "cudnn")
     latents, labels = random_latents(setup)
     data = (jax.device_put(latents), jax.device_put(labels))
-    results: dict[str, dict[str, Any]] = {}
+    row, _ = time_variant(args.child, split_name(args.child)[0], setup, data, args, {})
+    args.result_file.write_text(json.dumps({**row, "xla_flags": os.environ.get("XLA_FLAGS", "")}))
+
+
+def run(args: argparse.Namespace, names: Sequence[str]) -> None:
+    start = time.monotonic()
+    children = [name for name in names if "+" in name]
+    names = [name for name in names if "+" not in name]
+    results: dict[str, dict[str, Any]] = run_flag_sets(args, children) if children else {}
+    setup = make_setup(args.tiny, "auto" if args.tiny else "cudnn")
+    latents, labels = random_latents(setup)
+    data = (jax.device_put(latents), jax.device_put(labels))
     # The fastest non-reference variant so far ("best") and the reference, kept for a profile.
     kept: dict[str, Timed] = {}
     kept_names: dict[str, str] = {}
@@ -614,6 +660,14 @@ def check_hlo(names: Sequence[str], batch: int) -> None:
             print(f"- {key}: {value}", flush=True)
 
 
+def known(name: str) -> bool:
+    try:
+        split_name(name)
+    except KeyError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="DiT-B/2 training-step variants, side by side, and a kernel breakdown")
     parser.add_argument("--steps", type=int, default=None, help="Last timed step (default 30; 4 with --tiny)")
@@ -626,20 +680,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="Tiny model: every variant on CPU; no numbers")
     parser.add_argument("--check-hlo", action="store_true", help="Lower each variant at DiT-B/2's shapes; run nothing")
     parser.add_argument("--hlo-batch", type=int, default=2, help="Batch of --check-hlo")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.command = "python -m benchmarks.dit_ablation " + " ".join(sys.argv[1:] if argv is None else argv)
     names = [n.strip() for n in args.which.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
+    unknown = [name for name in names if not known(name)]
     if unknown:
-        raise SystemExit(f"error: --which names unknown variants {unknown}; choose from {list(VARIANTS)}")
+        raise SystemExit(
+            f"error: --which names unknown variants {unknown}; choose from {list(VARIANTS)}, each optionally "
+            f"+ an XLA flag set of {list(XLA_FLAG_SETS)} (e.g. xax+cublaslt)"
+        )
     if args.check_hlo:
-        check_hlo(names, args.hlo_batch)
+        check_hlo([name for name in names if "+" not in name], args.hlo_batch)
         return
     args.steps = args.steps if args.steps is not None else (4 if args.tiny else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.profile_steps = args.profile_steps if args.profile_steps is not None else (1 if args.tiny else 3)
     if not 0 < args.warmup < args.steps:
         raise SystemExit(f"error: need 0 < --warmup < --steps, got --warmup {args.warmup} --steps {args.steps}")
+    if args.child is not None:
+        run_child(args)
+        return
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="xax_dit_ablation_")) if args.tiny else Path("benchmarks/results")
     run(args, names)

@@ -72,3 +72,23 @@ def test_dit_ablation_tiny(tmp_path: Path) -> None:
         row = rows[name]
         assert isinstance(row["steps_per_s"], float) and row["steps_per_s"] > 0, (name, row)
         assert math.isclose(row["images_per_s"], 8 * row["steps_per_s"]) and math.isfinite(row["last_loss"])
+
+
+@pytest.mark.slow
+def test_xla_flag_sets_run_in_children_with_their_flags(tmp_path: Path) -> None:
+    with jax.numpy_dtype_promotion("standard"):
+        dit_ablation.main(["--tiny", "--which", "xax+default,xax+cublaslt", "--out", str(tmp_path)])
+    rows = {row["variant"]: row for row in read_results(tmp_path, "dit_ablation_tiny")}
+    assert set(rows) == {"xax+default", "xax+cublaslt"}
+    assert "--xla_gpu_enable_cublaslt=true" in rows["xax+cublaslt"]["xla_flags"]
+    assert "cublaslt" not in rows["xax+default"]["xla_flags"]
+    assert rows["xax+default"]["over_xax"] == 1.0
+    for row in rows.values():
+        assert isinstance(row["steps_per_s"], float) and row["steps_per_s"] > 0, row
+    # The flag is for GPUs: on the CPU both children compute the same step, hence the same loss.
+    assert rows["xax+cublaslt"]["last_loss"] == rows["xax+default"]["last_loss"]
+
+
+def test_unknown_flag_set_is_named() -> None:
+    with pytest.raises(SystemExit, match=r"xax\+nonsense.*XLA flag set"):
+        dit_ablation.main(["--tiny", "--which", "xax+nonsense"])
