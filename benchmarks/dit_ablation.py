@@ -521,6 +521,8 @@ def run(args: argparse.Namespace, names: Sequence[str]) -> None:
     names = [name for name in names if "+" not in name]
     results: dict[str, dict[str, Any]] = run_flag_sets(args, children) if children else {}
     setup = make_setup(args.tiny, "auto" if args.tiny else "cudnn")
+    if children:
+        report(args, setup, results, {})  # kept should the in-process variants be cut short
     latents, labels = random_latents(setup)
     data = (jax.device_put(latents), jax.device_put(labels))
     # The fastest non-reference variant so far ("best") and the reference, kept for a profile.
