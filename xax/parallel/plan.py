@@ -56,6 +56,12 @@ class ParallelOptions:
         help="Build the weights and optimizer state in one jitted program, each device making only its shards "
         "(needs a jittable get_model); false builds them eagerly on one device and then places them",
     )
+    init_on_host: bool = field(
+        True,
+        help="With sharded_init on a GPU or TPU: compile and run that program on the host's CPU, then give each "
+        "device its shards (GPT-2 small's init compiles in seconds there, in minutes for a GPU); false runs it on "
+        "the devices, so that no host memory ever holds the whole state",
+    )
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, PRNGKeyArray, PyTree
@@ -27,6 +28,24 @@ if TYPE_CHECKING:
     from xax.task.mixins.checkpointing import Restored
 
 Config = TypeVar("Config", bound=TrainConfig)
+
+
+def host_cpu() -> jax.Device | None:
+    """This process's CPU device where the run's devices are GPUs or TPUs; None on a CPU run (the
+    devices are the host) or where the CPU backend is unavailable (``JAX_PLATFORMS`` leaves it out)."""
+    if jax.default_backend() == "cpu":
+        return None
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except (RuntimeError, ValueError):
+        return None
+
+
+def place_from_host(array: Array, sharding: NamedSharding) -> Array:
+    """A host-built array laid out per ``sharding``: each local device receives only its own shard
+    (every process built the same values from the same seed)."""
+    values = np.asarray(array)
+    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
 
 
 class TrainSetupMixin(BaseTask[Config], Generic[Config]):
@@ -96,16 +115,23 @@ class TrainSetupMixin(BaseTask[Config], Generic[Config]):
         return jax.eval_shape(build), statics[0]
 
     def init_train_state(self, optimizer: optax.GradientTransformation) -> tuple[TrainState, PyTree]:
-        """Builds the model, splits it into arrays and structure, and places it per the plan: inside
-        one jitted program when ``parallel.sharded_init`` (no device ever holds a whole copy), else
-        eagerly on one device and then moved."""
+        """Builds the model, splits it into arrays and structure, and places it per the plan: with
+        ``parallel.sharded_init``, in one jitted program, run on the host's CPU and sharded from there
+        (``parallel.init_on_host``, where the devices are not CPUs) or on the devices, each making
+        only its shards; else eagerly on one device and then moved."""
         abstract, static = self.abstract_train_state(optimizer)
         shardings = self._state_shardings = self.train_state_shardings(abstract)
-        if composed(self.config).parallel.sharded_init:
-            state = jax.jit(lambda: self.fresh_train_state(optimizer)[0], out_shardings=shardings)()
-        else:
-            state = jax.device_put(self.fresh_train_state(optimizer)[0], shardings)
-        return state, static
+        parallel = composed(self.config).parallel
+        if not parallel.sharded_init:
+            return jax.device_put(self.fresh_train_state(optimizer)[0], shardings), static
+        host = host_cpu() if parallel.init_on_host else None
+        if host is None:
+            return jax.jit(lambda: self.fresh_train_state(optimizer)[0], out_shardings=shardings)(), static
+        # The same program on the host: random initialization unrolls into hundreds of small fusions,
+        # each a kernel that a GPU compile builds separately (minutes for GPT-2 small).
+        with jax.default_device(host):
+            built = jax.jit(lambda: self.fresh_train_state(optimizer)[0])()
+        return jax.tree.map(place_from_host, built, shardings), static
 
     def resume_or_start(self, ts: TrainState) -> tuple[TrainState, State, Cursor | None]:
         """The train state, State and data cursor to start from: a restored checkpoint's, or the
