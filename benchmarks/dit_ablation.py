@@ -486,7 +486,8 @@ def report(
     notes = (
         f"DiT ({setup.model.num_layers} blocks, width {setup.model.d_model}, patch {setup.model.patch_size}) "
         f"training-step variants (batch {setup.batch}, {setup.model.input_size}x{setup.model.input_size}x"
-        f"{setup.model.in_channels} latents, bf16 compute, float32 weights, AdamW), all in one process; "
+        f"{setup.model.in_channels} latents, bf16 compute, float32 weights, AdamW), in one process "
+        "(each VARIANT+SET in a child process of its own); "
         f"steps {args.warmup}..{args.steps} timed after an ahead-of-time compile. See the module docstring of "
         f"benchmarks/dit_ablation.py for what each variant changes.{' combined: ' + combined if combined else ''}"
         f"\n\nCommand: `{args.command}`"

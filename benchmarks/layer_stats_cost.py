@@ -71,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     notes = (
         f"xax's GPT-2 small task (benchmarks.gpt2_throughput), {args.rounds} pairs of runs in one process (off, on; "
-        f"then on, off), {args.steps} steps each, timed after step {args.warmup} from the logged records; logging every "
-        f"{math.gcd(100, args.warmup)} steps. Target: at most 3% of the step."
+        f"then on, off), {args.steps} steps each, timed after step {args.warmup} from the logged records; logging "
+        f"every {math.gcd(100, args.warmup)} steps. Target: at most 3% of the step."
     )
     write_results(out, "layer_stats_cost", rows, notes, tiny=args.tiny)
 
