@@ -1,6 +1,9 @@
 """Logs records to TensorBoard event files, one directory per phase."""
 
+import importlib
 import json
+import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -17,6 +20,29 @@ from xax.task.loggers.sections import CONSTANT_NAMES, dashboard_tag
 if TYPE_CHECKING:
     from tensorboardX import SummaryWriter
     from tensorboardX.proto.summary_pb2 import Summary  # ty: ignore[missing-module-member]
+
+
+def import_in_background(module: str) -> threading.Thread | None:
+    """Starts importing ``module`` in a daemon thread; None when it is imported already.
+
+    tensorboardX imports torch when it is installed (2 s on a CPU, more with CUDA), and an import
+    holds the interpreter lock most of the time: done by the logging thread at the first record, it
+    slowed the training loop's first logging windows to half speed on an H100. Started with the
+    run, it overlaps the model's initialization and compilation instead. A failure is left to the
+    import where the module is used, which raises it there.
+    """
+    if module in sys.modules:
+        return None
+
+    def run() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # raised again, with its message, where the module is used
+            return
+
+    thread = threading.Thread(target=run, name=f"xax-import-{module}", daemon=True)
+    thread.start()
+    return thread
 
 
 class TensorBoardLogger(Logger):
@@ -49,11 +75,13 @@ class TensorBoardLogger(Logger):
         self._config = None if config is None else dict(config)
         self._writers: dict[Phase | None, SummaryWriter] = {}
         self._constants: dict[tuple[Phase, str], float] = {}
+        import_in_background("tensorboardX")
 
     def _writer(self, phase: Phase | None) -> "SummaryWriter":
         """The writer of a phase, or of ``log_dir`` itself (the run's config) for None."""
         if phase not in self._writers:
-            # Imported here: tensorboardX imports torch when it is installed, seconds of start-up.
+            # Imported here (started in the background by __init__): tensorboardX imports torch when
+            # it is installed, seconds of start-up.
             from tensorboardX import SummaryWriter
 
             self._writers[phase] = SummaryWriter(logdir=str(self.log_dir if phase is None else self.log_dir / phase))
