@@ -2,6 +2,7 @@
 language models, DiT, UNet, the mmDiT and the VAE (their cases are in ``contract_cases``)."""
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -121,12 +122,16 @@ SLOW = {("unet", "check_jits"), ("unet", "check_finite_gradients"), ("mmdit", "c
 SLOW |= {("mmdit", "check_finite_gradients")}
 
 
+def _check_name(check: Any) -> str:
+    return check.__name__
+
+
 def _pairs() -> list:
     return [
-        pytest.param(case, check, id=f"{case.name}-{check.__name__}", marks=[pytest.mark.slow] * (pair in SLOW))
+        pytest.param(case, check, id=f"{case.name}-{_check_name(check)}", marks=[pytest.mark.slow] * (pair in SLOW))
         for case in CASES
         for check in CHECKS
-        for pair in [(case.name, check.__name__)]
+        for pair in [(case.name, _check_name(check))]
     ]
 
 
