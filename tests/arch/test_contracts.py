@@ -118,8 +118,12 @@ CASES = [*transformer_cases(), *ssm_cases(), *denoiser_cases(), *vae_cases()]
 # The slowest pairs on two CPU cores (about 30-60 s each, mostly compiling the UNet's and mmDiT's
 # convolutions and joint attention again under each transformation) run in the slow step; every
 # other pair of these two models stays in the default suite.
-SLOW = {("unet", "check_jits"), ("unet", "check_finite_gradients"), ("mmdit", "check_jits")}
-SLOW |= {("mmdit", "check_finite_gradients")}
+SLOW = {
+    ("unet", "check_jits"),
+    ("unet", "check_finite_gradients"),
+    ("mmdit", "check_jits"),
+    ("mmdit", "check_finite_gradients"),
+}
 
 
 def _check_name(check: Any) -> str:
@@ -128,10 +132,14 @@ def _check_name(check: Any) -> str:
 
 def _pairs() -> list:
     return [
-        pytest.param(case, check, id=f"{case.name}-{_check_name(check)}", marks=[pytest.mark.slow] * (pair in SLOW))
+        pytest.param(
+            case,
+            check,
+            id=f"{case.name}-{_check_name(check)}",
+            marks=[pytest.mark.slow] if (case.name, _check_name(check)) in SLOW else [],
+        )
         for case in CASES
         for check in CHECKS
-        for pair in [(case.name, _check_name(check))]
     ]
 
 
