@@ -110,7 +110,7 @@ from benchmarks.dit_throughput import (
     reference_shape,
 )
 from benchmarks.gpt2_throughput import time_steps
-from benchmarks.profile_tools import format_breakdown, kernel_breakdown
+from benchmarks.profile_tools import format_with_fusions, kernel_breakdown
 from xax.arch import DiT
 from xax.arch.diffusion import diffusion_loss, drop_labels, sincos_2d
 
@@ -443,7 +443,7 @@ def profile(timed: Timed, data: tuple[Array, Array], args: argparse.Namespace) -
     rows = kernel_breakdown(
         timed.compiled, *timed.state, *data, timed.indices(), steps=args.profile_steps, thread=thread
     )
-    return format_breakdown(rows, steps=args.profile_steps, top=args.top)
+    return format_with_fusions(rows, timed.compiled.as_text(), steps=args.profile_steps, top=args.top)
 
 
 def combined_variant(results: dict[str, dict[str, Any]]) -> Variant | None:

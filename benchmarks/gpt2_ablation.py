@@ -40,7 +40,7 @@ from jaxtyping import Array
 
 from benchmarks.common import run_child_processes, write_results
 from benchmarks.gpt2_throughput import gpt2_loss, make_optimizer, make_setup, time_steps, token_windows
-from benchmarks.profile_tools import format_breakdown, kernel_breakdown
+from benchmarks.profile_tools import format_with_fusions, kernel_breakdown
 from xax.arch import Transformer
 
 # name -> (model changes, loss, what the step does, extra XLA flags)
@@ -111,7 +111,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
             return (out[0], out[1], windows, indices())
 
         rows = kernel_breakdown(step, state[0], state[1], windows, indices(), steps=args.profile_steps, thread=thread)
-        result["breakdown"] = format_breakdown(rows, steps=args.profile_steps, top=args.top)
+        hlo = step.lower(state[0], state[1], windows, indices()).compile().as_text()
+        result["breakdown"] = format_with_fusions(rows, hlo, steps=args.profile_steps, top=args.top)
     return result
 
 
