@@ -96,6 +96,13 @@ def floats_training(args: argparse.Namespace) -> tuple[Any, Callable[[Any], tupl
     return state, step, f"{num_params / 1e6:.1f}M float32 parameters in {NUM_ARRAYS} arrays, elementwise update"
 
 
+def phase_columns(phases: dict[str, float], blocked: float) -> dict[str, float]:
+    """Where a save's blocking time went (``CheckpointManager.save_phases``): orbax's save (the copy of
+    the arrays off the devices), the dispatch of the checksums, and the rest (waits, metadata, the mixin)."""
+    orbax, checksums = phases.get("orbax_save", 0.0), phases.get("checksums_dispatch", 0.0)
+    return {"orbax_save_s": orbax, "checksums_dispatch_s": checksums, "rest_s": blocked - orbax - checksums}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="How long an asynchronous checkpoint blocks training")
     parser.add_argument("--batch", type=int, default=None, help="Sequences per step (default 16; 2 with --tiny)")
@@ -165,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row.update(
                     {
                         "blocked_s": blocked,
+                        **phase_columns(task.checkpoint_manager().save_phases, blocked),
                         "step_ms_baseline": 1000 * statistics.median(baseline),
                         "step_ms_during_write": 1000 * statistics.median(first_half),
                         "ratio_during_vs_baseline": statistics.median(first_half) / statistics.median(baseline),

@@ -4,6 +4,8 @@ retention, verified by checksums and restored onto another mesh."""
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +187,33 @@ def test_prewarm_compiles_the_first_saves_checksums_ahead_and_writes_nothing_her
     restored = restore_latest(directory, tree)
     assert restored is not None and restored.step == 4
     assert_trees_equal(restored.tree, tree)
+
+
+def test_save_phases_account_for_the_blocking_time(tmp_path: Path) -> None:
+    """``save_phases`` names where a save blocked: a wait on a slow previous write is the previous write's,
+    not orbax's; the phases add up to no more than the call."""
+    manager = CheckpointManager(tmp_path / "checkpoints", CheckpointOptions())
+    try:
+        manager.save(1, make_tree(1), {"step": 1})
+        slow_write = threading.Event()
+        orbax: Any = manager.orbax_manager()
+        original_wait = orbax.wait_until_finished
+
+        def wait_slowly() -> None:  # a previous write that is still running for 0.3 s
+            if not slow_write.is_set():
+                slow_write.set()
+                time.sleep(0.3)
+            original_wait()
+
+        orbax.wait_until_finished = wait_slowly
+        start = time.perf_counter()
+        manager.save(2, make_tree(2), {"step": 2}, wait=True)
+        elapsed = time.perf_counter() - start
+        phases = manager.save_phases
+    finally:
+        manager.close()
+    expected = {"prewarm_wait", "open", "previous_write_wait", "metadata", "orbax_save", "checksums_dispatch"}
+    assert set(phases) == expected | {"write_wait"}
+    assert phases["previous_write_wait"] >= 0.3 > max(phases["orbax_save"], phases["checksums_dispatch"])
+    assert all(value >= 0 for value in phases.values())
+    assert sum(phases.values()) <= elapsed

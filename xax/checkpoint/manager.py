@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,8 @@ class CheckpointManager:
         self._write_error_filter: logging.Filter | None = None
         self._writing: int | None = None  # the step whose write may still be running
         self._prewarm: threading.Thread | None = None
+        # Seconds the last ``save`` spent in each of its blocking phases (``save_phases``).
+        self.save_phases: dict[str, float] = {}
 
     def orbax_manager(self) -> ocp.CheckpointManager:
         """The orbax manager, opened on first use (and again after a failed write closed it)."""
@@ -295,9 +298,21 @@ class CheckpointManager:
             CheckpointWriteError: When this write, or the previous one still running in the
                 background, failed (a full disk); the older checkpoints are kept.
         """
+        clock = time.perf_counter()
+        phases: dict[str, float] = {}
+
+        def phase(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            phases[name] = phases.get(name, 0.0) + now - clock
+            clock = now
+
         self._join_prewarm()
+        phase("prewarm_wait")
         manager = self.orbax_manager()
+        phase("open")
         self.wait()  # surfaces a failed background write (orbax's save waits anyway)
+        phase("previous_write_wait")
         best = self.options.best_metric
         metrics = metrics or {}
         rank = metrics if best in metrics and math.isfinite(metrics[best]) else None
@@ -314,11 +329,14 @@ class CheckpointManager:
                 items["checksums"] = ChecksumSave(checksums)
                 if not self.options.async_save:
                     checksums.set_result(array_checksums(tree))
+            phase("metadata")
             try:
                 with quiet_orbax():  # orbax warns of a save without metrics when ranking by them
                     manager.save(step, args=ocp.args.Composite(**items), metrics=rank, force=True)
+                phase("orbax_save")
                 if not checksums.done():
                     checksums.set_result(array_checksums(tree))
+                phase("checksums_dispatch")
             except BaseException as error:
                 if not checksums.done():
                     checksums.set_exception(error)  # lets the background writer end
@@ -328,6 +346,8 @@ class CheckpointManager:
             self._writing = step
         if wait:
             self.wait()
+            phase("write_wait")
+        self.save_phases = phases
         return self.directory / str(step)
 
     def wait(self) -> None:
