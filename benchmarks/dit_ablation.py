@@ -9,6 +9,8 @@ device. Each is compiled ahead of time (``compile_s``), warmed up, then timed.
 
 - ``xax``: the library's ``DiT.__call__`` as configured by ``dit_throughput`` (blocks in a Python
   loop over static slices of the stacked weights, vmapped over the batch, cuDNN attention);
+- ``xax_autodiff_gelu``: ``xax`` with the MLP's GELU differentiated by JAX (the library's
+  ``gelu_tanh`` before its custom backward), the control for it;
 - ``xax_scan``, ``xax_xla_attention``, ``xax_remat_off``, ``xax_remat_dots``: the same with
   ``scan_layers=True``, ``attention_impl="xla"``, ``remat="none"`` (skipped when it is the
   default) or ``remat="dots_saveable"``;
@@ -77,6 +79,7 @@ body counts once, and the StableHLO):
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -89,6 +92,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import equinox as eqx
 import jax
@@ -149,6 +153,16 @@ class Variant:
     model: str
     config: tuple[tuple[str, Any], ...] = ()
     options: Options = Options()
+    autodiff_gelu: bool = False
+
+
+def gelu_of(variant: Variant) -> contextlib.AbstractContextManager[Any]:
+    """While tracing a variant with ``autodiff_gelu``, the library's MLPs take JAX's GELU differentiated
+    by JAX (which saves a residual of its tanh) instead of ``xax.nn.mlp.gelu_tanh`` (which saves its input)."""
+    if not variant.autodiff_gelu:
+        return contextlib.nullcontext()
+    autodiff = functools.partial(jax.nn.gelu, approximate=True)
+    return mock.patch.dict("xax.nn.mlp.ACTIVATIONS", {"gelu_tanh": autodiff})
 
 
 BATCHED_CHANGES: dict[str, dict[str, str]] = {
@@ -169,6 +183,7 @@ VARIANTS: dict[str, Variant] = {
     "batched": Variant("batched"),
     "batched_separate": Variant("batched", options=Options(blocks="separate")),
     "batched_qkv_split": Variant("batched", options=Options(qkv="split")),
+    "xax_autodiff_gelu": Variant("xax", autodiff_gelu=True),
     "xax_scan": Variant("xax", config=(("scan_layers", True),)),
     "batched_mod_f32": Variant("batched", options=Options(modulation="f32")),
     "batched_ln_bf16": Variant("batched", options=Options(layer_norm="bf16")),
@@ -408,14 +423,16 @@ def time_variant(
     ``programs`` maps each lowered program already timed to its variant: a variant that lowers to
     one of them is reported as the same and not compiled again.
     """
-    step, state = build(variant, setup, jax.default_backend() == "gpu")
+    with gelu_of(variant):
+        step, state = build(variant, setup, jax.default_backend() == "gpu")
     rng = np.random.default_rng(1)
 
     def indices() -> np.ndarray:
         return rng.integers(0, setup.num_samples, setup.batch, dtype=np.int32)
 
     start = time.perf_counter()
-    lowered = step.lower(*state, *data, indices())
+    with gelu_of(variant):
+        lowered = step.lower(*state, *data, indices())
     program = lowered.as_text()
     if program in programs:
         return {"status": f"same program as {programs[program]}"}, None
@@ -596,7 +613,6 @@ def hlo_summary(variant: Variant, setup: Setup, batch: int) -> dict[str, Any]:
     slices of stacked weights), concatenates, copies and large float32 <-> bf16 converts."""
     import collections
     import re
-    from unittest import mock
 
     from jax._src.cudnn import fused_attention_stablehlo
 
@@ -612,6 +628,7 @@ def hlo_summary(variant: Variant, setup: Setup, batch: int) -> dict[str, Any]:
     with (
         mock.patch.object(fused_attention_stablehlo, "check_cudnn_version", return_value=91000),
         mock.patch.object(jax, "default_backend", return_value="gpu"),
+        gelu_of(variant),
     ):
         traced = step.trace(*state, *data)
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
