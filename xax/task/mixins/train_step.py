@@ -12,7 +12,7 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree, UInt32
 from xax.core.health import Health, NonfiniteCause
 from xax.core.metric import Scalar
 from xax.core.state import State
-from xax.utils.layer_stats import group_statistics
+from xax.utils.layer_stats import group_statistics, leaf_sums
 from xax.utils.pytree import cast_floating
 
 # (model, batch, state, key) -> (loss, metrics); the model is already cast to the compute dtype.
@@ -163,7 +163,7 @@ def make_train_step(
                 return params, opt_state, ema, params_ok
             # The applied update's squared size per leaf, for the layer statistics.
             pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ts.params), strict=True)
-            return params, opt_state, ema, params_ok, jnp.stack([jnp.sum(jnp.square(p - q)) for p, q in pairs])
+            return params, opt_state, ema, params_ok, leaf_sums([jnp.square(p - q) for p, q in pairs])
 
         def keep(_: None) -> tuple[Any, ...]:
             num_leaves = len(jax.tree.leaves(ts.params))
@@ -201,8 +201,8 @@ def make_train_step(
                 group_statistics(
                     layer_groups,
                     squares,
-                    jnp.stack([jnp.sum(~jnp.isfinite(g)).astype(jnp.float32) for g in jax.tree.leaves(grads)]),
-                    jnp.stack([jnp.sum(jnp.square(p)) for p in jax.tree.leaves(ts.params)]),
+                    leaf_sums([(~jnp.isfinite(g)).astype(jnp.float32) for g in jax.tree.leaves(grads)]),
+                    leaf_sums([jnp.square(p.astype(jnp.float32)) for p in jax.tree.leaves(ts.params)]),
                     update_squares[0],
                 )
             )
