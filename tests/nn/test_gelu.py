@@ -90,3 +90,14 @@ def test_mlp_gradients_match_the_autodiff_gelu() -> None:
     reference = jax.jit(jax.grad(loss), static_argnums=1)(mlp, True)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_forward_mode_and_second_derivatives_work() -> None:
+    """``jax.jvp`` (which a custom VJP would refuse) and the second derivative of the custom GELU."""
+    x = jnp.asarray(POINTS[::100], jnp.float32)
+    _, tangent = jax.jvp(gelu_tanh, (x,), (jnp.ones_like(x),))
+    np.testing.assert_allclose(np.asarray(tangent), exact_slope(np.asarray(x, np.float64)), rtol=1e-6, atol=1e-6)
+    second = jax.grad(lambda v: jax.grad(lambda w: gelu_tanh(w).sum())(v).sum())(x)
+    x64, step = np.asarray(x, np.float64), 1e-5  # a central difference of the float64 slope: error ~1e-10
+    expected = (exact_slope(x64 + step) - exact_slope(x64 - step)) / (2 * step)
+    np.testing.assert_allclose(np.asarray(second), expected, rtol=1e-4, atol=1e-5)

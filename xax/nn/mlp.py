@@ -23,15 +23,16 @@ def _gelu_exact(x: Array) -> Array:
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def gelu_tanh(x: Array) -> Array:
     """``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` (``jax.nn.gelu(x, approximate=True)``),
     whose backward pass keeps only ``x``.
 
     Differentiated by JAX, the forward pass also writes a residual of the tanh for the backward: one
-    more array of the input's size per call (an MLP's hidden activations). Here the backward
-    recomputes the tanh from ``x`` (which the layer before keeps anyway) in float32, the forward
-    writes the GELU alone, and both move fewer bytes: DiT-B/2's MLPs write and read 0.8 GB less per block.
+    more array of the input's size per call (an MLP's hidden activations). Here the derivative is its
+    own rule, rematerialized: the backward recomputes it from ``x`` (which the layer before keeps
+    anyway) in float32, the forward writes the GELU alone, and both move fewer bytes (DiT-B/2's MLPs
+    write and read 0.8 GB less per block). Forward-mode differentiation (``jax.jvp``) works as usual.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -43,21 +44,27 @@ def gelu_tanh(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=True)
 
 
-def _gelu_tanh_forward(x: Array) -> tuple[Array, Array]:
-    return jax.nn.gelu(x, approximate=True), x
+def _gelu_tanh_slope(x: Array) -> Array:
+    """The derivative of ``gelu_tanh`` at ``x``, in float32.
 
-
-def _gelu_tanh_backward(x: Array, grad: Array) -> tuple[Array]:
-    # With u = c (x + 0.044715 x^3): 0.5 (1 + tanh u) = s(2u) and 0.5 (1 - tanh^2 u) = 2 s(2u) s(-2u), s the
-    # sigmoid, which keep their precision where tanh u is near -1 (1 + tanh u would cancel).
+    With u = c (x + 0.044715 x^3): 0.5 (1 + tanh u) = s(2u) and 0.5 (1 - tanh^2 u) = 2 s(2u) s(-2u), s
+    the sigmoid, which keep their precision where tanh u is near -1 (where 1 + tanh u would cancel).
+    """
     x32 = x.astype(jnp.float32)
     twice = 2.0 * _SQRT_2_OVER_PI * (x32 + 0.044715 * x32 * x32 * x32)
     du_dx = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x32 * x32)
-    slope = jax.nn.sigmoid(twice) * (1.0 + 2.0 * x32 * jax.nn.sigmoid(-twice) * du_dx)
-    return ((grad.astype(jnp.float32) * slope).astype(grad.dtype),)
+    return jax.nn.sigmoid(twice) * (1.0 + 2.0 * x32 * jax.nn.sigmoid(-twice) * du_dx)
 
 
-gelu_tanh.defvjp(_gelu_tanh_forward, _gelu_tanh_backward)
+@jax.checkpoint  # the slope is recomputed where the tangent is used: only x is kept for the backward
+def _gelu_tanh_tangent(x: Array, tangent: Array) -> Array:
+    return (tangent.astype(jnp.float32) * _gelu_tanh_slope(x)).astype(tangent.dtype)
+
+
+@gelu_tanh.defjvp
+def _gelu_tanh_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (tangent,) = primals, tangents
+    return gelu_tanh(x), _gelu_tanh_tangent(x, tangent)
 
 
 # Activations by name. "gelu_tanh" is GPT-2's "gelu_new"; "silu" (swish) is Llama's.
