@@ -30,6 +30,7 @@ from xax.nn.metrics import token_accuracy as token_accuracy
 from xax.nn.metrics import top_k_accuracy as top_k_accuracy
 from xax.nn.mlp import MLP as MLP
 from xax.nn.mlp import SwiGLU as SwiGLU
+from xax.nn.mlp import gelu_tanh as gelu_tanh
 from xax.nn.norms import LayerNorm as LayerNorm
 from xax.nn.norms import RMSNorm as RMSNorm
 from xax.nn.precision import COMPUTE_DTYPES as COMPUTE_DTYPES
