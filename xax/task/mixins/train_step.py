@@ -138,8 +138,9 @@ def make_train_step(
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
 
-        # Per-leaf squared norms give the global norm and, for free, the first non-finite leaf.
-        squares = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)])
+        # Per-leaf squared norms give the global norm and, for free, the first non-finite leaf (the
+        # small leaves' sums taken together: one kernel per leaf would cost more in launches than bytes).
+        squares = leaf_sums([jnp.square(g.astype(jnp.float32)) for g in jax.tree.leaves(grads)])
         grad_norm = jnp.sqrt(jnp.sum(squares))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -150,9 +151,9 @@ def make_train_step(
                 updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
                 params = optax.apply_updates(ts.params, updates)
             # Finite gradients can still make non-finite weights (a learning rate of NaN or 1e38):
-            # such an update is dropped like a non-finite gradient. The check is one reduction per
-            # leaf, fused with the update; nothing is read on the host.
-            params_ok = jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+            # such an update is dropped like a non-finite gradient. The check is a count per leaf,
+            # fused with the update; nothing is read on the host.
+            params_ok = leaf_sums([(~jnp.isfinite(p)).astype(jnp.float32) for p in jax.tree.leaves(params)]) == 0
             ok = jnp.all(params_ok)
             params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), params, ts.params)
             opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, ts.opt_state)
