@@ -184,6 +184,7 @@ def fusions_of(hlo_text: str) -> dict[str, Fusion]:
     calls: dict[str, str] = {}
     operands: dict[str, list[str]] = {}
     bodies: dict[str, list[str]] = collections.defaultdict(list)
+    own_lines: dict[str, str] = {}
     computation = ""
     for line in hlo_text.splitlines():
         header = COMPUTATION.match(line)
@@ -195,6 +196,7 @@ def fusions_of(hlo_text: str) -> dict[str, Fusion]:
             continue
         name, type_text, _, rest = match.groups()
         types[name] = type_text
+        own_lines[name] = line
         bodies[computation].append(line)
         args = rest.split(")", 1)[0]
         operands[name] = re.findall(r"%([\w.\-]+)", args)
@@ -204,7 +206,7 @@ def fusions_of(hlo_text: str) -> dict[str, Fusion]:
     result: dict[str, Fusion] = {}
     for name, type_text in types.items():
         body = bodies.get(calls.get(name, ""), [])
-        lines = body or [line for lines in bodies.values() for line in lines if f"%{name} = " in line][:1]
+        lines = body or [own_lines[name]]  # a fusion's ops, or an unfused instruction itself
         sources: collections.Counter[str] = collections.Counter()
         passes = set()
         for line in lines:
