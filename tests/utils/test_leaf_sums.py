@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from xax.utils.layer_stats import SMALL_LEAF, leaf_sums
 
@@ -38,3 +39,18 @@ def test_small_leaves_take_one_reduction_per_width() -> None:
     # Stacked: width 1024 (768, 768) and 4096 (2304, 3 x 768, 3072). Alone: SMALL_LEAF (width 65536), 1 and
     # 5 (widths 1 and 8), the empty leaf, and the large SMALL_LEAF + 1 and 300 x 400.
     assert len(reductions) == 2 + 6
+
+
+def test_arrays_kept_apart_are_summed_alone() -> None:
+    """A sharded leaf (``together`` False) is not stacked: the two 768-wide leaves then reduce apart."""
+    values = arrays()
+    together = [index != 4 for index in range(len(values))]
+    jaxpr = jax.make_jaxpr(lambda v: leaf_sums(v, together))(values)
+    reductions = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "reduce_sum"]
+    assert len(reductions) == 2 + 6 + 1  # leaf 0 is now alone in width 1024, and leaf 4 on its own
+    np.testing.assert_allclose(np.asarray(leaf_sums(values, together)), np.asarray(leaf_sums(values)), rtol=1e-6)
+
+
+def test_a_flag_per_array_is_required() -> None:
+    with pytest.raises(ValueError, match="one per array"):
+        leaf_sums(arrays(), [True])

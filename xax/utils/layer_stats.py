@@ -60,7 +60,7 @@ def layer_groups(names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
 SMALL_LEAF = 1 << 16
 
 
-def leaf_sums(values: Sequence[Array]) -> Float[Array, " leaves"]:
+def leaf_sums(values: Sequence[Array], together: Sequence[bool] | None = None) -> Float[Array, " leaves"]:
     """The float32 sum of each array, with the small ones summed together.
 
     One reduction per leaf means one kernel per leaf, and on a GPU a model's many small leaves (biases,
@@ -70,6 +70,9 @@ def leaf_sums(values: Sequence[Array]) -> Float[Array, " leaves"]:
 
     Args:
         values: Arrays to sum (already transformed: squares, non-finite flags...).
+        together: Per array, whether it may be stacked with others (default: all). A sharded array
+            may not: stacking it would gather it onto every device, a collective per leaf, where its
+            own sum takes one reduction and one scalar all-reduce.
 
     Returns:
         Their sums, in order.
@@ -79,10 +82,12 @@ def leaf_sums(values: Sequence[Array]) -> Float[Array, " leaves"]:
         >>> leaf_sums([jnp.ones(3), jnp.arange(4.0), jnp.ones((300, 300))]).tolist()
         [3.0, 6.0, 90000.0]
     """
+    if together is not None and len(together) != len(values):
+        raise ValueError(f"leaf_sums got {len(values)} arrays but {len(together)} 'together' flags; give one per array")
     sums: list[Array | None] = [None] * len(values)
     by_width: dict[int, list[int]] = {}
     for index, value in enumerate(values):
-        if 0 < value.size <= SMALL_LEAF:
+        if 0 < value.size <= SMALL_LEAF and (together is None or together[index]):
             by_width.setdefault(1 << (value.size - 1).bit_length(), []).append(index)
     for width, indices in by_width.items():
         if len(indices) < 2:

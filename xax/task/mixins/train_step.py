@@ -139,8 +139,16 @@ def make_train_step(
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
 
         # Per-leaf squared norms give the global norm and, for free, the first non-finite leaf (the
-        # small leaves' sums taken together: one kernel per leaf would cost more in launches than bytes).
-        squares = leaf_sums([jnp.square(g.astype(jnp.float32)) for g in jax.tree.leaves(grads)])
+        # small replicated leaves' sums taken together: one kernel per leaf would cost more in launches
+        # than bytes; a sharded leaf is summed where it lies).
+        replicated = None
+        if grad_shardings is not None:
+            replicated = [sharding.is_fully_replicated for sharding in jax.tree.leaves(grad_shardings)]
+
+        def per_leaf(values: list[Array]) -> Array:
+            return leaf_sums(values, replicated)
+
+        squares = per_leaf([jnp.square(g.astype(jnp.float32)) for g in jax.tree.leaves(grads)])
         grad_norm = jnp.sqrt(jnp.sum(squares))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -153,7 +161,7 @@ def make_train_step(
             # Finite gradients can still make non-finite weights (a learning rate of NaN or 1e38):
             # such an update is dropped like a non-finite gradient. The check is a count per leaf,
             # fused with the update; nothing is read on the host.
-            params_ok = leaf_sums([(~jnp.isfinite(p)).astype(jnp.float32) for p in jax.tree.leaves(params)]) == 0
+            params_ok = per_leaf([(~jnp.isfinite(p)).astype(jnp.float32) for p in jax.tree.leaves(params)]) == 0
             ok = jnp.all(params_ok)
             params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), params, ts.params)
             opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, ts.opt_state)
@@ -164,7 +172,7 @@ def make_train_step(
                 return params, opt_state, ema, params_ok
             # The applied update's squared size per leaf, for the layer statistics.
             pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ts.params), strict=True)
-            return params, opt_state, ema, params_ok, leaf_sums([jnp.square(p - q) for p, q in pairs])
+            return params, opt_state, ema, params_ok, per_leaf([jnp.square(p - q) for p, q in pairs])
 
         def keep(_: None) -> tuple[Any, ...]:
             num_leaves = len(jax.tree.leaves(ts.params))
@@ -202,8 +210,8 @@ def make_train_step(
                 group_statistics(
                     layer_groups,
                     squares,
-                    leaf_sums([(~jnp.isfinite(g)).astype(jnp.float32) for g in jax.tree.leaves(grads)]),
-                    leaf_sums([jnp.square(p.astype(jnp.float32)) for p in jax.tree.leaves(ts.params)]),
+                    per_leaf([(~jnp.isfinite(g)).astype(jnp.float32) for g in jax.tree.leaves(grads)]),
+                    per_leaf([jnp.square(p.astype(jnp.float32)) for p in jax.tree.leaves(ts.params)]),
                     update_squares[0],
                 )
             )
