@@ -10,7 +10,8 @@ device. Each is compiled ahead of time (``compile_s``), warmed up, then timed.
 - ``xax``: the library's ``DiT.__call__`` as configured by ``dit_throughput`` (blocks in a Python
   loop over static slices of the stacked weights, vmapped over the batch, cuDNN attention);
 - ``xax_autodiff_gelu``: ``xax`` with the MLP's GELU differentiated by JAX (the library's
-  ``gelu_tanh`` before its custom backward), the control for it;
+  ``gelu_tanh`` before its custom backward), the control for it; ``xax_autodiff_ln`` the same for
+  the LayerNorm (``xax.nn.norms.layer_norm`` before its custom backward); ``xax_autodiff`` both;
 - ``xax_scan``, ``xax_xla_attention``, ``xax_remat_off``, ``xax_remat_dots``: the same with
   ``scan_layers=True``, ``attention_impl="xla"``, ``remat="none"`` (skipped when it is the
   default) or ``remat="dots_saveable"``;
@@ -154,15 +155,29 @@ class Variant:
     config: tuple[tuple[str, Any], ...] = ()
     options: Options = Options()
     autodiff_gelu: bool = False
+    autodiff_ln: bool = False
+
+
+def autodiff_layer_norm(x: Array, eps: float = 1e-6) -> Array:
+    """The DiT blocks' LayerNorm as JAX differentiates it (which saves the centred input and its
+    scaled copy in float32), the library's before ``xax.nn.norms.layer_norm`` had its own backward."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    var = jnp.mean((x32 - mean) ** 2, axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def gelu_of(variant: Variant) -> contextlib.AbstractContextManager[Any]:
-    """While tracing a variant with ``autodiff_gelu``, the library's MLPs take JAX's GELU differentiated
-    by JAX (which saves a residual of its tanh) instead of ``xax.nn.mlp.gelu_tanh`` (which saves its input)."""
-    if not variant.autodiff_gelu:
-        return contextlib.nullcontext()
-    autodiff = functools.partial(jax.nn.gelu, approximate=True)
-    return mock.patch.dict("xax.nn.mlp.ACTIVATIONS", {"gelu_tanh": autodiff})
+    """While tracing a variant with ``autodiff_gelu`` (``autodiff_ln``), the library's MLPs take JAX's
+    GELU differentiated by JAX (which saves a residual of its tanh) instead of ``xax.nn.mlp.gelu_tanh``
+    (which saves its input), and its DiT blocks ``autodiff_layer_norm`` instead of their LayerNorm."""
+    stack = contextlib.ExitStack()
+    if variant.autodiff_gelu:
+        autodiff = functools.partial(jax.nn.gelu, approximate=True)
+        stack.enter_context(mock.patch.dict("xax.nn.mlp.ACTIVATIONS", {"gelu_tanh": autodiff}))
+    if variant.autodiff_ln:
+        stack.enter_context(mock.patch("xax.arch.dit.layer_norm", autodiff_layer_norm))
+    return stack
 
 
 BATCHED_CHANGES: dict[str, dict[str, str]] = {
@@ -184,6 +199,8 @@ VARIANTS: dict[str, Variant] = {
     "batched_separate": Variant("batched", options=Options(blocks="separate")),
     "batched_qkv_split": Variant("batched", options=Options(qkv="split")),
     "xax_autodiff_gelu": Variant("xax", autodiff_gelu=True),
+    "xax_autodiff_ln": Variant("xax", autodiff_ln=True),
+    "xax_autodiff": Variant("xax", autodiff_gelu=True, autodiff_ln=True),
     "xax_scan": Variant("xax", config=(("scan_layers", True),)),
     "batched_mod_f32": Variant("batched", options=Options(modulation="f32")),
     "batched_ln_bf16": Variant("batched", options=Options(layer_norm="bf16")),

@@ -27,6 +27,7 @@ from xax.arch.config import (
 from xax.arch.diffusion.embeddings import TimestepEmbedder, sincos_2d
 from xax.arch.diffusion.layers import zero_init
 from xax.core.config import field, register_config
+from xax.nn import norms
 from xax.nn.attention import dot_product_attention
 from xax.nn.mlp import MLP
 
@@ -125,11 +126,9 @@ LEGACY_PARAM_NAMES: tuple[tuple[str, str], ...] = (
 
 
 def layer_norm(x: Float[Array, "t d"], eps: float = 1e-6) -> Float[Array, "t d"]:
-    """LayerNorm without affine parameters (adaLN supplies them), computed in float32."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(axis=-1, keepdims=True)
-    var = jnp.mean((x32 - mean) ** 2, axis=-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    """LayerNorm without affine parameters (adaLN supplies them), computed in float32; its backward
+    keeps only ``x`` and the per-row statistics (``xax.nn.norms.layer_norm``)."""
+    return norms.layer_norm(x, None, None, eps)
 
 
 def modulate(x: Float[Array, "t d"], shift: Float[Array, " d"], scale: Float[Array, " d"]) -> Float[Array, "t d"]:
