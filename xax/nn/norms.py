@@ -1,7 +1,10 @@
 """Normalization layers over the last axis: LayerNorm and RMSNorm.
 
-Both compute their statistics in float32 whatever the input dtype, then return the input dtype, so
-bfloat16 activations do not lose the variance to rounding.
+Both compute their statistics in float32 whatever the input dtype (float64 for float64), then return
+the input dtype, so bfloat16 activations do not lose the variance to rounding. Their derivatives are
+their own (``layer_norm``, ``rms_normalize``): the backward pass recomputes the normalized input from
+the input and the per-row statistics instead of keeping float32 copies of it, so a bfloat16 network
+keeps and reads back less per norm.
 """
 
 import functools
@@ -53,9 +56,9 @@ def layer_norm(x: Array, weight: Array | None, bias: Array | None, eps: float) -
 
     Examples:
         >>> import jax, jax.numpy as jnp
-        >>> x = jnp.array([[1.0, 2.0, 3.0, 6.0]])
-        >>> [round(v, 3) for v in layer_norm(x, None, None, 0.0)[0].tolist()]
-        [-1.0, -0.6, -0.2, 1.4]
+        >>> x = jnp.array([[1.0, 1.0, 3.0, 3.0]])  # mean 2, variance 1
+        >>> layer_norm(x, jnp.array([1.0, 2.0, 1.0, 2.0]), None, 0.0)[0].tolist()
+        [-1.0, -2.0, 1.0, 2.0]
     """
     mean, rstd = _moments(x, eps)
     return _affine(x, mean, rstd, weight, bias)
@@ -124,6 +127,37 @@ class LayerNorm(eqx.Module):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def rms_normalize(x: Array, eps: float) -> Array:
+    """``x / sqrt(mean(x^2) + eps)`` over the last axis, in float32 (float64 for a float64 ``x``),
+    returned in the dtype of ``x``; as ``layer_norm``, its backward keeps only ``x`` and the per-row
+    reciprocal root mean square, not a float32 copy of ``x``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> rms_normalize(jnp.array([[3.0, 4.0, 0.0, 0.0]]), 0.0)[0].tolist()  # root mean square 2.5
+        [1.2000000476837158, 1.600000023841858, 0.0, 0.0]
+    """
+    xf = _wide(x)
+    return (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+@jax.checkpoint  # the normalized input is recomputed where the tangent is used, not kept
+def _rms_normalize_tangent(x: Array, rstd: Array, dx: Array) -> Array:
+    """With ``n = x rstd``: ``dn = rstd (dx - n mean(n dx))``, in float32 (``_wide``)."""
+    normed = _wide(x) * rstd
+    d = dx.astype(normed.dtype)
+    return (rstd * (d - normed * jnp.mean(normed * d, axis=-1, keepdims=True))).astype(x.dtype)
+
+
+@rms_normalize.defjvp
+def _rms_normalize_jvp(eps: float, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (dx,) = primals, tangents
+    xf = _wide(x)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    return (xf * rstd).astype(x.dtype), _rms_normalize_tangent(x, rstd, dx)
+
+
 class RMSNorm(eqx.Module):
     """Root-mean-square normalization (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467).
 
@@ -150,9 +184,7 @@ class RMSNorm(eqx.Module):
 
     def __call__(self, x: Float[Array, "*shape dim"]) -> Float[Array, "*shape dim"]:
         """Normalizes over the last axis; returns the dtype of ``x``."""
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return _last_axis(self.weight.astype(x.dtype), x.ndim) * y.astype(x.dtype)
+        return _last_axis(self.weight.astype(x.dtype), x.ndim) * rms_normalize(x, self.eps)
 
 
 def _layernorm(dim: int, eps: float, use_bias: bool) -> LayerNorm:

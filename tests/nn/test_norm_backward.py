@@ -1,8 +1,9 @@
-"""``xax.nn.norms.layer_norm``: the LayerNorm whose backward pass keeps only its input and row statistics."""
+"""``xax.nn.norms.layer_norm`` and ``rms_normalize``: backward passes that keep the input and row statistics only."""
 
 import contextlib
 import io
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from jax import ad_checkpoint
 
 from xax.arch import dit
-from xax.nn.norms import LayerNorm, layer_norm
+from xax.nn.norms import LayerNorm, RMSNorm, layer_norm, rms_normalize
 from xax.utils.pytree import cast_floating
 
 NEEDS_TORCH = "needs the torch extra (torch, transformers), which `make install` adds on Python 3.11 only"
@@ -75,7 +76,7 @@ def test_forward_is_the_previous_formula_bit_for_bit() -> None:
         )
 
 
-def saved_residuals(fn: object, *args: jax.Array) -> str:
+def saved_residuals(fn: object, *args: object) -> str:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         ad_checkpoint.print_saved_residuals(fn, *args)
@@ -136,3 +137,42 @@ def test_module_and_dit_gradients_match_autodiff() -> None:
         scale = float(jnp.max(jnp.abs(theirs.astype(jnp.float32)))) + 1e-6
         error = float(jnp.max(jnp.abs(mine.astype(jnp.float32) - theirs.astype(jnp.float32))))
         assert error <= 1e-2 * scale, (error, scale)
+
+
+def plain_rms(x: jax.Array, eps: float) -> jax.Array:
+    return x / jnp.sqrt((x**2).mean(-1, keepdims=True) + eps)
+
+
+def test_rms_normalize_matches_autodiff_forward_reverse_and_second_order() -> None:
+    x, _, _, upstream = inputs(4)
+    with jax.enable_x64(True):
+        x, upstream = jnp.asarray(x), jnp.asarray(upstream)
+        np.testing.assert_allclose(np.asarray(rms_normalize(x, 1e-6)), np.asarray(plain_rms(x, 1e-6)), rtol=1e-13)
+        (ours,) = jax.vjp(lambda v: rms_normalize(v, 1e-6), x)[1](upstream)
+        (expected,) = jax.vjp(lambda v: plain_rms(v, 1e-6), x)[1](upstream)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-12, atol=1e-12)
+        _, ours = jax.jvp(lambda v: rms_normalize(v, 1e-6), (x,), (upstream,))
+        _, expected = jax.jvp(lambda v: plain_rms(v, 1e-6), (x,), (upstream,))
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=1e-12, atol=1e-12)
+        row, up = x[0, 0], upstream[0, 0]
+        hessian = jax.hessian(lambda v: (rms_normalize(v, 1e-6) * up).sum())(row)
+        expected = jax.hessian(lambda v: (plain_rms(v, 1e-6) * up).sum())(row)
+        np.testing.assert_allclose(np.asarray(hessian), np.asarray(expected), rtol=1e-10, atol=1e-10)
+
+
+def test_rmsnorm_module_keeps_bf16_residuals_and_matches_torch_gradients() -> None:
+    x = jnp.ones((64, 128), jnp.bfloat16)
+    norm = RMSNorm(128)
+    ours = saved_residuals(lambda v, n: n(v * 2).astype(jnp.float32).sum(), x, norm)
+    assert "f32[64,128]" not in ours and ours.count("f32[64,1]") == 1, ours
+    torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+    xs, w, _, upstream = inputs(5)
+    tx, tw = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (xs, w))
+    torch.nn.functional.rms_norm(tx, (xs.shape[-1],), tw, 1e-6).backward(torch.from_numpy(upstream))
+    norm = RMSNorm(xs.shape[-1], eps=1e-6)
+    norm = eqx.tree_at(lambda n: n.weight, norm, jnp.asarray(w, jnp.float32))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    grad_norm, grad_x = jax.vjp(lambda n, v: jax.vmap(jax.vmap(n))(v), norm, f32(xs))[1](f32(upstream))
+    assert tw.grad is not None and tx.grad is not None
+    np.testing.assert_allclose(np.asarray(grad_norm.weight, np.float64), tw.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad_x, np.float64), tx.grad.numpy(), rtol=1e-5, atol=1e-5)
