@@ -33,6 +33,8 @@ from xax.nn.mlp import SwiGLU as SwiGLU
 from xax.nn.mlp import gelu_tanh as gelu_tanh
 from xax.nn.norms import LayerNorm as LayerNorm
 from xax.nn.norms import RMSNorm as RMSNorm
+from xax.nn.norms import layer_norm as layer_norm
+from xax.nn.norms import rms_normalize as rms_normalize
 from xax.nn.precision import COMPUTE_DTYPES as COMPUTE_DTYPES
 from xax.nn.precision import mixed_dot_general as mixed_dot_general
 from xax.utils.pytree import cast_floating as cast_floating
