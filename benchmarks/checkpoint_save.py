@@ -30,6 +30,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
 
 import xax
 from benchmarks.common import write_results
@@ -123,6 +124,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="on",
         help="Prewarm the checkpointer when the state is ready, as the training loop does (off: the first save pays)",
     )
+    parser.add_argument(
+        "--pinned",
+        choices=("default", "on", "off", "both"),
+        default="default",
+        help="Copy off the GPU through pinned host memory (checkpoint.pinned_host; default: orbax's choice); "
+        "'both' alternates on and off and compares",
+    )
     parser.add_argument("--name", default=None, help="Results file name (default checkpoint_save or _checksum)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tiny", action="store_true", help="GPT-2 tiny: checks the script on CPU")
@@ -130,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.batch = args.batch or (2 if args.tiny else 16)
     args.steps = args.steps or (4 if args.tiny else 30)
     args.saves = args.saves or (1 if args.tiny else 3)
-    settings = {"on": [True], "off": [False], "both": [False, True]}[args.checksums]
+    checksum_settings = {"on": [True], "off": [False], "both": [False, True]}[args.checksums]
+    pinned_settings = {"default": [None], "on": [True], "off": [False], "both": [False, True]}[args.pinned]
+    settings = [(checksums, pinned) for checksums in checksum_settings for pinned in pinned_settings]
 
     state, step, described = floats_training(args) if args.floats else gpt2_training(args)
 
@@ -147,17 +157,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = []
     with tempfile.TemporaryDirectory() as run_dir:
         tasks = {}
-        for checksums in settings:
+        for checksums, pinned in settings:
             config = SaveOnlyConfig()
-            config.artifacts.run_dir = str(Path(run_dir) / ("with" if checksums else "without"))
+            config.artifacts.run_dir = str(Path(run_dir) / f"checksums_{checksums}_pinned_{pinned}")
             config.checkpoint.checksums = checksums
-            tasks[checksums] = SaveOnly(config)
+            config.checkpoint.pinned_host = pinned
+            tasks[checksums, pinned] = SaveOnly(config)
             if args.prewarm == "on":  # as the training loop does once its state is placed
-                tasks[checksums].prewarm_checkpoints({"params": state})
+                tasks[checksums, pinned].prewarm_checkpoints({"params": state})
         state, _ = timed_steps(state, 5)  # compile and warm up
         state, baseline = timed_steps(state, args.steps)
         for save in range(args.saves):
-            for checksums, task in tasks.items():  # alternating, so that both see the same conditions
+            for (checksums, pinned), task in tasks.items():  # alternating, so that each sees the same conditions
                 start = time.perf_counter()
                 task.save_checkpoint({"params": state}, xax.State(num_steps=save + 1), Cursor(), None)
                 blocked = time.perf_counter() - start
@@ -169,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row: dict[str, Any] = {"save": save + 1}
                 if args.checksums == "both":
                     row["checksums"] = "on" if checksums else "off"
+                if args.pinned == "both":
+                    row["pinned_host"] = "on" if pinned else "off"
                 row.update(
                     {
                         "blocked_s": blocked,
@@ -202,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"half of the {args.steps} steps after each save (when the write is running). The checksums of every "
         f"array alone: {dispatch_ms:.2f} ms to dispatch (what the training thread spends on them), "
         f"{checksum_s:.3f} s until computed (on the device, beside training). Checkpointer prewarmed at the "
-        f"start: {args.prewarm}."
+        f"start: {args.prewarm}. Pinned host memory for the copy off the device: {args.pinned} "
+        f"(orbax {ocp.__version__})."
     )
     name = args.name or ("checkpoint_checksum" if args.checksums == "both" else "checkpoint_save")
     write_results(args.out, name, rows, notes, tiny=args.tiny)

@@ -153,6 +153,37 @@ def test_options_are_checked() -> None:
         CheckpointManager(Path("unused"), CheckpointOptions(best_mode="lowest"))
     with pytest.raises(ConfigError, match=r"checkpoint\.keep_last=0 must be at least 1"):
         CheckpointManager(Path("unused"), CheckpointOptions(keep_last=0))
+    options = CheckpointOptions()
+    options.pinned_host = "yes"  # ty: ignore[invalid-assignment]  (as a config file could set it)
+    with pytest.raises(ConfigError, match=r"checkpoint\.pinned_host='yes' must be true, false or null"):
+        CheckpointManager(Path("unused"), options)
+
+
+@pytest.mark.parametrize("pinned_host", [None, True, False])
+def test_pinned_host_reaches_orbaxs_copy_off_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pinned_host: bool | None
+) -> None:
+    """The option is what orbax's device-to-host copy is asked for (None: orbax's default, pinned on GPUs
+    only), and the checkpoint restores either way."""
+    from orbax.checkpoint._src.serialization import replica_slices
+
+    asked: list[bool] = []
+    original = replica_slices.transfer_arrays_to_host
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs["enable_pinned_host_transfer"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(replica_slices, "transfer_arrays_to_host", recording)
+    manager = CheckpointManager(tmp_path / "checkpoints", CheckpointOptions(pinned_host=pinned_host))
+    tree = make_tree(3)
+    try:
+        manager.save(1, tree, {"step": 1}, wait=True)
+    finally:
+        manager.close()
+    assert asked and set(asked) == {jax.default_backend() == "gpu" if pinned_host is None else pinned_host}
+    restored, _ = load_checkpoint(tmp_path / "checkpoints", 1, tree)
+    assert_trees_equal(restored, tree)
 
 
 def test_importing_it_loads_no_task() -> None:

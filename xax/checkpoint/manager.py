@@ -51,6 +51,11 @@ class CheckpointOptions:
         True,
         help="Record a checksum of every array (computed on the device, off the training thread); verified on restore",
     )
+    pinned_host: bool | None = field(
+        None,
+        help="Copy the arrays off the accelerator through pinned (page-locked) host memory; None: orbax's choice "
+        "(pinned on GPUs)",
+    )
 
 
 def check_options(options: CheckpointOptions, key: str = "checkpoint") -> None:
@@ -59,6 +64,21 @@ def check_options(options: CheckpointOptions, key: str = "checkpoint") -> None:
         raise ConfigError(f"{key}.best_mode={options.best_mode!r} is not one of {BEST_MODES}")
     if options.keep_last < 1:
         raise ConfigError(f"{key}.keep_last={options.keep_last} must be at least 1")
+    if options.pinned_host not in (None, True, False):
+        raise ConfigError(f"{key}.pinned_host={options.pinned_host!r} must be true, false or null (orbax's choice)")
+
+
+class StateHandler(ocp.handlers.StandardCheckpointHandler):
+    """orbax's handler of a pytree of arrays, with its device-to-host copy through pinned host memory
+    or not (``pinned_host``; None keeps orbax's choice)."""
+
+    def __init__(self, pinned_host: bool | None = None) -> None:
+        super().__init__()
+        if pinned_host is not None:
+            # The handler the standard one delegates to, built as its constructor does, with the copy set.
+            self._impl = ocp.handlers.PyTreeCheckpointHandler(
+                save_concurrent_gb=96, restore_concurrent_gb=96, use_ocdbt=True, enable_pinned_host_transfer=pinned_host
+            )
 
 
 def open_orbax_manager(
@@ -99,7 +119,7 @@ def open_orbax_manager(
     )
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     state, meta, checksums = (
-        ocp.handlers.StandardCheckpointHandler(),
+        StateHandler(options.pinned_host),
         ocp.handlers.JsonCheckpointHandler(),
         ChecksumHandler(),
     )
