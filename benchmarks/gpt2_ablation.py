@@ -1,8 +1,8 @@
-"""Where GPT-2 small's training step spends its time: variants of the hand-written JAX step, timed
-side by side, and a kernel-by-kernel breakdown of the device time of the baseline.
+"""Where GPT-2 small's training step spends its time: variants of a plain jitted step of xax's
+``Transformer``, timed side by side, and a kernel-by-kernel breakdown of the device time of one.
 
-Every variant is the hand-written JAX loop of ``benchmarks.gpt2_throughput`` (same model, batch,
-loss and AdamW) with one thing changed, each in a process of its own:
+Every variant is xax's GPT-2 small in a plain jitted step (the batch, data and AdamW of
+``benchmarks.gpt2_throughput``, no Task) with one thing changed, each in a process of its own:
 
 - ``base``: the model's defaults (a Python loop over the layers), cuDNN attention, float32
   logits then the cross-entropy;
@@ -18,7 +18,9 @@ loss and AdamW) with one thing changed, each in a process of its own:
 - ``projected_bf16_cublaslt``: that with XLA's cuBLASLt GEMMs, whose epilogues can take the bias
   and GELU of the MLP (``--xla_gpu_enable_cublaslt``);
 - ``projected_bf16_cudnn_ln``: that with XLA rewriting LayerNorms into cuDNN's fused norm kernels
-  (``--xla_gpu_enable_cudnn_layer_norm``; a jaxlib without the flag fails the variant).
+  (``--xla_gpu_enable_cudnn_layer_norm``; a jaxlib without the flag fails the variant);
+- ``reference``: ``benchmarks.gpt2_reference``, GPT-2 written by hand without xax's model code (bf16
+  logits, float32 cross-entropy), the throughput benchmark's JAX loop.
 
     python -m benchmarks.gpt2_ablation --steps 60 --warmup 15 --out benchmarks/results
     python -m benchmarks.gpt2_ablation --tiny    # a CPU check of the script; no numbers
@@ -38,8 +40,17 @@ import numpy as np
 import optax
 from jaxtyping import Array
 
+from benchmarks import gpt2_reference
 from benchmarks.common import run_child_processes, write_results
-from benchmarks.gpt2_throughput import gpt2_loss, make_optimizer, make_setup, time_steps, token_windows
+from benchmarks.gpt2_throughput import (
+    gpt2_loss,
+    make_optimizer,
+    make_setup,
+    reference_attention,
+    reference_shape,
+    time_steps,
+    token_windows,
+)
 from benchmarks.profile_tools import format_with_fusions, kernel_breakdown
 from xax.arch import Transformer
 
@@ -59,6 +70,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, str, str]] = {
     "projected_bf16_no_triton": ({}, "projected_bf16", "train", "--xla_gpu_enable_triton_gemm=false"),
     "projected_bf16_cublaslt": ({}, "projected_bf16", "train", "--xla_gpu_enable_cublaslt=true"),
     "projected_bf16_cudnn_ln": ({}, "projected_bf16", "train", "--xla_gpu_enable_cudnn_layer_norm=true"),
+    "reference": ({}, "reference", "train", ""),
 }
 
 
@@ -69,15 +81,24 @@ def run_variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = setup.model.with_updates(**changes)
     if args.tiny and "attention_impl" in changes:
         cfg = cfg.with_updates(attention_impl="xla")
-    model = Transformer(cfg, key=jax.random.key(0))
-    params, static = eqx.partition(model, eqx.is_array)
+    if loss == "reference":
+        shape = reference_shape(cfg)
+        params = gpt2_reference.init_params(shape, jax.random.key(0))
+        attention = reference_attention("auto" if args.tiny else "cudnn")
+
+        def loss_fn(params: Any, tokens: Array) -> Array:
+            return gpt2_reference.loss_fn(params, tokens, shape, attention)
+
+    else:
+        params, static = eqx.partition(Transformer(cfg, key=jax.random.key(0)), eqx.is_array)
+
+        def loss_fn(params: Any, tokens: Array) -> Array:
+            return gpt2_loss(eqx.combine(params, static), tokens, loss)
+
     optimizer = make_optimizer(setup)
     opt_state = optimizer.init(params)
     windows = jax.device_put(token_windows(setup))
     rng = np.random.default_rng(1)
-
-    def loss_fn(params: Any, tokens: Array) -> Array:
-        return gpt2_loss(eqx.combine(params, static), tokens, loss)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train(params: Any, opt_state: Any, windows: Array, indices: Array) -> tuple[Any, Any, Array]:

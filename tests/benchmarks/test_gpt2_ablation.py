@@ -14,10 +14,12 @@ from tests.benchmarks.results import read_results
 
 @pytest.mark.slow  # a whole benchmark run (--tiny): with the long runs
 def test_gpt2_ablation_tiny(tmp_path: Path) -> None:
-    gpt2_ablation.main(["--tiny", "--which", "base,projected", "--profile-steps", "0", "--out", str(tmp_path)])
-    base, projected = read_results(tmp_path, "gpt2_ablation_tiny")
-    assert [base["variant"], projected["variant"]] == ["base", "projected"]
-    assert all(row["tokens_per_s"] > 0 and math.isfinite(row["step_ms"]) for row in (base, projected))
+    gpt2_ablation.main(
+        ["--tiny", "--which", "base,projected,reference", "--profile-steps", "0", "--out", str(tmp_path)]
+    )
+    base, projected, reference = read_results(tmp_path, "gpt2_ablation_tiny")
+    assert [base["variant"], projected["variant"], reference["variant"]] == ["base", "projected", "reference"]
+    assert all(row["tokens_per_s"] > 0 and math.isfinite(row["step_ms"]) for row in (base, projected, reference))
     assert base["speed_over_base"] == 1.0
     # rate / base_rate and base_ms / ms differ only by float rounding.
     assert math.isclose(projected["speed_over_base"], base["step_ms"] / projected["step_ms"], rel_tol=1e-12)
