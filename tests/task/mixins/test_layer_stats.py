@@ -126,3 +126,36 @@ def test_histograms_at_the_media_cadence_hold_the_parameters_and_the_modules_sta
     np.testing.assert_allclose(histo.sum, sum(grad_norms), rtol=1e-6)
     # The histogram records write no line of their own to log.jsonl.
     assert all(r["scalars"] for r in read_jsonl(tmp_path / "log.jsonl") if "phase" in r)
+
+
+def test_a_skipped_step_reports_the_weights_norm_no_update_and_its_nonfinite_gradients() -> None:
+    """A gradient with a NaN in one module: the step is skipped (the weights kept), the statistics still
+    give each module's weight norm, a zero update and the NaN count where it is."""
+    model = {"a": {"w": jnp.arange(6.0).reshape(3, 2)}, "b": {"w": jnp.asarray([3.0, 4.0])}}
+    params, static = eqx.partition(model, eqx.is_array)
+    frozen = jax.tree.map(lambda _: None, params)
+
+    def loss_fn(model: Any, batch: jax.Array, state: State, key: jax.Array) -> tuple[jax.Array, dict]:
+        # sqrt at 0 has an infinite slope: b's gradient is inf * 0 = NaN in its first entry only.
+        return jnp.sum(batch @ model["a"]["w"]) + jnp.sum(jnp.sqrt(model["b"]["w"] * jnp.asarray([0.0, 1.0]))), {}
+
+    optimizer = optax.sgd(0.1)
+    step = make_train_step(
+        loss_fn,
+        static,
+        optimizer,
+        compute_dtype=jnp.dtype(jnp.float32),
+        grad_accum_steps=1,
+        ema_decay=None,
+        layer_groups=layer_groups(["a.w", "b.w"]),
+    )
+    key = jax.random.key_data(jax.random.key(0))
+    ts = TrainState(params, frozen, optimizer.init(params), None, key, jnp.zeros((), jnp.int32))
+    with jax.numpy_dtype_promotion("standard"):
+        new_ts, sums, _, _ = jax.jit(step)(ts, empty_sums(), Health.zeros(), jnp.ones((4, 3)), State())
+    np.testing.assert_array_equal(np.asarray(new_ts.params["a"]["w"]), np.asarray(model["a"]["w"]))  # kept
+    stats = {name: float(value) for name, value in sums.items() if name.startswith("layers/")}
+    np.testing.assert_allclose(stats["layers/a/param_norm"], norm(model["a"]["w"]), rtol=1e-6)
+    np.testing.assert_allclose(stats["layers/b/param_norm"], 5.0, rtol=1e-6)
+    assert stats["layers/a/update_ratio"] == stats["layers/b/update_ratio"] == 0.0
+    assert stats["layers/a/nonfinite"] == 0.0 and stats["layers/b/nonfinite"] == 1.0

@@ -152,6 +152,9 @@ def make_train_step(
         grad_norm = jnp.sqrt(jnp.sum(squares))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
+        def weight_squares() -> Array:
+            return per_leaf([jnp.square(p.astype(jnp.float32)) for p in jax.tree.leaves(ts.params)])
+
         def update(_: None) -> tuple[Any, ...]:
             # optax's internals (e.g. Adam's bias correction, float ** int32 count) rely on standard
             # promotion; the user's own code keeps whatever promotion mode they run with.
@@ -170,17 +173,18 @@ def make_train_step(
                 ema = optax.incremental_update(params, ts.ema, step_size=1.0 - ema_decay)
             if not layer_groups:
                 return params, opt_state, ema, params_ok
-            # The applied update's squared size per leaf, for the layer statistics.
+            # The applied update's and the weights' squared sizes per leaf, for the layer statistics;
+            # both read the weights before the update, here in one computation.
             pairs = zip(jax.tree.leaves(params), jax.tree.leaves(ts.params), strict=True)
-            return params, opt_state, ema, params_ok, per_leaf([jnp.square(p - q) for p, q in pairs])
+            return params, opt_state, ema, params_ok, per_leaf([jnp.square(p - q) for p, q in pairs]), weight_squares()
 
         def keep(_: None) -> tuple[Any, ...]:
             num_leaves = len(jax.tree.leaves(ts.params))
             kept = (ts.params, ts.opt_state, ts.ema, jnp.ones(num_leaves, bool))
-            return (*kept, jnp.zeros(num_leaves, jnp.float32)) if layer_groups else kept
+            return (*kept, jnp.zeros(num_leaves, jnp.float32), weight_squares()) if layer_groups else kept
 
         # A non-finite step never touches the weights; the host learns of it at the next log.
-        params, opt_state, ema, params_ok, *update_squares = jax.lax.cond(finite, update, keep, None)
+        params, opt_state, ema, params_ok, *squares_for_stats = jax.lax.cond(finite, update, keep, None)
         applied = finite & jnp.all(params_ok)
         streak = jnp.where(applied, 0, ts.nonfinite_streak + 1).astype(jnp.int32)
         step_number = state.num_steps + 1
@@ -211,8 +215,8 @@ def make_train_step(
                     layer_groups,
                     squares,
                     per_leaf([(~jnp.isfinite(g)).astype(jnp.float32) for g in jax.tree.leaves(grads)]),
-                    per_leaf([jnp.square(p.astype(jnp.float32)) for p in jax.tree.leaves(ts.params)]),
-                    update_squares[0],
+                    squares_for_stats[1],
+                    squares_for_stats[0],
                 )
             )
         learning_rate = find_learning_rate(opt_state)
