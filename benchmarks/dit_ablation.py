@@ -697,6 +697,31 @@ def check_hlo(names: Sequence[str], batch: int) -> None:
             print(f"- {key}: {value}", flush=True)
 
 
+def compiled_temp_bytes(variant: Variant, setup: Setup, batch: int) -> int:
+    """The scratch memory (``memory_analysis().temp_size_in_bytes``: activations kept for the backward
+    and intermediates) of the variant's step compiled for this machine's backend, run nothing; off a
+    GPU, attention is XLA's."""
+    gpu = jax.default_backend() == "gpu"
+    step, state = build(variant, setup, gpu=gpu, abstract=True)
+    chw = setup.model.in_channels * setup.model.input_size**2
+    data = (
+        jax.ShapeDtypeStruct((batch, chw), jnp.float32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+    )
+    with gelu_of(variant):
+        compiled = step.trace(*state, *data).lower().compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def check_memory(names: Sequence[str], batch: int, tiny: bool) -> None:
+    """Prints ``compiled_temp_bytes`` of each variant at DiT-B/2's shapes (the tiny model's with ``tiny``)."""
+    setup = make_setup(tiny, "auto" if jax.default_backend() != "gpu" else "cudnn")
+    print(f"## scratch memory of the compiled step, batch {batch}, {jax.default_backend()} backend", flush=True)
+    for name in names:
+        print(f"- {name}: {compiled_temp_bytes(VARIANTS[name], setup, batch) / 1e9:.3f} GB", flush=True)
+
+
 def known(name: str) -> bool:
     try:
         split_name(name)
@@ -716,7 +741,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="Results folder (default benchmarks/results)")
     parser.add_argument("--tiny", action="store_true", help="Tiny model: every variant on CPU; no numbers")
     parser.add_argument("--check-hlo", action="store_true", help="Lower each variant at DiT-B/2's shapes; run nothing")
-    parser.add_argument("--hlo-batch", type=int, default=2, help="Batch of --check-hlo")
+    parser.add_argument("--hlo-batch", type=int, default=2, help="Batch of --check-hlo and --check-memory")
+    parser.add_argument(
+        "--check-memory",
+        action="store_true",
+        help="Compile each variant for this machine (DiT-B/2's shapes; the tiny model's with --tiny) and print its "
+        "scratch memory; run nothing",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -730,6 +761,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if args.check_hlo:
         check_hlo([name for name in names if "+" not in name], args.hlo_batch)
+        return
+    if args.check_memory:
+        check_memory([name for name in names if "+" not in name], args.hlo_batch, args.tiny)
         return
     args.steps = args.steps if args.steps is not None else (4 if args.tiny else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)

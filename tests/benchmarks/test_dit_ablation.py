@@ -56,6 +56,17 @@ def test_separate_blocks_remove_the_gradient_pads_of_stacked_weights() -> None:
     assert _stacked_pads("batched_separate") == 0
 
 
+def test_the_custom_gelu_and_norm_derivatives_keep_less_for_the_backward() -> None:
+    """The compiled step's scratch memory: JAX's own derivatives of the GELU and the LayerNorm keep more."""
+    setup = make_setup(True, "auto")
+    with jax.numpy_dtype_promotion("standard"):  # optax relies on it
+        sizes = {
+            name: dit_ablation.compiled_temp_bytes(dit_ablation.VARIANTS[name], setup, batch=16)
+            for name in ("xax_autodiff", "xax_autodiff_gelu", "xax")
+        }
+    assert sizes["xax_autodiff"] > sizes["xax_autodiff_gelu"] > sizes["xax"], sizes
+
+
 @pytest.mark.slow
 def test_dit_ablation_tiny(tmp_path: Path) -> None:
     # jax.nn's XLA attention and optax rely on standard dtype promotion, as the benchmark runs.
