@@ -624,6 +624,17 @@ def equations(jaxpr: Any) -> Any:
                     yield from equations(inner)
 
 
+def abstract_batch(setup: Setup, batch: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The shapes of a step's data arguments (latents, labels, indices) for ``batch`` images, the
+    training set being the batch itself."""
+    chw = setup.model.in_channels * setup.model.input_size**2
+    return (
+        jax.ShapeDtypeStruct((batch, chw), jnp.float32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+    )
+
+
 def hlo_summary(variant: Variant, setup: Setup, batch: int) -> dict[str, Any]:
     """Counts, in the step's jaxpr and its StableHLO lowered for CUDA, of what costs memory traffic:
     dot_generals by operand dtypes, transposes, pads and dynamic-update-slices (the gradients of
@@ -634,12 +645,7 @@ def hlo_summary(variant: Variant, setup: Setup, batch: int) -> dict[str, Any]:
     from jax._src.cudnn import fused_attention_stablehlo
 
     step, state = build(variant, setup, gpu=True, abstract=True)
-    chw = setup.model.in_channels * setup.model.input_size**2
-    data = (
-        jax.ShapeDtypeStruct((batch, chw), jnp.float32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-    )
+    data = abstract_batch(setup, batch)
     # Traced and lowered only, for CUDA, on a machine that may have no GPU: the library and jax.nn
     # check for a GPU backend and cuDNN before choosing cuDNN attention, so both checks are told yes.
     with (
@@ -703,12 +709,7 @@ def compiled_temp_bytes(variant: Variant, setup: Setup, batch: int) -> int:
     GPU, attention is XLA's."""
     gpu = jax.default_backend() == "gpu"
     step, state = build(variant, setup, gpu=gpu, abstract=True)
-    chw = setup.model.in_channels * setup.model.input_size**2
-    data = (
-        jax.ShapeDtypeStruct((batch, chw), jnp.float32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-    )
+    data = abstract_batch(setup, batch)
     with gelu_of(variant):
         compiled = step.trace(*state, *data).lower().compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)

@@ -53,7 +53,8 @@ def test_bfloat16_gradient_is_the_exact_slope_rounded_once() -> None:
     assert np.all(error <= 2.0**-8 * np.abs(expected) + 1e-6), float(np.max(error - 2.0**-8 * np.abs(expected)))
 
 
-def saved_residuals(fn: object, *args: jax.Array) -> str:
+def saved_residuals(fn: object, *args: object) -> str:
+    """What ``jax.ad_checkpoint.print_saved_residuals`` prints: one line per array kept for the backward."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         ad_checkpoint.print_saved_residuals(fn, *args)

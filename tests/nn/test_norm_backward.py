@@ -1,15 +1,12 @@
 """``xax.nn.norms.layer_norm`` and ``rms_normalize``: backward passes that keep the input and row statistics only."""
 
-import contextlib
-import io
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import ad_checkpoint
 
+from tests.nn.test_gelu import saved_residuals
 from xax.arch import dit
 from xax.nn.norms import LayerNorm, RMSNorm, layer_norm, rms_normalize
 from xax.utils.pytree import cast_floating
@@ -74,13 +71,6 @@ def test_forward_is_the_previous_formula_bit_for_bit() -> None:
         np.testing.assert_array_equal(
             np.asarray(layer_norm(xd, jnp.asarray(w), jnp.asarray(b), 1e-5)), np.asarray(expected)
         )
-
-
-def saved_residuals(fn: object, *args: object) -> str:
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        ad_checkpoint.print_saved_residuals(fn, *args)
-    return printed.getvalue()
 
 
 def test_the_backward_keeps_the_input_and_row_statistics_only() -> None:

@@ -139,7 +139,12 @@ def rms_normalize(x: Array, eps: float) -> Array:
         [1.2000000476837158, 1.600000023841858, 0.0, 0.0]
     """
     xf = _wide(x)
-    return (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return (xf * _reciprocal_rms(xf, eps)).astype(x.dtype)
+
+
+def _reciprocal_rms(xf: Array, eps: float) -> Array:
+    """``1 / sqrt(mean(x^2) + eps)`` over the last axis, keeping it."""
+    return jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
 
 
 @jax.checkpoint  # the normalized input is recomputed where the tangent is used, not kept
@@ -154,7 +159,7 @@ def _rms_normalize_tangent(x: Array, rstd: Array, dx: Array) -> Array:
 def _rms_normalize_jvp(eps: float, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
     (x,), (dx,) = primals, tangents
     xf = _wide(x)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    rstd = _reciprocal_rms(xf, eps)
     return (xf * rstd).astype(x.dtype), _rms_normalize_tangent(x, rstd, dx)
 
 

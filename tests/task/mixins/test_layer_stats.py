@@ -37,6 +37,24 @@ def launch(run_dir: Path, *overrides: str) -> PlainSGD:
     return STARTED[-1]
 
 
+def sgd_step(loss_fn: Any, model: dict, groups: list) -> tuple[Any, TrainState]:
+    """The training step of ``model`` under SGD (0.1) with the layer groups ``groups``, and its state."""
+    params, static = eqx.partition(model, eqx.is_array)
+    optimizer = optax.sgd(0.1)
+    step = make_train_step(
+        loss_fn,
+        static,
+        optimizer,
+        compute_dtype=jnp.dtype(jnp.float32),
+        grad_accum_steps=1,
+        ema_decay=None,
+        layer_groups=groups,
+    )
+    key = jax.random.key_data(jax.random.key(0))
+    frozen = jax.tree.map(lambda _: None, params)
+    return step, TrainState(params, frozen, optimizer.init(params), None, key, jnp.zeros((), jnp.int32))
+
+
 def norm(*arrays: jax.Array) -> float:
     return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in arrays)))
 
@@ -72,25 +90,12 @@ def test_off_by_default_nothing_is_computed_or_logged(tmp_path: Path) -> None:
 
     # The step built without groups has none of their reductions.
     model = {"a": {"w": jnp.ones((3, 2))}, "b": {"w": jnp.ones((2,))}}
-    params, static = eqx.partition(model, eqx.is_array)
-    frozen = jax.tree.map(lambda _: None, params)
 
     def loss_fn(model: Any, batch: jax.Array, state: State, key: jax.Array) -> tuple[jax.Array, dict]:
         return jnp.sum((batch @ model["a"]["w"] * model["b"]["w"][None, :]) ** 2), {}
 
     def equations(groups: list) -> int:
-        optimizer = optax.sgd(0.1)
-        step = make_train_step(
-            loss_fn,
-            static,
-            optimizer,
-            compute_dtype=jnp.dtype(jnp.float32),
-            grad_accum_steps=1,
-            ema_decay=None,
-            layer_groups=groups,
-        )
-        key = jax.random.key_data(jax.random.key(0))
-        ts = TrainState(params, frozen, optimizer.init(params), None, key, jnp.zeros((), jnp.int32))
+        step, ts = sgd_step(loss_fn, model, groups)
         with jax.numpy_dtype_promotion("standard"):
             jaxpr = jax.make_jaxpr(step)(ts, empty_sums(), Health.zeros(), jnp.ones((4, 3)), State())
         return len(jaxpr.eqns)
@@ -132,25 +137,12 @@ def test_a_skipped_step_reports_the_weights_norm_no_update_and_its_nonfinite_gra
     """A gradient with a NaN in one module: the step is skipped (the weights kept), the statistics still
     give each module's weight norm, a zero update and the NaN count where it is."""
     model = {"a": {"w": jnp.arange(6.0).reshape(3, 2)}, "b": {"w": jnp.asarray([3.0, 4.0])}}
-    params, static = eqx.partition(model, eqx.is_array)
-    frozen = jax.tree.map(lambda _: None, params)
 
     def loss_fn(model: Any, batch: jax.Array, state: State, key: jax.Array) -> tuple[jax.Array, dict]:
         # sqrt at 0 has an infinite slope: b's gradient is inf * 0 = NaN in its first entry only.
         return jnp.sum(batch @ model["a"]["w"]) + jnp.sum(jnp.sqrt(model["b"]["w"] * jnp.asarray([0.0, 1.0]))), {}
 
-    optimizer = optax.sgd(0.1)
-    step = make_train_step(
-        loss_fn,
-        static,
-        optimizer,
-        compute_dtype=jnp.dtype(jnp.float32),
-        grad_accum_steps=1,
-        ema_decay=None,
-        layer_groups=layer_groups(["a.w", "b.w"]),
-    )
-    key = jax.random.key_data(jax.random.key(0))
-    ts = TrainState(params, frozen, optimizer.init(params), None, key, jnp.zeros((), jnp.int32))
+    step, ts = sgd_step(loss_fn, model, layer_groups(["a.w", "b.w"]))
     with jax.numpy_dtype_promotion("standard"):
         new_ts, sums, _, _ = jax.jit(step)(ts, empty_sums(), Health.zeros(), jnp.ones((4, 3)), State())
     np.testing.assert_array_equal(np.asarray(new_ts.params["a"]["w"]), np.asarray(model["a"]["w"]))  # kept
