@@ -11,9 +11,16 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax
+
+
+def reference_attention(attention: str) -> Literal["cudnn", "xla"]:
+    """The hand-written references' attention for ``--jax-attention``: "auto" is cuDNN on a GPU, else XLA."""
+    if attention == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if attention == "cudnn" else "xla"
 
 
 def _nvidia_smi(query: str) -> list[str]:

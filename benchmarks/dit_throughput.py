@@ -47,7 +47,7 @@ from typing_extensions import override
 
 import xax
 from benchmarks import dit_reference
-from benchmarks.common import steps_per_second_after, write_results
+from benchmarks.common import reference_attention, steps_per_second_after, write_results
 from benchmarks.gpt2_throughput import (
     PEAK_FLOPS,
     add_common_args,
@@ -248,13 +248,6 @@ def reference_shape(cfg: DiTConfig) -> dit_reference.DiTShape:
         cfg.num_classes or 1,
         cfg.frequency_dim,
     )
-
-
-def reference_attention(attention: str) -> dit_reference.Attention:
-    """The reference's attention for ``--jax-attention``: "auto" is cuDNN on a GPU, else XLA."""
-    if attention == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
-    return "cudnn" if attention == "cudnn" else "xla"
 
 
 def run_jax(args: argparse.Namespace) -> float:

@@ -41,12 +41,11 @@ import optax
 from jaxtyping import Array
 
 from benchmarks import gpt2_reference
-from benchmarks.common import run_child_processes, write_results
+from benchmarks.common import reference_attention, run_child_processes, write_results
 from benchmarks.gpt2_throughput import (
     gpt2_loss,
     make_optimizer,
     make_setup,
-    reference_attention,
     reference_shape,
     time_steps,
     token_windows,

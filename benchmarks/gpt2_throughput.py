@@ -48,7 +48,13 @@ from typing_extensions import override
 
 import xax
 from benchmarks import gpt2_reference
-from benchmarks.common import quiet_run_argv, run_child_processes, steps_per_second_after, write_results
+from benchmarks.common import (
+    quiet_run_argv,
+    reference_attention,
+    run_child_processes,
+    steps_per_second_after,
+    write_results,
+)
 from xax.arch import Transformer, TransformerConfig, count_params
 from xax.nn import chunked_cross_entropy, cross_entropy, projected_cross_entropy
 
@@ -306,13 +312,6 @@ def reference_shape(cfg: TransformerConfig) -> gpt2_reference.GPTShape:
     return gpt2_reference.GPTShape(
         cfg.vocab_size, cfg.max_seq_len, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.norm_eps
     )
-
-
-def reference_attention(attention: str) -> gpt2_reference.Attention:
-    """The reference's attention for ``--jax-attention``: "auto" is cuDNN on a GPU, else XLA."""
-    if attention == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
-    return "cudnn" if attention == "cudnn" else "xla"
 
 
 def run_jax(args: argparse.Namespace) -> float:
